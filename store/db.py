@@ -1,0 +1,164 @@
+"""Engines and sessions for SQLite (WAL, one writer plus readers) and PostgreSQL, plus migrations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from store.config import StoreConfig
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used as asked; the message says what to do."""
+
+
+def make_engine(url: str, config: StoreConfig | None = None) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout on every connection."""
+    cfg = config or StoreConfig()
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError(f"bad database URL {url!r}: expected e.g. sqlite:///scoreloop.db or "
+                         "postgresql+psycopg://user@host:5432/db") from None
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(
+                parsed,
+                echo=cfg.echo,
+                connect_args={"timeout": cfg.sqlite_busy_timeout_ms / 1000, "check_same_thread": False},
+            )
+            _sqlite_pragmas(engine, cfg.sqlite_busy_timeout_ms)
+        elif parsed.get_backend_name() == "postgresql":
+            engine = create_engine(
+                parsed,
+                echo=cfg.echo,
+                pool_size=cfg.pool_size,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": cfg.connect_timeout_s},
+            )
+        else:
+            raise StoreError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
+    except (NoSuchModuleError, ArgumentError) as err:
+        raise StoreError(f"bad database URL {url!r}: {err}") from None
+    return engine
+
+
+def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
+        # Let SQLAlchemy own transactions: pysqlite's implicit BEGIN breaks SAVEPOINT and locking.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # pragma: no cover - trivial
+        # IMMEDIATE takes the write lock up front so two writers queue instead of deadlocking.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(engine_or_factory: Engine | sessionmaker[Session]) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    factory = engine_or_factory if isinstance(engine_or_factory, sessionmaker) else session_factory(engine_or_factory)
+    with factory() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head() or ""
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_reachable(engine: Engine) -> None:
+    """Open one connection; turn driver errors into one actionable line."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as err:
+        first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        raise StoreError(f"cannot reach database {engine.url.render_as_string(hide_password=True)}: {first}") from None
+
+
+def check_revision(engine: Engine) -> None:
+    """Refuse a database migrated by newer code (unknown revision) before anything is written."""
+    current = current_revision(engine)
+    if current is None:
+        return
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
+    try:
+        script.get_revision(current)
+    except Exception:
+        raise StoreError(
+            f"database is at migration {current!r}, which this version of scoreloop does not know "
+            f"(its newest is {head_revision()!r}); upgrade scoreloop"
+        ) from None
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str:
+    """Migrate to `revision` (idempotent); returns the revision the database is at afterwards."""
+    check_reachable(engine)
+    check_revision(engine)
+    try:
+        command.upgrade(alembic_config(engine), revision)
+    except SQLAlchemyError as err:
+        raise StoreError(f"migration failed: {err}") from err
+    return current_revision(engine) or ""
+
+
+def downgrade(engine: Engine, revision: str) -> str:
+    command.downgrade(alembic_config(engine), revision)
+    return current_revision(engine) or ""
+
+
+def open_store(url: str, config: StoreConfig | None = None, *, migrate: bool = True) -> Engine:
+    """The one entry point: engine, reachability check, revision check, upgrade to head."""
+    engine = make_engine(url, config)
+    if migrate:
+        upgrade(engine)
+    else:
+        check_reachable(engine)
+        check_revision(engine)
+        if current_revision(engine) != head_revision():
+            raise StoreError("database is not initialised or out of date: run `scoreloop init`")
+    return engine

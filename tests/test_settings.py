@@ -1,0 +1,48 @@
+import pytest
+
+from scheduler.settings import SettingsError, load_settings
+
+
+def test_defaults_run_offline():
+    s = load_settings()
+    assert s.database_url.startswith("sqlite:///")
+    assert s.market.source == "synthetic"
+    assert s.agent.backend == "local"
+
+
+def test_toml_then_env_then_flags(tmp_path, monkeypatch):
+    cfg = tmp_path / "scoreloop.toml"
+    cfg.write_text('database_url = "sqlite:///a.db"\n[agent]\nblock_size = 5\ntarget_score = 0.9\n')
+    s = load_settings(cfg)
+    assert (s.database_url, s.agent.block_size, s.agent.target_score) == ("sqlite:///a.db", 5, 0.9)
+    monkeypatch.setenv("SCORELOOP_AGENT__BLOCK_SIZE", "7")
+    monkeypatch.setenv("SCORELOOP_DATABASE_URL", "sqlite:///b.db")
+    s = load_settings(cfg)
+    assert (s.database_url, s.agent.block_size, s.agent.target_score) == ("sqlite:///b.db", 7, 0.9)
+    s = load_settings(cfg, agent={"block_size": 3})
+    assert (s.agent.block_size, s.agent.target_score) == (3, 0.9)
+
+
+def test_unknown_key_is_named(tmp_path):
+    cfg = tmp_path / "scoreloop.toml"
+    cfg.write_text("[agent]\nblok_size = 5\n")
+    with pytest.raises(SettingsError, match=r"agent\.blok_size: unknown key"):
+        load_settings(cfg)
+
+
+def test_unknown_section_is_named(tmp_path):
+    cfg = tmp_path / "scoreloop.toml"
+    cfg.write_text("[agnet]\nblock_size = 5\n")
+    with pytest.raises(SettingsError, match=r"agnet: unknown key"):
+        load_settings(cfg)
+
+
+def test_bad_value_is_named(monkeypatch):
+    monkeypatch.setenv("SCORELOOP_AGENT__TARGET_SCORE", "1.7")
+    with pytest.raises(SettingsError, match=r"agent\.target_score"):
+        load_settings()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SettingsError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml")
