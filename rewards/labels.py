@@ -1,0 +1,58 @@
+"""Conditioning labels: the one place that turns a score into the text the model is conditioned on.
+
+The agent writes the target's label into the system prompt at inference; the trainer writes the
+achieved score's label at training time. Both call these functions, so the formats always match.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+from rewards.config import RewardsConfig
+
+
+def score_label(score: float) -> str:
+    """Numeric reward-conditioned label, e.g. `Score: 0.83`."""
+    return f"Score: {_clip(score):.2f}"
+
+
+def goal_label(score: float, threshold: float) -> str:
+    """Natural-language threshold goal: met goals read `above`, missed ones `below`."""
+    side = "above" if _clip(score) >= threshold else "below"
+    return f"Goal: earn a reward {side} {threshold:.2f}"
+
+
+def quantile_edges(scores: Sequence[float], bins: int) -> list[float]:
+    """Inner bin edges (bins-1 of them) from the offline set's score distribution (Quark-style)."""
+    xs = sorted(_clip(s) for s in scores)
+    if not xs:
+        return [i / bins for i in range(1, bins)]
+    return [xs[min(len(xs) - 1, math.ceil(q * len(xs) / bins) - 1)] for q in range(1, bins)]
+
+
+def quantile_label(score: float, edges: Sequence[float]) -> str:
+    """`Quantile: 5/5` is the best bin."""
+    bins = len(edges) + 1
+    return f"Quantile: {bisect.bisect_right(list(edges), _clip(score)) + 1}/{bins}"
+
+
+def training_label(score: float, cfg: RewardsConfig, edges: Sequence[float] | None = None) -> str:
+    """Label for an episode that achieved `score` (training time)."""
+    if cfg.label_format == "goal":
+        return goal_label(score, cfg.goal_threshold)
+    if cfg.label_format == "quantile":
+        return quantile_label(score, edges if edges is not None else quantile_edges([], cfg.quantile_bins))
+    return score_label(score)
+
+
+def target_label(target: float, cfg: RewardsConfig, edges: Sequence[float] | None = None) -> str:
+    """Label for the score the agent should aim at (inference time); same format as training."""
+    return training_label(target, cfg, edges)
+
+
+def _clip(x: float) -> float:
+    if math.isnan(x):
+        return 0.0
+    return min(1.0, max(0.0, float(x)))
