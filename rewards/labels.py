@@ -29,7 +29,8 @@ def quantile_edges(scores: Sequence[float], bins: int) -> list[float]:
     xs = sorted(_clip(s) for s in scores)
     if not xs:
         return [i / bins for i in range(1, bins)]
-    return [xs[min(len(xs) - 1, math.ceil(q * len(xs) / bins) - 1)] for q in range(1, bins)]
+    # Edge q is the first score of bin q+1, so bisect_right gives equally filled bins (ties aside).
+    return [xs[min(len(xs) - 1, math.ceil(q * len(xs) / bins))] for q in range(1, bins)]
 
 
 def quantile_label(score: float, edges: Sequence[float]) -> str:
