@@ -232,9 +232,14 @@ class Outcome(Base):
     """What actually happened: close at as_of and close `horizon` trading days later."""
 
     __tablename__ = "outcomes"
+    # ticker and correct are copied from the prediction so per-ticker accuracy over millions of
+    # rows is an index-only scan instead of a join (bench/store_bench.py).
+    __table_args__ = (Index("ix_outcomes_ticker_correct", "ticker", "correct"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), unique=True)
+    ticker: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    correct: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1/0; NULL for an invalid prediction
     close_as_of: Mapped[float] = mapped_column(Float)
     close_resolve: Mapped[float] = mapped_column(Float)
     as_of_date: Mapped[date] = mapped_column(Date)

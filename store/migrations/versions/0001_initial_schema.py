@@ -235,6 +235,8 @@ def upgrade() -> None:
     op.create_table('outcomes',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('prediction_id', sa.Integer(), nullable=False),
+    sa.Column('ticker', sa.String(length=32), nullable=True),
+    sa.Column('correct', sa.Integer(), nullable=True),
     sa.Column('close_as_of', sa.Float(), nullable=False),
     sa.Column('close_resolve', sa.Float(), nullable=False),
     sa.Column('as_of_date', sa.Date(), nullable=False),
@@ -247,6 +249,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('prediction_id')
     )
+    op.create_index('ix_outcomes_ticker_correct', 'outcomes', ['ticker', 'correct'], unique=False)
     op.create_table('rewards',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('prediction_id', sa.Integer(), nullable=False),
@@ -306,6 +309,7 @@ def downgrade() -> None:
 
     op.drop_table('tool_calls')
     op.drop_table('rewards')
+    op.drop_index('ix_outcomes_ticker_correct', table_name='outcomes')
     op.drop_table('outcomes')
     op.drop_table('steps')
     with op.batch_alter_table('predictions', schema=None) as batch_op:
