@@ -30,5 +30,7 @@ class AgentConfig(BaseModel):
     max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")
+    tool_timeout_s: float = Field(20.0, gt=0, description="A tool call slower than this is a recorded tool error.")
+    news_max_results: int = Field(6, ge=1, le=20, description="News items one search_news call shows the model.")
     max_batch_size: int = Field(8, ge=1, description="Micro-batch size of the local backend.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the local backend waits to fill a batch.")

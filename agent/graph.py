@@ -1,0 +1,160 @@
+"""The episode graph (LangGraph): policy -> tool -> policy ... -> finalize.
+
+Only validated JSON actions drive control flow, so text inside tool results (a news snippet
+saying "ignore your instructions") is never obeyed. Once `max_steps` tools have run, the model is
+told so and decoding is restricted to the prediction-only schema. An invalid reply gets at most
+`max_repairs` re-asks with the validation error; after that a tool turn is forced to predict and a
+prediction turn ends as a recorded parse failure, never an exception.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+
+from agent.config import AgentConfig
+from agent.policy import Policy
+from agent.prompts import BUDGET_MESSAGE, REPAIR_TEMPLATE, system_prompt, user_prompt
+from agent.recorder import EpisodeRecorder
+from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, ActionError, Final, PredictionBody, parse_action
+from agent.tools import EpisodeTools
+
+
+class EpisodeStopped(Exception):
+    """The block's stop event was set: the episode stops after its current step."""
+
+
+class State(TypedDict, total=False):
+    messages: list[dict[str, str]]
+    tool_calls: int
+    repairs: int
+    forced: bool
+    turns: int
+    action: Any
+    error: str | None
+    raw: str
+    prediction: PredictionBody | None
+    parse_error: str | None
+
+
+@dataclass
+class EpisodeResult:
+    prediction: PredictionBody | None
+    parse_error: str | None
+    raw_output: str | None
+    tool_calls: int
+    turns: int
+
+    @property
+    def valid(self) -> bool:
+        return self.prediction is not None
+
+
+def _seed(base: int, episode_id: int, attempt: int, turn: int) -> int:
+    return (base * 1_000_003 + episode_id * 10_007 + attempt * 101 + turn) % (2**31 - 1)
+
+
+def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
+                seed: int = 0, stop: threading.Event | None = None):
+    """Compile the graph for one episode attempt (nodes close over its tools and recorder)."""
+
+    def check_stop() -> None:
+        if stop is not None and stop.is_set():
+            raise EpisodeStopped()
+
+    def policy_node(state: State) -> State:
+        check_stop()
+        forced = state.get("forced", False)
+        turn = state.get("turns", 0)
+        out = policy.complete(
+            state["messages"], json_schema=FINAL_SCHEMA if forced else ACTION_SCHEMA,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            seed=_seed(seed, recorder.episode_id, recorder.attempt, turn),
+        )
+        recorder.step("assistant", out.text, prompt_tokens=out.prompt_tokens,
+                      completion_tokens=out.completion_tokens, latency_ms=out.latency_ms)
+        messages = [*state["messages"], {"role": "assistant", "content": out.text}]
+        try:
+            action = parse_action(out.text, final_only=forced)
+            error = None
+        except ActionError as err:
+            action, error = None, str(err)
+            if forced and '"tool"' in out.text:
+                error = f"the tool budget is used up, reply with a prediction ({error})"
+        return {"messages": messages, "action": action, "error": error, "raw": out.text, "turns": turn + 1}
+
+    def route(state: State) -> Literal["tool", "finalize", "repair", "force", "fail"]:
+        if state.get("error") is None:
+            return "finalize" if isinstance(state["action"], Final) else "tool"
+        if state.get("repairs", 0) < cfg.max_repairs:
+            return "repair"
+        return "fail" if state.get("forced", False) else "force"
+
+    def tool_node(state: State) -> State:
+        check_stop()
+        text = tools.run(state["action"])
+        messages = [*state["messages"], {"role": "tool", "content": text}]
+        n = state.get("tool_calls", 0) + 1
+        update: State = {"messages": messages, "tool_calls": n, "repairs": 0, "action": None}
+        if n >= cfg.max_steps:
+            recorder.step("user", BUDGET_MESSAGE)
+            update["messages"] = [*messages, {"role": "user", "content": BUDGET_MESSAGE}]
+            update["forced"] = True
+        return update
+
+    def repair_node(state: State) -> State:
+        msg = REPAIR_TEMPLATE.format(error=state["error"])
+        recorder.step("user", msg)
+        return {"messages": [*state["messages"], {"role": "user", "content": msg}],
+                "repairs": state.get("repairs", 0) + 1}
+
+    def force_node(state: State) -> State:
+        msg = f"{REPAIR_TEMPLATE.format(error=state['error'])} {BUDGET_MESSAGE}"
+        recorder.step("user", msg)
+        return {"messages": [*state["messages"], {"role": "user", "content": msg}], "forced": True, "repairs": 0}
+
+    def finalize_node(state: State) -> State:
+        return {"prediction": state["action"].prediction, "parse_error": None}
+
+    def fail_node(state: State) -> State:
+        return {"prediction": None, "parse_error": state["error"]}
+
+    g = StateGraph(State)
+    g.add_node("policy", policy_node)
+    g.add_node("tool", tool_node)
+    g.add_node("repair", repair_node)
+    g.add_node("force", force_node)
+    g.add_node("finalize", finalize_node)
+    g.add_node("fail", fail_node)
+    g.add_edge(START, "policy")
+    g.add_conditional_edges("policy", route)
+    g.add_edge("tool", "policy")
+    g.add_edge("repair", "policy")
+    g.add_edge("force", "policy")
+    g.add_edge("finalize", END)
+    g.add_edge("fail", END)
+    return g.compile()
+
+
+def run_episode(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
+                ticker: str, as_of, horizon: int, label: str, seed: int = 0,
+                stop: threading.Event | None = None) -> EpisodeResult:
+    """Commit the system and user turns, then run the graph to a prediction or a recorded failure."""
+    system = system_prompt(label)
+    user = user_prompt(ticker, as_of, horizon)
+    recorder.step("system", system)
+    recorder.step("user", user)
+    graph = build_graph(policy, tools, recorder, cfg, seed=seed, stop=stop)
+    # Each turn visits at most 2 nodes; turns are bounded by tools + repairs + forcing.
+    limit = 4 * (cfg.max_steps + 2) * (cfg.max_repairs + 2) + 10
+    final = graph.invoke(
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+         "tool_calls": 0, "repairs": 0, "forced": False, "turns": 0},
+        config={"recursion_limit": limit},
+    )
+    return EpisodeResult(prediction=final.get("prediction"), parse_error=final.get("parse_error"),
+                         raw_output=final.get("raw"), tool_calls=final.get("tool_calls", 0),
+                         turns=final.get("turns", 0))

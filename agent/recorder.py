@@ -1,0 +1,65 @@
+"""Commits an episode's messages as steps the moment they exist (one short transaction each)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from store import traces
+from store.db import session_factory, session_scope
+
+T = TypeVar("T")
+
+
+class WriteClock:
+    """Total seconds spent in trace writes across threads (for bench/block_bench.py)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds = 0.0
+        self.writes = 0
+
+    def add(self, dt: float) -> None:
+        with self._lock:
+            self.seconds += dt
+            self.writes += 1
+
+
+class EpisodeRecorder:
+    """Appends steps for one attempt of one episode, numbering them in order."""
+
+    def __init__(self, db: Engine | sessionmaker[Session], episode_id: int, attempt: int,
+                 clock: WriteClock | None = None) -> None:
+        self.factory = db if isinstance(db, sessionmaker) else session_factory(db)
+        self.episode_id = episode_id
+        self.attempt = attempt
+        self.next_idx = 0
+        self.clock = clock
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        t0 = time.perf_counter()
+        try:
+            with session_scope(self.factory) as s:
+                yield s
+        finally:
+            if self.clock is not None:
+                self.clock.add(time.perf_counter() - t0)
+
+    def write(self, fn: Callable[[Session], T]) -> T:
+        with self.session() as s:
+            return fn(s)
+
+    def step(self, role: str, content: str, **extra: Any) -> int:
+        """Commit one message; returns the step id."""
+        idx = self.next_idx
+        step_id = self.write(lambda s: traces.add_step(
+            s, episode_id=self.episode_id, attempt=self.attempt, idx=idx, role=role, content=content, **extra))
+        self.next_idx += 1
+        return step_id

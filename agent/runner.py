@@ -1,0 +1,233 @@
+"""The block runner: plan N (ticker, as_of) items as episodes, run them concurrently, trace everything.
+
+Episodes run in a thread pool so a batching policy shares forward passes between them. Every
+step is committed as it happens; a crashed or stopped block resumes with `resume_block`: done
+episodes are kept, unfinished ones restart as a new attempt, and an episode never gets a second
+prediction (unique per episode, and `claim_episode` skips episodes that already have one).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import Engine
+
+from agent.config import AgentConfig
+from agent.graph import EpisodeStopped, run_episode
+from agent.policy import Policy
+from agent.recorder import EpisodeRecorder, WriteClock
+from agent.tools import EpisodeTools
+from market.protocols import MarketError, UnknownTickerError
+from rewards.config import RewardsConfig
+from rewards.labels import target_label
+from store import traces
+from store.db import session_factory, session_scope
+
+if TYPE_CHECKING:
+    from market.sources import Market
+
+WARMUP_SESSIONS = 30  # replay starts this far into the history so get_prices has bars to show
+
+
+class BlockError(RuntimeError):
+    """A block cannot be planned or run as asked; the message says what to change."""
+
+
+class BlockInterrupted(BlockError):
+    """An episode failed outside the graph (e.g. the model backend); the block is left resumable."""
+
+    def __init__(self, message: str, block_id: int) -> None:
+        super().__init__(message)
+        self.block_id = block_id
+
+
+class _Halt:
+    """Stop when the caller asks (their event) or when a sibling episode failed (ours)."""
+
+    def __init__(self, external: threading.Event | None) -> None:
+        self.external = external
+        self.failed = threading.Event()
+
+    def is_set(self) -> bool:
+        return self.failed.is_set() or (self.external is not None and self.external.is_set())
+
+
+def _utc(dt: datetime) -> datetime:
+    if dt.tzinfo is None:
+        raise BlockError(f"as_of {dt.isoformat()} is naive; give a timezone-aware UTC datetime")
+    return dt.astimezone(timezone.utc)
+
+
+def _check_tickers(market: Market, tickers: Sequence[str], probe_as_of: datetime) -> list[str]:
+    """Upper-cased tickers, each known to the market (probed on the source when outside the universe)."""
+    out = [t.strip().upper() for t in tickers if t.strip()]
+    if not out:
+        raise BlockError("no tickers given")
+    universe = set(market.tickers)
+    bad: list[str] = []
+    for t in out:
+        if t in universe:
+            continue
+        try:
+            market.prices.bars(t, probe_as_of, 1)
+        except UnknownTickerError:
+            bad.append(t)
+        except MarketError as err:
+            raise BlockError(f"ticker {t}: {err}") from None
+    if bad:
+        known = ", ".join(market.tickers[:12]) + (" ..." if len(market.tickers) > 12 else "")
+        raise BlockError(f"unknown ticker{'s' if len(bad) > 1 else ''} {', '.join(bad)} in the "
+                         f"{market.name} market (known: {known or 'none'})")
+    return out
+
+
+def plan_items(session, market: Market, *, mode: str, size: int, horizon: int, kind: str,
+               as_of: datetime | None = None, tickers: Sequence[str] | None = None) -> list[traces.PlannedItem]:
+    """The block's (ticker, as_of) items: live = one as_of; replay = consecutive sessions after the last block."""
+    if size < 1:
+        raise BlockError(f"block size must be >= 1, got {size}")
+    if tickers is None and not market.tickers:
+        raise BlockError(f"the {market.name} market's universe is empty: set market.universe or pass --tickers")
+    cal = market.calendar
+    if mode == "live":
+        when = _utc(as_of) if as_of else datetime.now(timezone.utc)
+        names = _check_tickers(market, tickers, when) if tickers is not None else list(market.tickers)
+        return [traces.PlannedItem(names[i % len(names)], when) for i in range(size)]
+    if mode != "replay":
+        raise BlockError(f"unknown mode {mode!r}: use replay or live")
+    first, last = market.span if market.span else (None, None)
+    try:
+        if as_of is not None:
+            day = cal.previous_session(_utc(as_of).date())
+        else:
+            latest = traces.next_replay_start(session, market.name, kind)
+            if latest is not None:
+                day = cal.add_sessions(cal.base_session(latest), 1)
+            elif first is not None:
+                day = cal.add_sessions(cal.sessions(first, last)[0], WARMUP_SESSIONS)
+            else:
+                raise BlockError(f"the {market.name} market has no bounded history: pass --as-of to replay it")
+        names = (_check_tickers(market, tickers, cal.replay_as_of(day)) if tickers is not None
+                 else list(market.tickers))
+        n_days = math.ceil(size / len(names))
+        days = [day] + [cal.add_sessions(day, k) for k in range(1, n_days)]
+        end = cal.add_sessions(days[-1], horizon)
+    except MarketError as err:
+        raise BlockError(f"cannot plan a replay block: {err}") from None
+    if last is not None and end > last:
+        raise BlockError(f"replay reached the end of the {market.name} history ({last}): a block from {day} "
+                         f"needs outcomes up to {end}; pass an earlier --as-of")
+    return [traces.PlannedItem(names[i % len(names)], cal.replay_as_of(days[i // len(names)])) for i in range(size)]
+
+
+def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig,
+              rewards_cfg: RewardsConfig, *, mode: str = "replay", size: int | None = None,
+              as_of: datetime | None = None, tickers: Sequence[str] | None = None,
+              target_score: float | None = None, kind: str = "train", trigger_id: int | None = None,
+              progress: bool = True, stop: threading.Event | None = None, horizon: int = 5,
+              clock: WriteClock | None = None) -> int:
+    """Plan a block, run it, return its id (complete, or left `running` if stopped)."""
+    target = agent_cfg.target_score if target_score is None else target_score
+    label = target_label(target, rewards_cfg)
+    factory = session_factory(engine)
+    with session_scope(factory) as s:
+        items = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
+                           as_of=as_of, tickers=tickers)
+        block_id = traces.create_block_with_items(
+            s, items=items, market=market.name, mode=mode, kind=kind, horizon=horizon,
+            adapter_version=policy.adapter_version, target_score=target, conditioning=label,
+            trigger_id=trigger_id, config={"agent": agent_cfg.model_dump(), "label_format": rewards_cfg.label_format},
+        )
+    _execute(engine, block_id, policy, market, agent_cfg, progress=progress, stop=stop, clock=clock)
+    return block_id
+
+
+def resume_block(engine: Engine, block_id: int, policy: Policy, market: Market, agent_cfg: AgentConfig,
+                 rewards_cfg: RewardsConfig, *, progress: bool = True, stop: threading.Event | None = None,
+                 clock: WriteClock | None = None) -> int:
+    """Continue an interrupted block: done episodes stay, the rest restart as a new attempt."""
+    with session_scope(engine) as s:
+        block = traces.get_block(s, block_id)
+        if block.market != market.name:
+            raise BlockError(f"block {block_id} ran on the {block.market} market, not {market.name}")
+    _execute(engine, block_id, policy, market, agent_cfg, progress=progress, stop=stop, clock=clock)
+    return block_id
+
+
+def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg: AgentConfig, *,
+             progress: bool, stop: threading.Event | None, clock: WriteClock | None) -> None:
+    factory = session_factory(engine)
+    with session_scope(factory) as s:
+        block = traces.get_block(s, block_id)
+        size, status = block.size, block.status
+        todo = traces.unfinished_episode_ids(s, block_id)
+        done = traces.count_done(s, block_id)
+    if status == "complete":
+        return
+    halt = _Halt(stop)
+
+    def work(episode_id: int) -> str:
+        if halt.is_set():
+            return "skipped"
+        with session_scope(factory) as s:
+            ep = traces.claim_episode(s, episode_id, policy.adapter_version)
+        if ep is None:
+            return "done"
+        rec = EpisodeRecorder(factory, episode_id, ep.attempt, clock)
+        tools = EpisodeTools(market, rec, ep, news_max_results=cfg.news_max_results, timeout_s=cfg.tool_timeout_s)
+        try:
+            result = run_episode(policy, tools, rec, cfg, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
+                                 label=ep.conditioning or "", seed=ep.seed, stop=halt)
+            resolve_at = market.calendar.resolve_session(ep.as_of, ep.horizon)
+        except EpisodeStopped:
+            rec.write(lambda s: traces.release_episode(s, episode_id))
+            return "stopped"
+        except BaseException as err:
+            halt.failed.set()
+            rec.write(lambda s: traces.release_episode(s, episode_id, error=f"{type(err).__name__}: {err}"))
+            raise
+        p = result.prediction
+
+        def finish(s) -> None:
+            traces.save_prediction(
+                s, episode_id=episode_id, resolve_at=resolve_at, valid=p is not None,
+                direction=p.direction if p else None, magnitude_pct=p.magnitude_pct if p else None,
+                confidence=p.confidence if p else None, rationale=p.rationale if p else None,
+                citations=list(p.citations) if p else None, parse_error=result.parse_error,
+                raw_output=None if p else result.raw_output, adapter_version=policy.adapter_version)
+            traces.finish_episode(s, episode_id)
+
+        rec.write(finish)
+        return "done"
+
+    bar = Progress(TextColumn(f"block {block_id}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   disable=not progress, transient=False)
+    first_error: tuple[int, BaseException] | None = None
+    with bar if progress else nullcontext():
+        task = bar.add_task("episodes", total=size, completed=done)
+        with ThreadPoolExecutor(max_workers=max(1, min(cfg.concurrency, len(todo) or 1)),
+                                thread_name_prefix=f"block{block_id}") as pool:
+            futures = {pool.submit(work, eid): eid for eid in todo}
+            for fut in as_completed(futures):
+                try:
+                    if fut.result() == "done":
+                        bar.advance(task)
+                except BaseException as err:  # noqa: BLE001 - reported once below, block stays resumable
+                    if first_error is None:
+                        first_error = (futures[fut], err)
+    if first_error is not None:
+        eid, err = first_error
+        raise BlockInterrupted(
+            f"block {block_id} stopped: episode {eid} failed ({type(err).__name__}: {err}); finished episodes "
+            f"are kept, resume it with resume_block / `scoreloop block run --resume {block_id}`", block_id
+        ) from err
+    with session_scope(factory) as s:
+        if traces.count_done(s, block_id) == size and not traces.unfinished_episode_ids(s, block_id):
+            traces.complete_block(s, block_id)

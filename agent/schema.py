@@ -1,0 +1,151 @@
+"""The JSON the model writes: tool-call actions and the final prediction, validated by pydantic.
+
+The ticker and as_of are bound by the runner, never written by the model, so the model's
+prediction object (`PredictionBody`) has no ticker; `Prediction` is that body plus the ticker.
+`ACTION_SCHEMA` (any action) and `FINAL_SCHEMA` (prediction only, once the tool budget is spent)
+are self-contained JSON schemas (no $ref) for constrained decoding backends.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+MAX_MAGNITUDE_PCT = 100.0
+MAX_RATIONALE_CHARS = 240  # keeps a whole prediction inside a small model's token budget
+MAX_CITATIONS = 8
+MAX_LOOKBACK_DAYS = 250
+MAX_QUERY_CHARS = 80
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class PredictionBody(BaseModel):
+    """What the model writes as its final answer."""
+
+    model_config = _STRICT
+
+    direction: Literal["up", "down", "flat"]
+    magnitude_pct: float = Field(ge=0, le=MAX_MAGNITUDE_PCT, description="Expected absolute move in %.")
+    confidence: float = Field(ge=0, le=1, description="Probability that the direction is right.")
+    rationale: str = Field(max_length=MAX_RATIONALE_CHARS)
+    citations: list[int] = Field(max_length=MAX_CITATIONS, description="Snippet ids of the news used.")
+
+
+class Prediction(PredictionBody):
+    """A validated prediction for the episode's ticker (the contract other packages read)."""
+
+    ticker: str = Field(min_length=1)
+
+
+class PricesArgs(BaseModel):
+    model_config = _STRICT
+    lookback_days: int = Field(ge=1, le=MAX_LOOKBACK_DAYS)
+
+
+class NewsArgs(BaseModel):
+    model_config = _STRICT
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+
+
+class GetPrices(BaseModel):
+    """Recent daily closes of the episode's ticker."""
+
+    model_config = _STRICT
+    tool: Literal["get_prices"]
+    args: PricesArgs
+
+
+class SearchNews(BaseModel):
+    """News about the episode's ticker matching a query."""
+
+    model_config = _STRICT
+    tool: Literal["search_news"]
+    args: NewsArgs
+
+
+class GetMarketContext(BaseModel):
+    """Market-wide context: the universe's average move and market news."""
+
+    model_config = _STRICT
+    tool: Literal["get_market_context"]
+    args: PricesArgs
+
+
+class Final(BaseModel):
+    model_config = _STRICT
+    prediction: PredictionBody
+
+
+ToolAction = Union[GetPrices, SearchNews, GetMarketContext]
+Action = Annotated[Union[GetPrices, SearchNews, GetMarketContext, Final], Field(union_mode="left_to_right")]
+TOOL_NAMES = ("get_prices", "search_news", "get_market_context")
+
+_ACTION = TypeAdapter(Action)
+_FINAL = TypeAdapter(Final)
+
+
+class ActionError(ValueError):
+    """The model's text is not a valid action; the message is shown to it in a repair turn."""
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace pydantic's $ref/$defs with the definitions themselves (some decoders reject refs)."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].split("/")[-1]])
+            return {k: walk(v) for k, v in node.items() if k not in ("$defs", "title", "description")}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+ACTION_SCHEMA: dict[str, Any] = _inline_refs(_ACTION.json_schema())
+FINAL_SCHEMA: dict[str, Any] = _inline_refs(_FINAL.json_schema())
+
+
+def _first_json_object(text: str) -> str:
+    """The first balanced {...} in `text`: models often add prose or code fences around the JSON."""
+    start = text.find("{")
+    if start < 0:
+        raise ActionError("no JSON object found; reply with one JSON object")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError as err:
+        raise ActionError(f"invalid JSON: {err.msg} at char {err.pos}") from None
+    return text[start:start + end]
+
+
+def _short(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-")))
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+def parse_action(text: str, *, final_only: bool = False) -> GetPrices | SearchNews | GetMarketContext | Final:
+    """Validate the model's text as its next action (or as a prediction only, once the budget is spent)."""
+    raw = _first_json_object(text)
+    try:
+        if final_only:
+            return _FINAL.validate_json(raw)
+        data = json.loads(raw)
+        # Pick the branch by its key so the error names the right fields, not every union member's.
+        if isinstance(data, dict) and "prediction" in data:
+            return _FINAL.validate_python(data)
+        if isinstance(data, dict) and data.get("tool") in TOOL_NAMES:
+            cls = {"get_prices": GetPrices, "search_news": SearchNews, "get_market_context": GetMarketContext}
+            return cls[data["tool"]].model_validate(data)
+        if isinstance(data, dict) and "tool" in data:
+            raise ActionError(f"unknown tool {data['tool']!r}; use one of {', '.join(TOOL_NAMES)}")
+        return _ACTION.validate_python(data)
+    except ValidationError as err:
+        raise ActionError(_short(err)) from None
