@@ -25,6 +25,14 @@ class SyntheticConfig(BaseModel):
     )
     signal_rate: float = Field(0.15, ge=0, le=1, description="Chance per ticker-day of a signal headline.")
     noise_rate: float = Field(0.25, ge=0, le=1, description="Chance per ticker-day of a noise headline.")
+    signal_days: int = Field(
+        5, ge=1, description="Sessions a signal headline's drift lasts, starting the session after it."
+    )
+    market_vol_share: float = Field(
+        0.4, ge=0, le=1, description="Share of daily variance from a market factor common to all tickers."
+    )
+    market_news_rate: float = Field(0.3, ge=0, le=1, description="Chance per day of a market-wide noise headline.")
+    annual_drift: float = Field(0.0, description="Baseline annual log drift (0 keeps always-up at a coin flip).")
 
 
 class CsvConfig(BaseModel):
@@ -52,5 +60,8 @@ class MarketConfig(BaseModel):
     timeout_s: float = Field(15.0, gt=0, description="Network timeout for yfinance/ddgs calls.")
     retries: int = Field(3, ge=0, description="Retries with exponential backoff on rate limits.")
     news_max_results: int = Field(8, ge=1, description="News items returned per search.")
+    cache_offline: bool = Field(
+        False, description="Also cache synthetic/CSV data in the store (they replay exactly without it)."
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     csv: CsvConfig = Field(default_factory=CsvConfig)

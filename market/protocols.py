@@ -29,6 +29,14 @@ class SourceUnavailableError(MarketError):
     """The network source failed (timeout, rate limit after retries, connection refused)."""
 
 
+class CalendarError(MarketError):
+    """A date or time the trading calendar cannot place (naive datetime, not a session, out of range)."""
+
+
+class CsvFormatError(MarketError):
+    """A replay CSV file is malformed; the message names the file and line."""
+
+
 @dataclass(frozen=True)
 class Bar:
     """One daily bar; `date` is the trading session, available from its close (16:00 New York)."""
