@@ -9,7 +9,7 @@ York on 2024-07-03) come from the exchange calendar, not a fixed 16:00.
 from __future__ import annotations
 
 import bisect
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 
 import exchange_calendars as xc
@@ -27,7 +27,7 @@ def require_utc(as_of: datetime) -> datetime:
         raise CalendarError(f"as_of must be a datetime, got {type(as_of).__name__}")
     if as_of.tzinfo is None or as_of.utcoffset() is None:
         raise CalendarError(f"as_of {as_of.isoformat()} is naive; give a timezone-aware UTC datetime")
-    return as_of.astimezone(timezone.utc)
+    return as_of.astimezone(UTC)
 
 
 @lru_cache(maxsize=8)
@@ -37,8 +37,8 @@ def _load(exchange: str, start: date | None) -> tuple[list[date], list[datetime]
     except xc.errors.InvalidCalendarName:
         raise CalendarError(f"unknown exchange calendar {exchange!r} (e.g. XNYS, XNAS, XLON)") from None
     sessions = [ts.date() for ts in cal.sessions]
-    closes = [ts.to_pydatetime().astimezone(timezone.utc) for ts in cal.closes]
-    opens = [ts.to_pydatetime().astimezone(timezone.utc) for ts in cal.opens]
+    closes = [ts.to_pydatetime().astimezone(UTC) for ts in cal.closes]
+    opens = [ts.to_pydatetime().astimezone(UTC) for ts in cal.opens]
     return sessions, opens, closes
 
 

@@ -8,7 +8,7 @@ the count travels in `Fetched.dropped_future` to `tool_calls.dropped_future`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from market.calendar import TradingCalendar, require_utc
@@ -36,7 +36,7 @@ def guard_bars(bars: Iterable[Bar], as_of: datetime, calendar: TradingCalendar) 
     def available(bar: Bar) -> datetime:
         if not calendar.is_session(bar.date):
             # A bar the calendar does not know cannot be placed in time; treat it as future.
-            return datetime.max.replace(tzinfo=timezone.utc)
+            return datetime.max.replace(tzinfo=UTC)
         return calendar.close_of(bar.date)
 
     return guard(bars, as_of, available)

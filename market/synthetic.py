@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 from collections import defaultdict
-from datetime import date, datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import date, datetime, timedelta
 
 import numpy as np
 
 from market.calendar import TradingCalendar, require_utc
 from market.config import SyntheticConfig
-from market.guard import guard, guard_bars
+from market.guard import guard_bars
+from market.keywords import keyword_search
 from market.protocols import Bar, CalendarError, Fetched, NewsItem, NoDataError, UnknownTickerError
 
 SOURCE = "synthetic-wire"
@@ -60,21 +59,6 @@ MARKET = [
     ("Investors weigh fresh economic data", "Markets weighed a mixed set of economic releases."),
 ]
 
-_STOP = {"the", "a", "an", "of", "on", "and", "or", "for", "to", "in", "news", "stock", "shares"}
-
-
-def query_terms(query: str) -> set[str]:
-    """Lower-case words of a search query, without stop words (empty set matches everything)."""
-    return {w for w in re.findall(r"[a-z0-9]+", query.lower()) if w not in _STOP}
-
-
-def matches(item: NewsItem, terms: set[str]) -> bool:
-    if not terms:
-        return True
-    words = set(re.findall(r"[a-z0-9]+", f"{item.title} {item.snippet} {' '.join(item.tickers)}".lower()))
-    return bool(terms & words)
-
-
 def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
@@ -95,6 +79,8 @@ class SyntheticMarket:
             )
         self._day_idx = {d: i for i, d in enumerate(self.days)}
         self.tickers = [f"SYN{i:02d}" for i in range(self.cfg.n_tickers)]
+        self._future_cache: dict[int, tuple[tuple[int, float], ...]] = {}
+        self._p_star: dict[int, float] = {}
         self._generate()
 
     # -- generation ---------------------------------------------------------------------------
@@ -137,7 +123,7 @@ class SyntheticMarket:
             open_, close_ = self.calendar.open_of(day), self.calendar.close_of(day)
             span = (close_ - open_).total_seconds() - 60
 
-            def at() -> datetime:
+            def at(open_: datetime = open_, span: float = span) -> datetime:
                 return open_ + timedelta(seconds=int(news_rng.random() * span))
 
             for t, ticker in enumerate(self.tickers):
@@ -207,19 +193,7 @@ class SyntheticMarket:
             items, times = self._news[ticker.upper()], self._news_times.get(ticker.upper(), [])
         else:
             items, times = self._all, self._all_times
-        terms = query_terms(query)
-        # A day-resolution selection (all of as_of's UTC day), then the guard drops the future part.
-        end = datetime.combine(as_of.date() + timedelta(days=1), datetime.min.time(), tzinfo=timezone.utc)
-        hi = bisect.bisect_left(times, end)
-        picked: list[NewsItem] = []
-        visible = 0
-        for item in reversed(items[:hi]):
-            if visible >= max_results:
-                break
-            if matches(item, terms):
-                picked.append(item)
-                visible += item.published_at < as_of
-        return guard(picked, as_of, lambda it: it.published_at)
+        return keyword_search(items, times, query, as_of, max_results)
 
     # -- p* -----------------------------------------------------------------------------------
     def day_index(self, day: date) -> int:
@@ -237,9 +211,10 @@ class SyntheticMarket:
                 units += self.signs[t, j] * max(0, min(j + k, b + horizon) - b)
         return self.base_drift * horizon + self.cfg.signal_strength * units
 
-    @lru_cache(maxsize=32)
     def _future_units(self, horizon: int) -> tuple[tuple[int, float], ...]:
         """Distribution of drift units from signals not yet published (sessions b+1..b+h-1)."""
+        if horizon in self._future_cache:
+            return self._future_cache[horizon]
         k, r = self.cfg.signal_days, self.cfg.signal_rate
         dist = {0: 1.0}
         for j in range(1, horizon):
@@ -250,7 +225,8 @@ class SyntheticMarket:
                 nxt[u + w] += p * r / 2
                 nxt[u - w] += p * r / 2
             dist = dict(nxt)
-        return tuple(sorted(dist.items()))
+        self._future_cache[horizon] = tuple(sorted(dist.items()))
+        return self._future_cache[horizon]
 
     def item_accuracy(self, mu: float, horizon: int) -> float:
         """P(sign of the realized return == sign of mu): Bayes accuracy of one item (0.5 when mu is 0)."""
@@ -260,9 +236,13 @@ class SyntheticMarket:
         s = self.cfg.signal_strength
         return sum(p * _normal_cdf((abs(mu) + u * s) / sd) for u, p in self._future_units(horizon))
 
-    @lru_cache(maxsize=32)
     def bayes_accuracy(self, horizon: int) -> float:
         """p*: mean Bayes-optimal direction accuracy over every (ticker, replay as_of) item of the history."""
+        if horizon not in self._p_star:
+            self._p_star[horizon] = self._bayes_accuracy(horizon)
+        return self._p_star[horizon]
+
+    def _bayes_accuracy(self, horizon: int) -> float:
         n_d, k = len(self.days), self.cfg.signal_days
         if horizon < 1 or horizon >= n_d:
             raise ValueError(f"horizon must be in 1..{n_d - 1}")

@@ -1,6 +1,6 @@
 """Trading calendar: roll rules, early closes, holidays, and the outcome dates for a horizon."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import exchange_calendars as xc
 import pytest
@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from market.calendar import TradingCalendar
 from market.protocols import CalendarError
 
-UTC = timezone.utc
 CAL = TradingCalendar("XNYS")
 XNYS = xc.get_calendar("XNYS")
 

@@ -1,6 +1,6 @@
 """Synthetic market: deterministic, point-in-time, and its p* matches an oracle that reads the news."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +11,6 @@ from market.protocols import CalendarError, NewsSource, NoDataError, PriceSource
 from market.sources import build_market
 from market.synthetic import SyntheticMarket
 
-UTC = timezone.utc
 SMALL = SyntheticConfig(n_tickers=4, n_days=300)
 
 
