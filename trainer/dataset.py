@@ -1,0 +1,178 @@
+"""The score-conditioned offline set: each scored episode becomes one chat example whose system
+prompt carries the label of the score it actually earned (good and bad episodes alike).
+
+Choices, so they are written down once:
+- Parse failures are kept, with the score the reward module gave them (0 when it wrote no reward
+  row): the model sees its own malformed output under a low label, which is what reward
+  conditioning is for.
+- Held-out split: every `heldout_every`-th `train` block (by position, oldest first) is held out
+  for evaluation and never trained on; `eval` and `gate` blocks are never trained on either.
+  Positions of existing blocks never change as blocks are appended, so the split is stable.
+- Quantile labels use edges over every scored episode of the offline set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from rewards.config import RewardsConfig
+from rewards.labels import quantile_edges, training_label
+from store.db import session_scope
+from store.training import ScoredEpisode, episode_messages, scored_episodes, train_block_ids, used_block_ids
+from trainer.config import TrainerConfig
+from trainer.errors import TrainerError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the episode's messages with the achieved score's label, plus its ids."""
+
+    episode_id: int
+    block_id: int
+    prediction_id: int
+    score: float
+    label: str
+    messages: list[dict[str, str]]
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RoundPlan:
+    """What one round trains on: the new blocks' episodes plus a fixed-size replay sample."""
+
+    new_block_ids: list[int]
+    new: list[ScoredEpisode]
+    replay: list[ScoredEpisode]
+    edges: list[float] | None = None
+    offline_size: int = 0
+    heldout_block_ids: list[int] = field(default_factory=list)
+
+    @property
+    def episodes(self) -> list[ScoredEpisode]:
+        return self.new + self.replay
+
+
+def split_blocks(block_ids: Sequence[int], every: int) -> tuple[list[int], list[int]]:
+    """(train, held-out): every `every`-th block by position is held out."""
+    ordered = sorted(block_ids)
+    heldout = [b for i, b in enumerate(ordered) if (i + 1) % every == 0]
+    held = set(heldout)
+    return [b for b in ordered if b not in held], heldout
+
+
+def heldout_block_ids(session: Session, cfg: TrainerConfig) -> list[int]:
+    """Blocks whose items the gate and evaluation may use (never trained on)."""
+    return split_blocks(train_block_ids(session), cfg.heldout_every)[1]
+
+
+def offline_set(session: Session, cfg: TrainerConfig) -> list[ScoredEpisode]:
+    """Every trainable scored episode: `train` blocks, not held out."""
+    train, _ = split_blocks(train_block_ids(session), cfg.heldout_every)
+    trainable = set(train)
+    return [e for e in scored_episodes(session) if e.block_id in trainable and e.block_kind == "train"]
+
+
+def achieved_score(ep: ScoredEpisode) -> float:
+    return 0.0 if ep.score is None else ep.score
+
+
+def label_edges(episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig) -> list[float] | None:
+    if rewards_cfg.label_format != "quantile":
+        return None
+    return quantile_edges([achieved_score(e) for e in episodes], rewards_cfg.quantile_bins)
+
+
+def relabel(messages: list[dict[str, str]], conditioning: str | None, label: str, episode_id: int) -> list[dict]:
+    """Swap the inference-time target label for the achieved one in the system message."""
+    if not conditioning:
+        raise TrainerError(f"episode {episode_id} has no conditioning label stored (episodes.conditioning), "
+                           "so its target cannot be swapped for the achieved score; re-run or delete that block")
+    for i, msg in enumerate(messages):
+        if msg["role"] == "system" and conditioning in msg["content"]:
+            out = [dict(m) for m in messages]
+            out[i]["content"] = msg["content"].replace(conditioning, label)
+            return out
+    raise TrainerError(f"episode {episode_id}: its conditioning label {conditioning!r} is not in its system "
+                       "prompt, so the achieved-score label cannot be written; the trace is inconsistent")
+
+
+def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig,
+                   edges: Sequence[float] | None = None) -> list[Example]:
+    """Chat examples for these episodes; an episode without any assistant turn has nothing to learn."""
+    msgs = episode_messages(session, episodes)
+    out = []
+    for ep in episodes:
+        messages = msgs.get(ep.episode_id, [])
+        if not any(m["role"] == "assistant" for m in messages):
+            continue
+        score = achieved_score(ep)
+        label = training_label(score, rewards_cfg, edges)
+        out.append(Example(ep.episode_id, ep.block_id, ep.prediction_id, score, label,
+                           relabel(messages, ep.conditioning, label, ep.episode_id)))
+    return out
+
+
+def replay_sample(older: Sequence[ScoredEpisode], size: int, seed: str) -> list[ScoredEpisode]:
+    """A fixed-size, deterministic sample of already-trained episodes (same seed, same sample)."""
+    pool = sorted(older, key=lambda e: e.episode_id)
+    if len(pool) <= size:
+        return pool
+    return sorted(random.Random(seed).sample(pool, size), key=lambda e: e.episode_id)
+
+
+def plan_round(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *,
+               block_ids: Sequence[int] | None = None,
+               replay_episode_ids: Sequence[int] | None = None) -> RoundPlan:
+    """New = scored episodes of train blocks no finished run used; replay = a sample of the rest.
+
+    Passing `block_ids`/`replay_episode_ids` rebuilds the exact data of an interrupted run.
+    """
+    pool = offline_set(session, cfg)
+    if not pool:
+        raise TrainerError("no scored episodes in the offline set: run a block (`scoreloop block run`) and "
+                           "resolve it (`scoreloop resolve`) before training")
+    heldout = heldout_block_ids(session, cfg)
+    if block_ids is None:
+        used = used_block_ids(session, cfg.objective)
+        new_blocks = sorted({e.block_id for e in pool} - used)
+    else:
+        new_blocks = sorted(block_ids)
+    new_set = set(new_blocks)
+    new = [e for e in pool if e.block_id in new_set]
+    older = [e for e in pool if e.block_id not in new_set]
+    if replay_episode_ids is None:
+        replay = replay_sample(older, cfg.replay_size, f"{cfg.seed}:{new_blocks}")
+    else:
+        wanted = set(replay_episode_ids)
+        replay = [e for e in older if e.episode_id in wanted]
+    return RoundPlan(new_blocks, new, replay, label_edges(pool, rewards_cfg), len(pool), heldout)
+
+
+def export_jsonl(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, out: str | Path) -> int:
+    """Write the whole offline set (held-out blocks marked) as JSONL in chat `messages` format."""
+    out = Path(out)
+    with session_scope(engine) as s:
+        train, heldout = split_blocks(train_block_ids(s), trainer_cfg.heldout_every)
+        keep = set(train) | set(heldout)
+        pool = [e for e in scored_episodes(s) if e.block_id in keep]
+        if not pool:
+            raise TrainerError("no scored episodes to export: run and resolve a block first")
+        edges = label_edges([e for e in pool if e.block_id in set(train)], rewards_cfg)
+        examples = build_examples(s, pool, rewards_cfg, edges)
+    held = set(heldout)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({**ex.record(), "split": "heldout" if ex.block_id in held else "train"}) + "\n")
+    tmp.replace(out)
+    return len(examples)

@@ -1,0 +1,241 @@
+"""TRL SFTTrainer + PEFT LoRA with settings that are fast on this hardware.
+
+Why TRL's defaults are slow on a CPU (measured by bench/train_bench.py): SFTConfig turns on
+bf16 autocast (bf16 matmuls on CPUs without AMX are ~10x slower than fp32) and gradient
+checkpointing (a second forward in every backward). Here: fp32 and no checkpointing on CPU,
+bf16 on CUDA, checkpointing only when asked; no reporting, no eval, no dataloader workers.
+
+Multi-GPU: the same code runs under `accelerate launch --num_processes N -m scheduler.cli train`
+(DDP); only the main process writes to the store and to adapters_dir.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from agent.model_files import load_tokenizer
+from trainer.config import TrainerConfig
+from trainer.errors import TrainerError
+from trainer.registry import check_adapter
+
+
+class NonFiniteLoss(TrainerError):
+    """The training loss became NaN or inf; the round is abandoned."""
+
+
+class OutOfMemory(TrainerError):
+    """Training ran out of (GPU or host) memory."""
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("device 'cuda' was asked for but no CUDA GPU is visible; use device = 'cpu' or 'auto'")
+    return device
+
+
+def use_bf16(device: str) -> bool:
+    return device == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def lora_config(cfg: TrainerConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+
+
+def load_trainable_model(base_model_dir: str, adapter_path: str | None, cfg: TrainerConfig, device: str):
+    """The base model with a trainable LoRA: the given adapter (resume) or a fresh one (first round)."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if adapter_path is not None:
+        check_adapter(adapter_path)
+    dtype = torch.bfloat16 if use_bf16(device) else torch.float32
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+    except OSError as err:
+        raise TrainerError(f"cannot load base model {base_model_dir!r}: {err}") from None
+    if adapter_path is None:
+        torch.manual_seed(cfg.seed)  # fresh LoRA init is reproducible
+        return get_peft_model(base, lora_config(cfg))
+    try:
+        return PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+    except Exception as err:  # shape mismatch with the base, unreadable file, ...
+        raise TrainerError(f"adapter {adapter_path} does not load onto {base_model_dir}: {err}") from None
+
+
+def sft_config(cfg: TrainerConfig, output_dir: str | Path, device: str, **overrides: Any):
+    """SFTConfig for one round; every field that differs from TRL's default is here for speed or safety."""
+    from trl import SFTConfig
+
+    cuda = device == "cuda"
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant",  # each round continues the adapter; no decay to zero per round
+        max_length=cfg.max_length,
+        assistant_only_loss=True,  # our template has {% generation %} markers; prompts/tools get -100
+        packing=False,
+        bf16=use_bf16(device),
+        fp16=False,
+        use_cpu=not cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        report_to="none",
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # otherwise a NaN loss is silently replaced by the running mean
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,
+        shuffle_dataset=False,  # the Trainer's sampler shuffles per epoch (seeded); once is enough
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+class LossGuard(TrainerCallback):
+    """Abort as soon as a logged training loss is NaN or inf (logged every step)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"training loss became {loss} at step {state.global_step}; the round is "
+                                "abandoned (lower trainer.learning_rate, or check the serving adapter)")
+
+
+def _trainer_class(fused_lm_head: bool):
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if fused_lm_head:
+        return SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        """SFTTrainer with the model's own logits + cross-entropy loss.
+
+        TRL's fused LM head runs as torch tiles without Triton (CPU): it scores every position,
+        masked ones included, and adds entropy/top-1 passes over the vocabulary for its metrics,
+        which made a CPU step several times slower than a bare forward+backward.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, str]]], args: Any,
+                  callbacks: Sequence[TrainerCallback] = (), *, fused_lm_head: bool | None = None):
+    """An SFTTrainer over conversational examples (`messages`), loss on assistant tokens only.
+
+    The fused (chunked) LM head is kept where Triton runs it (CUDA), where it saves memory.
+    """
+    from datasets import Dataset
+
+    if fused_lm_head is None:
+        fused_lm_head = not args.use_cpu and torch.cuda.is_available()
+    dataset = Dataset.from_list([{"messages": list(m)} for m in messages])
+    return _trainer_class(fused_lm_head)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                         callbacks=[LossGuard(), *callbacks])
+
+
+@dataclass
+class SFTOutcome:
+    model: Any
+    loss_curve: list[dict[str, float]]
+    global_step: int
+    resumed_from_step: int | None
+
+
+def loss_curve(log_history: list[dict]) -> list[dict[str, float]]:
+    return [{"step": int(h["step"]), "loss": float(h["loss"]), **({"lr": float(h["learning_rate"])}
+             if "learning_rate" in h else {})} for h in log_history if "loss" in h]
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    if isinstance(err, oom_types) or isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def run_sft(base_model_dir: str, adapter_path: str | None, messages: Sequence[list[dict[str, str]]],
+            cfg: TrainerConfig, output_dir: str | Path, *, device: str = "auto",
+            callbacks: Sequence[TrainerCallback] = ()) -> SFTOutcome:
+    """Train one round in output_dir, resuming from its last checkpoint if an earlier try left one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    device = pick_device(device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    last = get_last_checkpoint(str(output_dir))
+    tokenizer = load_tokenizer(base_model_dir)
+    model = load_trainable_model(base_model_dir, adapter_path, cfg, device)
+    trainer = build_trainer(model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except NonFiniteLoss:
+        raise
+    except Exception as err:
+        if _is_oom(err):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory while training ({type(err).__name__}: {str(err)[:200]}); lower "
+                              "trainer.batch_size or trainer.max_length, or set trainer.gradient_checkpointing = "
+                              "true") from None
+        raise
+    resumed = None if last is None else int(Path(last).name.rsplit("-", 1)[-1])
+    return SFTOutcome(trainer.model, loss_curve(trainer.state.log_history), trainer.state.global_step, resumed)
+
+
+@torch.no_grad()
+def assistant_loss(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, str]]], max_length: int,
+                   batch_size: int = 4) -> float:
+    """Mean loss per assistant token over these chats (what training minimises), without training."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = []
+    for m in messages:
+        enc = tokenizer.apply_chat_template(list(m), tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])[:max_length]
+        mask = list(enc["assistant_masks"])[:max_length]
+        rows.append({"input_ids": ids, "labels": [t if k else -100 for t, k in zip(ids, mask)]})
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                               reduction="sum")
+        total += float(lp)
+        count += int((labels != -100).sum())
+    if was_training:
+        model.train()
+    return total / max(count, 1)
