@@ -61,6 +61,10 @@ def invalid_reward(reason: str, cfg: RewardsConfig) -> RewardBreakdown:
     return RewardBreakdown(0.0, 0.0, 0.0, 0.0, 0.0, reward_version(cfg), valid=False, reason=reason[:2000])
 
 
+def parse_failure_reward(parse_error: str | None, cfg: RewardsConfig) -> RewardBreakdown:
+    return invalid_reward(f"parse failure: {parse_error or 'no valid prediction'}", cfg)
+
+
 def score_prediction(
     *,
     direction: object,
@@ -77,7 +81,7 @@ def score_prediction(
 ) -> RewardBreakdown:
     """Score one prediction against its outcome; never raises on bad prediction values."""
     if not valid:
-        return invalid_reward(f"parse failure: {parse_error or 'no valid prediction'}", cfg)
+        return parse_failure_reward(parse_error, cfg)
     checked, errors = validate_prediction(direction, magnitude_pct, confidence, citations)
     if checked is None:
         return invalid_reward("validation: " + "; ".join(errors), cfg)

@@ -1,7 +1,7 @@
 """Reward components and the composite: hand-computed tables plus property tests."""
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +17,7 @@ from rewards.outcomes import (
     typical_move_pct,
 )
 
-AS_OF = datetime(2024, 3, 8, 21, 1, tzinfo=timezone.utc)
+AS_OF = datetime(2024, 3, 8, 21, 1, tzinfo=UTC)
 RETRIEVED = {1: AS_OF - timedelta(days=1), 2: AS_OF - timedelta(hours=1), 3: AS_OF + timedelta(hours=1),
              4: AS_OF}
 CFG = RewardsConfig()
@@ -87,8 +87,8 @@ def test_outcome_arithmetic():
 
 
 def _score(**kw):
-    base = dict(direction="up", magnitude_pct=3.0, confidence=0.8, citations=[1, 99], realized_return_pct=2.0,
-                typical_move_pct=2.0, retrieved=RETRIEVED, as_of=AS_OF, cfg=CFG)
+    base = {"direction": "up", "magnitude_pct": 3.0, "confidence": 0.8, "citations": [1, 99], "realized_return_pct": 2.0,
+                "typical_move_pct": 2.0, "retrieved": RETRIEVED, "as_of": AS_OF, "cfg": CFG}
     return score_prediction(**{**base, **kw})
 
 

@@ -7,7 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rewards.config import RewardsConfig
-from rewards.labels import goal_label, quantile_edges, quantile_label, score_label, target_label, training_label
+from rewards.labels import (
+    goal_label,
+    quantile_edges,
+    quantile_label,
+    score_label,
+    target_label,
+    training_label,
+)
 
 
 @pytest.mark.parametrize("score,expected", [
