@@ -1,0 +1,235 @@
+"""`scoreloop daemon`: one per database, holding a heartbeat lock, running jobs one at a time.
+
+Start-up order: take the lock, finish what a killed daemon left (recover), then let APScheduler
+fire the block / resolve / trigger jobs from its persistent job store in the same database. The
+executor has a single worker, so jobs queue instead of overlapping. SIGTERM/SIGINT set a stop
+flag that the block runner checks between steps; a second signal exits at once (the store is
+crash-safe, so the next start resumes).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Engine
+
+from scheduler import jobs
+from scheduler.logs import log_event, setup_logging
+from scheduler.settings import Settings
+from store.daemon import LockHolder, new_owner_id, release_lock, take_over, try_acquire_lock
+from store.daemon import heartbeat as write_heartbeat
+from store.db import open_store
+
+NEW_YORK = ZoneInfo("America/New_York")
+JOBSTORE_TABLE = "apscheduler_jobs"
+
+EXIT_OK = 0
+EXIT_LOCK_LOST = 4
+
+
+class DaemonLockHeld(RuntimeError):
+    """Another live daemon (or `scoreloop loop`) owns this database."""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as err:
+        return err.errno == errno.EPERM  # exists but belongs to someone else
+    return True
+
+
+def holder_is_dead_here(holder: LockHolder) -> bool:
+    """A holder on this host whose process is gone can be replaced without waiting for the TTL."""
+    return holder.host == socket.gethostname() and holder.pid != os.getpid() and not pid_alive(holder.pid)
+
+
+class LockKeeper:
+    """Takes the daemon lock and keeps its heartbeat fresh from a thread of its own (so a long
+    block or training round never lets it go stale); sets `stop` if the lock is lost."""
+
+    def __init__(self, engine: Engine, *, heartbeat_s: float, ttl_s: float, stop: threading.Event,
+                 role: str = "daemon") -> None:
+        self.engine, self.heartbeat_s, self.ttl_s, self.stop = engine, heartbeat_s, ttl_s, stop
+        self.owner = new_owner_id(role)
+        self.lost = False
+        self._thread: threading.Thread | None = None
+        self._quit = threading.Event()
+
+    def try_acquire(self) -> LockHolder | None:
+        holder = try_acquire_lock(self.engine, self.owner, ttl_s=self.ttl_s)
+        if holder is not None and holder_is_dead_here(holder):
+            if take_over(self.engine, self.owner, from_owner=holder.owner):
+                log_event("lock_taken_over", previous=holder.owner, previous_pid=holder.pid, reason="process gone")
+                return None
+            holder = try_acquire_lock(self.engine, self.owner, ttl_s=self.ttl_s)
+        return holder
+
+    def acquire(self, *, wait: bool = False) -> None:
+        """Take the lock or raise DaemonLockHeld; with `wait`, poll until it is free (or stop is set)."""
+        announced = False
+        while True:
+            holder = self.try_acquire()
+            if holder is None:
+                log_event("lock_acquired", owner=self.owner, pid=os.getpid(), host=socket.gethostname())
+                self._start()
+                return
+            if not wait:
+                raise DaemonLockHeld(
+                    f"another scoreloop daemon is running on this database: {holder.describe()}. "
+                    f"Stop it first, use `scoreloop daemon --wait` to take over when it stops, or "
+                    f"`scoreloop block trigger` to ask it for a block."
+                )
+            if not announced:
+                log_event("lock_wait", holder=holder.owner, holder_pid=holder.pid, holder_host=holder.host,
+                          heartbeat_age_s=round(holder.age_s(), 1))
+                announced = True
+            if self.stop.wait(min(self.heartbeat_s, 2.0)):
+                raise DaemonLockHeld("stopped while waiting for the daemon lock")
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="scoreloop-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        last_ok = time.monotonic()
+        while not self._quit.wait(self.heartbeat_s):
+            try:
+                ok = write_heartbeat(self.engine, self.owner)
+            except Exception as err:  # a busy or briefly unreachable database: retry next beat
+                log_event("heartbeat_failed", logging.WARNING, error=f"{type(err).__name__}: {err}",
+                          since_ok_s=round(time.monotonic() - last_ok, 1))
+                continue
+            if not ok:
+                self.lost = True
+                log_event("lock_lost", logging.ERROR, owner=self.owner,
+                          hint="another daemon took over after our heartbeat went stale; stopping")
+                self.stop.set()
+                return
+            last_ok = time.monotonic()
+
+    def release(self) -> None:
+        self._quit.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if not self.lost:
+            try:
+                release_lock(self.engine, self.owner)
+            except Exception as err:
+                log_event("lock_release_failed", logging.WARNING, error=str(err))
+
+
+def _triggers(settings: Settings) -> dict[str, object]:
+    """APScheduler triggers for each job id, from [scheduler]."""
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    sc = settings.scheduler
+    if sc.mode == "live":
+        block = CronTrigger.from_crontab(sc.block_cron, timezone=NEW_YORK)
+        resolve = CronTrigger.from_crontab(sc.resolve_cron, timezone=NEW_YORK)
+    else:
+        block = IntervalTrigger(seconds=sc.block_interval_s, timezone=timezone.utc)
+        resolve = IntervalTrigger(seconds=sc.resolve_interval_s, timezone=timezone.utc)
+    return {"block": block, "resolve": resolve,
+            "triggers": IntervalTrigger(seconds=sc.trigger_poll_s, timezone=timezone.utc)}
+
+
+JOB_FUNCS = {"block": jobs.scheduled_block, "resolve": jobs.scheduled_resolve, "triggers": jobs.poll_triggers}
+
+
+def build_scheduler(rt: jobs.Runtime, key: str):
+    """A BackgroundScheduler with its jobs in the store's own database and one worker thread."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    sched = BackgroundScheduler(
+        jobstores={"default": SQLAlchemyJobStore(engine=rt.engine, tablename=JOBSTORE_TABLE)},
+        executors={"default": ThreadPoolExecutor(max_workers=1)},
+        # A run missed while a long block held the only worker (or while the daemon was down) runs
+        # once, late, instead of being dropped or piling up.
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        timezone=timezone.utc,
+    )
+    sched.start(paused=True)
+    now = datetime.now(timezone.utc)
+    for job_id, trigger in _triggers(rt.settings).items():
+        func = JOB_FUNCS[job_id]
+        existing = sched.get_job(job_id)
+        same = (existing is not None and str(existing.trigger) == str(trigger) and existing.args == (key,)
+                and existing.func is func)
+        if not same:  # new database or changed [scheduler] settings
+            sched.add_job(func, trigger, args=(key,), id=job_id, name=job_id, replace_existing=True)
+        if job_id == "block" and rt.settings.scheduler.mode == "replay":
+            sched.modify_job(job_id, next_run_time=now)  # a replay daemon starts working at once
+        job = sched.get_job(job_id)
+        log_event("job_scheduled", job=job_id, trigger=str(trigger), kept=same,
+                  next_run=job.next_run_time.isoformat(timespec="seconds") if job and job.next_run_time else None)
+    return sched
+
+
+def _install_signals(stop: threading.Event) -> None:
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log_event("daemon_exit_now", signal=name)
+            logging.shutdown()
+            os._exit(130)
+        log_event("daemon_stopping", signal=name, hint="finishing the step in flight; signal again to exit now")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False,
+               stop: threading.Event | None = None) -> int:
+    """Run until a signal (or max_blocks); returns the process exit code. Raises DaemonLockHeld."""
+    setup_logging()
+    stop = stop or threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        _install_signals(stop)
+    sc = settings.scheduler
+    engine = open_store(settings.database_url, settings.store)
+    key = engine.url.render_as_string(hide_password=True)
+    keeper = LockKeeper(engine, heartbeat_s=sc.heartbeat_s, ttl_s=sc.lock_ttl_s, stop=stop)
+    keeper.acquire(wait=wait)
+    rt = jobs.Runtime(settings=settings, engine=engine, stop=stop, owner=keeper.owner, progress=progress)
+    sched = None
+    log_event("daemon_start", db=key, mode=sc.mode, pid=os.getpid(), block_size=jobs.scheduled_block_size(settings),
+              model=settings.agent.model, market=settings.market.source)
+    try:
+        rt.set_job("loading model")
+        rt.open()
+        jobs.register_runtime(key, rt)
+        rt.set_job("recovering")
+        try:
+            jobs.recover(rt)
+        except Exception as err:  # keep serving; the interrupted work is retried at the next start
+            log_event("recover_failed", logging.ERROR, error=f"{type(err).__name__}: {err}")
+        rt.set_job(None)
+        if not stop.is_set():
+            sched = build_scheduler(rt, key)
+            sched.resume()
+            log_event("daemon_ready", hint="scoreloop status / scoreloop block trigger from another shell")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if sched is not None:
+            sched.shutdown(wait=True)  # the running job returns after its step in flight; queued ones see stop
+        jobs.unregister_runtime(key)
+        rt.close()
+        keeper.release()
+        engine.dispose()
+        log_event("daemon_stopped", blocks=rt.blocks_run, lock_lost=keeper.lost or None)
+    return EXIT_LOCK_LOST if keeper.lost else EXIT_OK

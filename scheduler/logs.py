@@ -1,0 +1,54 @@
+"""Structured daemon logs: one line per event, `ts=... event=... key=value`, easy to grep and parse."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+logger = logging.getLogger("scoreloop")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    s = str(value)
+    if s == "" or any(c.isspace() or c in '"=' for c in s):
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return s
+
+
+def format_event(event: str, **fields: Any) -> str:
+    parts = [f"event={event}"] + [f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None]
+    return " ".join(parts)
+
+
+class _KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+        msg = record.getMessage()
+        if not msg.startswith("event="):  # a library's plain message: keep it one line and quoted
+            msg = format_event("log", logger=record.name, msg=msg)
+        line = f"ts={ts} level={record.levelname.lower()} {msg}"
+        if record.exc_info:
+            line += " exc=" + _fmt(self.formatException(record.exc_info).splitlines()[-1])
+        return line
+
+
+def setup_logging(level: int = logging.INFO, stream=None) -> None:
+    """Send scoreloop's and APScheduler's logs to stderr as key=value lines (idempotent).
+
+    APScheduler's own warnings ("maximum number of running instances reached") are expected with
+    one worker and a long block, so only its errors are shown."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_KeyValueFormatter())
+    for name, lvl in (("scoreloop", level), ("apscheduler", logging.ERROR)):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(lvl)
+        lg.propagate = False
+
+
+def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
+    logger.log(level, format_event(event, **fields))

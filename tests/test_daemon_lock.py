@@ -1,0 +1,184 @@
+"""The single-daemon lock and the trigger queue on real SQLite and PostgreSQL: atomic claims,
+stale-lock takeover, a lost lock noticed, exactly-once trigger claims under contention."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import select
+
+from scheduler.daemon import DaemonLockHeld, LockKeeper, holder_is_dead_here
+from store.daemon import (
+    age_lock,
+    claim_next_trigger,
+    enqueue_trigger,
+    fail_trigger,
+    finish_trigger,
+    get_trigger,
+    heartbeat,
+    read_lock,
+    release_lock,
+    requeue_trigger,
+    try_acquire_lock,
+)
+from store.db import session_scope
+from store.models import DaemonLock
+
+
+def test_first_takes_the_lock_second_sees_who_holds_it(fresh_db):
+    assert try_acquire_lock(fresh_db, "a", ttl_s=30) is None
+    holder = try_acquire_lock(fresh_db, "b", ttl_s=30)
+    assert holder is not None and holder.owner == "a"
+    assert holder.pid == os.getpid() and holder.alive(30)
+    assert "pid" in holder.describe() and "last heartbeat" in holder.describe()
+    # the owner may re-take its own lock (a restart of the same owner id)
+    assert try_acquire_lock(fresh_db, "a", ttl_s=30) is None
+
+
+def test_racing_processes_only_one_wins(fresh_db):
+    """Eight threads, each with its own engine, try at the same instant: exactly one wins."""
+    from store.db import make_engine
+
+    url = fresh_db.url.render_as_string(hide_password=False)
+    engines = [make_engine(url) for _ in range(8)]
+    barrier = threading.Barrier(len(engines))
+
+    def attempt(i: int):
+        barrier.wait()
+        return try_acquire_lock(engines[i], f"owner-{i}", ttl_s=30)
+
+    with ThreadPoolExecutor(len(engines)) as pool:
+        results = list(pool.map(attempt, range(len(engines))))
+    for e in engines:
+        e.dispose()
+    winners = [i for i, r in enumerate(results) if r is None]
+    assert len(winners) == 1
+    assert {r.owner for r in results if r is not None} == {f"owner-{winners[0]}"}
+
+
+def test_stale_lock_is_taken_over_and_old_owner_notices(fresh_db):
+    assert try_acquire_lock(fresh_db, "old", ttl_s=30) is None
+    assert try_acquire_lock(fresh_db, "new", ttl_s=30) is not None  # fresh: refused
+    age_lock(fresh_db, 31)  # the old daemon stopped beating 31 s ago
+    assert try_acquire_lock(fresh_db, "new", ttl_s=30) is None
+    assert read_lock(fresh_db).owner == "new"
+    assert heartbeat(fresh_db, "old") is False  # the old owner learns it lost the lock
+    assert heartbeat(fresh_db, "new", current_job="block") is True
+    assert read_lock(fresh_db).current_job == "block"
+    assert release_lock(fresh_db, "old") is False
+    assert release_lock(fresh_db, "new") is True
+    assert read_lock(fresh_db) is None
+
+
+def test_racing_takeover_of_a_stale_lock_has_one_winner(fresh_db):
+    from store.db import make_engine
+
+    assert try_acquire_lock(fresh_db, "dead", ttl_s=5) is None
+    age_lock(fresh_db, 60)
+    url = fresh_db.url.render_as_string(hide_password=False)
+    engines = [make_engine(url) for _ in range(6)]
+    barrier = threading.Barrier(len(engines))
+
+    def attempt(i: int):
+        barrier.wait()
+        return try_acquire_lock(engines[i], f"heir-{i}", ttl_s=5)
+
+    with ThreadPoolExecutor(len(engines)) as pool:
+        results = list(pool.map(attempt, range(len(engines))))
+    for e in engines:
+        e.dispose()
+    assert sum(r is None for r in results) == 1
+    assert read_lock(fresh_db).owner.startswith("heir-")
+
+
+def test_keeper_refuses_with_a_clear_message_then_waits(sqlite_db):
+    stop = threading.Event()
+    first = LockKeeper(sqlite_db, heartbeat_s=0.2, ttl_s=30, stop=stop)
+    first.acquire()
+    second = LockKeeper(sqlite_db, heartbeat_s=0.2, ttl_s=30, stop=threading.Event())
+    with pytest.raises(DaemonLockHeld) as err:
+        second.acquire()
+    msg = str(err.value)
+    assert first.owner in msg and f"pid {os.getpid()}" in msg and "last heartbeat" in msg
+    # --wait: takes the lock as soon as the first one releases it
+    waiter = threading.Thread(target=second.acquire, kwargs={"wait": True})
+    waiter.start()
+    first.release()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    assert read_lock(sqlite_db).owner == second.owner
+    second.release()
+
+
+def test_keeper_heartbeat_keeps_the_lock_fresh_and_stops_when_stolen(sqlite_db):
+    stop = threading.Event()
+    keeper = LockKeeper(sqlite_db, heartbeat_s=0.1, ttl_s=30, stop=stop)
+    keeper.acquire()
+    before = read_lock(sqlite_db).heartbeat_at
+    threading.Event().wait(0.4)
+    assert read_lock(sqlite_db).heartbeat_at > before
+    with session_scope(sqlite_db) as s:  # someone else took it (as after a long stall past the TTL)
+        s.get(DaemonLock, "daemon").owner = "thief"
+    assert stop.wait(5), "the keeper must stop the daemon when its lock is gone"
+    assert keeper.lost
+    keeper.release()
+    assert read_lock(sqlite_db).owner == "thief"  # a lost lock is not deleted from under its new owner
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_at_once(sqlite_db):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    assert try_acquire_lock(sqlite_db, "ghost", ttl_s=3600) is None
+    with session_scope(sqlite_db) as s:
+        s.get(DaemonLock, "daemon").pid = dead_pid
+    assert holder_is_dead_here(read_lock(sqlite_db))
+    keeper = LockKeeper(sqlite_db, heartbeat_s=1, ttl_s=3600, stop=threading.Event())
+    keeper.acquire()  # no waiting for the hour-long TTL
+    assert read_lock(sqlite_db).owner == keeper.owner
+    keeper.release()
+
+
+def test_trigger_lifecycle(fresh_db):
+    a = enqueue_trigger(fresh_db, "block", {"size": 3})
+    b = enqueue_trigger(fresh_db, "block", {})
+    t = claim_next_trigger(fresh_db)
+    assert t.id == a and t.status == "running" and t.params == {"size": 3} and t.started_at is not None
+    assert finish_trigger(fresh_db, a, {"block_id": 7})
+    assert not finish_trigger(fresh_db, a, {"block_id": 8})  # already done: not overwritten
+    assert get_trigger(fresh_db, a).result == {"block_id": 7}
+    t2 = claim_next_trigger(fresh_db)
+    assert t2.id == b
+    assert requeue_trigger(fresh_db, b)
+    assert claim_next_trigger(fresh_db).id == b
+    assert fail_trigger(fresh_db, b, "boom")
+    tb = get_trigger(fresh_db, b)
+    assert tb.status == "failed" and tb.error == "boom" and tb.finished_at is not None
+    assert claim_next_trigger(fresh_db) is None
+
+
+def test_each_trigger_is_claimed_exactly_once_under_contention(fresh_db):
+    from store.db import make_engine
+    from store.models import Trigger
+
+    ids = [enqueue_trigger(fresh_db, "block", {"i": i}) for i in range(20)]
+    url = fresh_db.url.render_as_string(hide_password=False)
+    engines = [make_engine(url) for _ in range(4)]
+
+    def drain(i: int) -> list[int]:
+        got = []
+        while (t := claim_next_trigger(engines[i])) is not None:
+            got.append(t.id)
+        return got
+
+    with ThreadPoolExecutor(4) as pool:
+        claimed = [tid for part in pool.map(drain, range(4)) for tid in part]
+    for e in engines:
+        e.dispose()
+    assert sorted(claimed) == ids  # every trigger once, none twice
+    with session_scope(fresh_db) as s:
+        assert set(s.scalars(select(Trigger.status))) == {"running"}
