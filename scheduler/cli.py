@@ -91,23 +91,145 @@ def init() -> None:
 
 @app.command()
 @user_errors
-def daemon() -> None:
+def daemon(
+    wait: bool = typer.Option(False, "--wait", help="If another daemon holds the database, wait for it to stop."),
+    mode: str | None = typer.Option(None, "--mode", help="replay | live (default scheduler.mode)."),
+    block_size: int | None = typer.Option(None, "--block-size", min=1, help="Items per scheduled block."),
+    max_blocks: int | None = typer.Option(None, "--max-blocks", min=0, help="Stop after this many blocks."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar per block."),
+) -> None:
     """Run the long-lived scheduler: blocks, resolution, training, manual triggers."""
-    not_built("daemon", "scheduler issue")
+    from scheduler.daemon import DaemonLockHeld, run_daemon
+
+    _register_agent_errors()
+    register_user_error(DaemonLockHeld)
+    sched = {k: v for k, v in {"mode": mode, "block_size": block_size, "max_blocks": max_blocks}.items()
+             if v is not None}
+    code = run_daemon(settings(scheduler=sched or None), wait=wait, progress=progress)
+    if code:
+        raise typer.Exit(code)
 
 
 @block_app.command("run")
 @user_errors
-def block_run() -> None:
+def block_run(
+    size: int | None = typer.Option(None, "--size", min=1, help="Predictions in the block (default agent.block_size)."),
+    market: str | None = typer.Option(None, "--market", help="synthetic | yahoo | csv (default market.source)."),
+    as_of: str | None = typer.Option(None, "--as-of", help="Replay from this date (YYYY-MM-DD); yahoo without it = live."),
+    tickers: str | None = typer.Option(None, "--tickers", help="Comma-separated tickers (default: the universe)."),
+    target_score: float | None = typer.Option(None, "--target-score", min=0, max=1, help="Conditioning target."),
+    resume: int | None = typer.Option(None, "--resume", help="Continue this interrupted block instead."),
+    replay_outputs: Path | None = typer.Option(
+        None, "--replay-outputs", help="Answer from recorded model outputs (JSONL) instead of a model."),
+) -> None:
     """Run one block of predictions in the foreground."""
-    not_built("block run", "agent issue")
+    import time
+    from datetime import datetime, time as dtime, timezone
+
+    from agent.runner import BlockError, resume_block, run_block
+    from market.sources import build_market
+    from store import traces
+    from store.db import open_store, session_scope
+
+    _register_agent_errors()
+    s = settings(market={"source": market} if market else None)
+    when = None
+    if as_of:
+        try:
+            when = datetime.fromisoformat(as_of)
+        except ValueError:
+            raise BlockError(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)") from None
+        if len(as_of) <= 10:  # a bare date means that session (replay sees its close)
+            when = datetime.combine(when.date(), dtime(12), tzinfo=timezone.utc)
+        elif when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    names = [t for t in tickers.split(",")] if tickers is not None else None
+    engine = open_store(s.database_url, s.store)
+    mkt = build_market(s.market, engine)
+    mode = "live" if s.market.source == "yahoo" and when is None else "replay"
+    if resume is None:
+        # Plan (and so validate tickers, universe and dates) before a model is loaded.
+        with session_scope(engine) as sess:
+            from agent.runner import plan_items
+
+            plan_items(sess, mkt, mode=mode, size=size or s.agent.block_size, horizon=s.market.horizon_days,
+                       kind="train", as_of=when, tickers=names)
+    policy = _build_policy(s, engine, replay_outputs)
+    t0 = time.perf_counter()
+    try:
+        if resume is not None:
+            block_id = resume_block(engine, resume, policy, mkt, s.agent, s.rewards)
+        else:
+            block_id = run_block(engine, policy, mkt, s.agent, s.rewards, mode=mode, size=size, as_of=when,
+                                 tickers=names, target_score=target_score, horizon=s.market.horizon_days)
+    finally:
+        policy.close()
+    with session_scope(engine) as sess:
+        block = traces.get_block(sess, block_id)
+        n, valid = traces.block_prediction_counts(sess, block_id)
+        console.print(f"block {block_id} {block.status}: {n}/{block.size} predictions, {valid} valid, "
+                      f"{time.perf_counter() - t0:.1f}s (episodes in v_episode_trace, `scoreloop trace ID`)")
+
+
+def _register_agent_errors() -> None:
+    from agent.model_files import ModelError
+    from agent.policy import PolicyError
+    from agent.runner import BlockError
+    from market.protocols import MarketError
+    from store.traces import TraceError
+
+    for err in (BlockError, TraceError, MarketError, ModelError, PolicyError):
+        register_user_error(err)
+
+
+def _build_policy(s: Settings, engine, replay_outputs: Path | None):
+    """The serving adapter on the configured backend, or recorded outputs when asked."""
+    from agent.policy import PolicyError
+
+    if replay_outputs is not None:
+        from agent.scripted_policy import ScriptedPolicy
+
+        if not replay_outputs.exists():
+            raise PolicyError(f"recorded outputs not found: {replay_outputs}")
+        return ScriptedPolicy.from_jsonl(replay_outputs)
+    try:
+        from agent.backends import build_policy
+    except ImportError as err:
+        raise PolicyError(f"policy backends are not available: {err}") from None
+    serving = None
+    try:
+        from store.db import session_scope
+        from trainer.registry import serving_adapter
+
+        with session_scope(engine) as sess:
+            serving = serving_adapter(sess)
+    except ImportError:
+        serving = None
+    return build_policy(s.agent, serving)
 
 
 @block_app.command("trigger")
 @user_errors
-def block_trigger() -> None:
-    """Ask the running daemon for a refresh block."""
-    not_built("block trigger", "scheduler issue")
+def block_trigger(
+    size: int | None = typer.Option(None, "--size", min=1, help="Predictions in the block (default: the daemon's)."),
+) -> None:
+    """Ask the running daemon for a refresh block (queued; it runs next, exactly once)."""
+    from scheduler.status import daemon_state
+    from store.daemon import enqueue_trigger
+    from store.db import open_store
+
+    s = settings()
+    engine = open_store(s.database_url, s.store)
+    tid = enqueue_trigger(engine, "block", {"size": size} if size else {})
+    d = daemon_state(engine, s.scheduler.lock_ttl_s)
+    console.print(f"trigger {tid} queued (block of {size or 'the daemon default'} items)")
+    if d is not None and d["alive"]:
+        console.print(f"daemon pid {d['pid']} on {d['host']} will run it next (now: {d['current_job'] or 'idle'}); "
+                      f"follow it with `scoreloop status`")
+    else:
+        err_console.print("[yellow]no daemon is running on this database[/yellow]: the trigger waits until "
+                          "`scoreloop daemon` starts; to run a block now use `scoreloop block run`"
+                          + (f" --size {size}" if size else ""))
 
 
 @app.command()
@@ -119,30 +241,109 @@ def resolve() -> None:
 
 @app.command()
 @user_errors
-def train() -> None:
+def train(
+    objective: str | None = typer.Option(None, "--objective", help="sft (default from [trainer]) or dpo."),
+    publish: bool = typer.Option(False, "--publish", help="Serve the candidate at once, without the gate."),
+) -> None:
     """Run one score-conditioned LoRA SFT round on the newly scored episodes."""
-    not_built("train", "trainer issue")
+    from store.db import open_store
+    from trainer.errors import TrainerError
+    from trainer.registry import publish as publish_adapter
+    from trainer.round import train_round
+
+    register_user_error(TrainerError)
+    s = settings(**({"trainer": {"objective": objective}} if objective else {}))
+    engine = open_store(s.database_url, s.store)
+    result = train_round(engine, s.trainer, s.rewards, s.agent)
+    if result is None:
+        console.print(f"nothing to train: fewer than {s.trainer.min_new_episodes} new scored episodes")
+        return
+    last = result.loss_curve[-1]["loss"] if result.loss_curve else float("nan")
+    console.print(f"adapter v{result.adapter_version} (parent {result.parent_version}): {result.n_examples} examples "
+                  f"from blocks {result.block_ids} + {len(result.replay_episode_ids)} replayed, "
+                  f"{len(result.loss_curve)} steps, final loss {last:.4f}, {result.seconds:.1f}s -> {result.path}")
+    if publish:
+        publish_adapter(engine, result.adapter_version)
+        console.print(f"adapter v{result.adapter_version} is serving")
 
 
 @app.command()
 @user_errors
-def loop() -> None:
+def loop(
+    rounds: int = typer.Option(3, "--rounds", "-k", min=1, help="Rounds to run."),
+    size: int | None = typer.Option(None, "--size", min=1, help="Items per block (default scheduler.block_size)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the structured event log."),
+) -> None:
     """Replay mode: block -> resolve -> train -> publish, several rounds back to back."""
-    not_built("loop", "scheduler issue")
+    from scheduler.daemon import DaemonLockHeld
+    from scheduler.loop import run_loop
+
+    _register_agent_errors()
+    register_user_error(DaemonLockHeld)
+    run_loop(settings(), rounds, size=size, console=console, verbose=verbose)
 
 
 @app.command()
 @user_errors
-def status() -> None:
+def status(json_out: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
     """Daemon, last block, serving adapter, pending predictions, queued triggers."""
-    not_built("status", "scheduler issue")
+    import json
+
+    from scheduler.status import collect_status, render_status
+    from store.db import open_store
+
+    s = settings()
+    engine = open_store(s.database_url, s.store, migrate=False)
+    st = collect_status(engine, s.scheduler.lock_ttl_s)
+    if json_out:
+        print(json.dumps(st, default=str, indent=2))
+    else:
+        render_status(st, console)
 
 
 @app.command()
 @user_errors
 def trace(episode_id: int = typer.Argument(..., help="Episode id (see v_episode_trace).")) -> None:
     """Print one episode's trace readably."""
-    not_built("trace", "agent issue")
+    from rich.panel import Panel
+
+    from store import traces
+    from store.db import open_store, session_scope
+
+    _register_agent_errors()
+    s = settings()
+    engine = open_store(s.database_url, s.store, migrate=False)
+    with session_scope(engine) as sess:
+        tr = traces.episode_trace(sess, episode_id)
+        ep, p = tr.episode, tr.prediction
+        console.print(f"[bold]episode {ep.id}[/bold] block {ep.block_id} #{ep.idx}  {ep.ticker}  as_of "
+                      f"{ep.as_of:%Y-%m-%d %H:%M} UTC  horizon {ep.horizon}  {ep.status}  attempt {ep.attempt}  "
+                      f"adapter {ep.adapter_version if ep.adapter_version is not None else 'base'}  "
+                      f"[{ep.conditioning}]", highlight=False)
+        colors = {"system": "dim", "user": "cyan", "assistant": "green", "tool": "yellow"}
+        for st in tr.steps:
+            title = f"{st.idx} {st.role}"
+            if st.role == "assistant" and st.completion_tokens is not None:
+                title += f"  {st.prompt_tokens}+{st.completion_tokens} tok  {st.latency_ms or 0:.0f} ms"
+            if st.tool_name:
+                title += f"  {st.tool_name}({', '.join(f'{k}={v!r}' for k, v in (st.tool_args or {}).items())})"
+                title += f"  {st.tool_latency_ms or 0:.0f} ms"
+                if st.cache_hit:
+                    title += "  cached"
+                if st.dropped_future:
+                    title += f"  dropped {st.dropped_future} future"
+                if st.snippet_ids:
+                    title += f"  snippets {st.snippet_ids}"
+            border = "red" if st.tool_error else colors.get(st.role, "white")
+            console.print(Panel(st.content, title=title, title_align="left", border_style=border), highlight=False)
+        if p is None:
+            console.print("[dim]no prediction yet[/dim]")
+        elif p.valid:
+            console.print(f"[bold]prediction[/bold] {p.direction} {p.magnitude_pct:.2f}% confidence "
+                          f"{p.confidence:.2f} citations {p.citations} resolve {p.resolve_at}\n  {p.rationale}",
+                          highlight=False)
+        else:
+            console.print(f"[bold red]parse failure[/bold red] {p.parse_error}", highlight=False)
 
 
 @app.command()
@@ -154,9 +355,17 @@ def report() -> None:
 
 @app.command()
 @user_errors
-def export() -> None:
+def export(out: Path = typer.Option(..., "--out", help="JSONL file to write.")) -> None:
     """Write the offline training set as JSONL in chat `messages` format."""
-    not_built("export", "trainer issue")
+    from store.db import open_store
+    from trainer.dataset import export_jsonl
+    from trainer.errors import TrainerError
+
+    register_user_error(TrainerError)
+    s = settings()
+    engine = open_store(s.database_url, s.store)
+    n = export_jsonl(engine, s.trainer, s.rewards, out)
+    console.print(f"wrote {n} examples to {out} (load with datasets.load_dataset('json', data_files=...))")
 
 
 @app.command("eval")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -330,3 +330,12 @@ def retrieved_snippet_ids(session: Session, episode_id: int, attempt: int) -> se
         select(ToolCallSnippet.snippet_id).join(ToolCall, ToolCall.id == ToolCallSnippet.tool_call_id)
         .where(ToolCall.episode_id == episode_id, ToolCall.attempt == attempt)
     ))
+
+
+def block_prediction_counts(session: Session, block_id: int) -> tuple[int, int]:
+    """(predictions, valid predictions) of a block."""
+    n, valid = session.execute(
+        select(func.count(Prediction.id), func.coalesce(func.sum(case((Prediction.valid, 1), else_=0)), 0))
+        .where(Prediction.block_id == block_id)
+    ).one()
+    return int(n), int(valid)
