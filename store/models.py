@@ -196,6 +196,23 @@ class PriceBar(Base):
     fetched_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class NewsQuery(Base):
+    """A news search a network source answered, with the snippets it returned in order (the news cache)."""
+
+    __tablename__ = "news_queries"
+    __table_args__ = (UniqueConstraint("source", "query_key", name="uq_news_query_source_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))
+    query_key: Mapped[str] = mapped_column(String(64))  # sha256 of query, ticker, max_results, as_of
+    query: Mapped[str] = mapped_column(Text)
+    ticker: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    as_of: Mapped[datetime] = mapped_column()
+    snippet_ids: Mapped[list] = mapped_column(JSON, default=list)
+    dropped_future: Mapped[int] = mapped_column(Integer, default=0)
+    fetched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Prediction(Base):
     """The final answer of an episode, valid or a recorded parse failure."""
 

@@ -58,6 +58,19 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('source', 'ticker', 'date', name='uq_bar_source_ticker_date')
     )
+    op.create_table('news_queries',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('source', sa.String(length=32), nullable=False),
+    sa.Column('query_key', sa.String(length=64), nullable=False),
+    sa.Column('query', sa.Text(), nullable=False),
+    sa.Column('ticker', sa.String(length=32), nullable=True),
+    sa.Column('as_of', store.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('snippet_ids', sa.JSON(), nullable=False),
+    sa.Column('dropped_future', sa.Integer(), nullable=False),
+    sa.Column('fetched_at', store.models.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('source', 'query_key', name='uq_news_query_source_key')
+    )
     op.create_table('snippets',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('content_hash', sa.String(length=64), nullable=False),
@@ -334,6 +347,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_snippets_ticker_published')
 
     op.drop_table('snippets')
+    op.drop_table('news_queries')
     op.drop_table('price_bars')
     op.drop_table('eval_runs')
     op.drop_table('daemon_lock')
