@@ -234,9 +234,55 @@ def block_trigger(
 
 @app.command()
 @user_errors
-def resolve() -> None:
+def resolve(
+    market: str | None = typer.Option(None, "--market", help="synthetic | yahoo | csv (default market.source)."),
+    now: str | None = typer.Option(None, "--now", help="Resolve as of this UTC time (ISO 8601; default: now)."),
+) -> None:
     """Resolve outcomes whose horizon has passed and score them."""
-    not_built("resolve", "rewards issue")
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    from market.protocols import MarketError
+    from market.sources import build_market
+    from scheduler.resolution import resolve_pending
+    from store.db import open_store, session_scope
+    from store.status import block_summary
+
+    register_user_error(MarketError)
+    when = None
+    if now is not None:
+        try:
+            when = datetime.fromisoformat(now)
+        except ValueError:
+            raise SettingsError(f"--now {now!r} is not an ISO 8601 time (e.g. 2024-03-08T21:05:00Z)") from None
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    s = settings(market={"source": market} if market else None)
+    engine = open_store(s.database_url, s.store)
+    report = resolve_pending(engine, build_market(s.market, engine), s.rewards, now=when)
+
+    console.print(f"reward version [bold]{report.reward_version}[/bold]: {report.considered} unscored, "
+                  f"{report.resolved} scored ({report.invalid_scored} invalid, scored 0), "
+                  f"{report.not_due} not due, {report.still_pending} pending", highlight=False, soft_wrap=True)
+    if report.pending_reasons:
+        console.print("pending: " + ", ".join(f"{k} {v}" for k, v in report.pending_reasons.most_common()))
+        for pid, reason in report.examples:
+            console.print(f"  prediction {pid}: {reason}", highlight=False, soft_wrap=True)
+    if report.blocks_updated:
+        table = Table("block", "n", "valid", "accuracy", "reward", "brier", "ece", "skill", "up acc", "mom acc",
+                      title="blocks scored")
+        with session_scope(engine) as sess:
+            for b in report.blocks_updated:
+                m = block_summary(sess, b) or {}
+                table.add_row(str(b), *(_fmt(m.get(k)) for k in ("n", "n_valid", "accuracy", "mean_composite",
+                              "brier", "ece", "skill", "always_up_accuracy", "momentum_accuracy")))
+        console.print(table)
+
+
+def _fmt(x: object) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
 @app.command()

@@ -245,3 +245,28 @@ def test_missing_prices_stay_pending_live_waits_and_new_version_rescores(fresh_d
     new = next(v for v in versions if v[0] == rep2.reward_version)
     assert new[1] == new[2]  # composite is the direction component alone
     assert live_metric == rep2.reward_version
+
+
+def test_cli_resolve_prints_the_report(sqlite_url, market, monkeypatch):
+    from typer.testing import CliRunner
+
+    from scheduler.cli import app
+    from store.db import open_store
+
+    engine = open_store(sqlite_url)
+    days = syn(market).days
+    add_block(engine, market, [Item("SYN00", 80, "up", 1.0, 0.7), Item("SYN01", len(days) - 2)])
+    add_block(engine, market, [Item("SYN02", 85, "down", 2.0, 0.6)])
+    # the CLI builds the same synthetic market from settings
+    monkeypatch.setenv("SCORELOOP_MARKET__SYNTHETIC__N_TICKERS", "3")
+    monkeypatch.setenv("SCORELOOP_MARKET__SYNTHETIC__N_DAYS", "120")
+    monkeypatch.setenv("COLUMNS", "160")
+    res = CliRunner().invoke(app, ["--db", sqlite_url, "resolve"])
+    assert res.exit_code == 0, res.output
+    assert "3 unscored, 2 scored (0 invalid, scored 0), 0 not due, 1 pending" in res.output
+    assert "no_price 1" in res.output and "no close for SYN01" in res.output
+    assert "blocks scored" in res.output  # the second block is fully scored: its metrics row is shown
+    again = CliRunner().invoke(app, ["--db", sqlite_url, "resolve"])
+    assert "1 unscored, 0 scored" in again.output
+    bad = CliRunner().invoke(app, ["--db", sqlite_url, "resolve", "--now", "yesterday"])
+    assert bad.exit_code == 1 and "--now 'yesterday' is not an ISO 8601 time" in bad.output
