@@ -1,0 +1,172 @@
+"""The score-conditioned offline set: labels, what is kept, the held-out split, export, and the loss mask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rewards.config import RewardsConfig
+from store.db import session_scope
+from trainer.config import TrainerConfig
+from trainer.dataset import (
+    build_examples,
+    heldout_block_ids,
+    offline_set,
+    plan_round,
+    replay_sample,
+    split_blocks,
+)
+from trainer.errors import TrainerError
+from trainer_fixtures import add_block
+
+CFG = TrainerConfig(heldout_every=5, replay_size=3, min_new_episodes=1)
+
+
+def examples(engine, rewards_cfg=RewardsConfig(), cfg=CFG):
+    with session_scope(engine) as s:
+        plan = plan_round(s, cfg, rewards_cfg)
+        return {e.episode_id: e for e in build_examples(s, plan.episodes, rewards_cfg, plan.edges)}
+
+
+def test_system_label_is_the_achieved_score_from_the_latest_reward(sqlite_db):
+    _, ids = add_block(sqlite_db, [0.12, 0.87], target=0.95)
+    ex = examples(sqlite_db)
+    low, high = ex[ids[0]], ex[ids[1]]
+    assert (low.score, low.label) == (0.12, "Score: 0.12")
+    assert high.label == "Score: 0.87"
+    system = high.messages[0]["content"]
+    assert "Score: 0.87" in system and "Score: 0.95" not in system
+    assert [m["role"] for m in high.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert json.loads(high.messages[-1]["content"])["prediction"]["ticker"] == "MSFT"
+
+
+def test_parse_failures_are_kept_at_score_zero_and_pending_ones_wait(sqlite_db):
+    _, ids = add_block(sqlite_db, [0.5, 0.6, 0.7], invalid=[1], unscored=[2])
+    ex = examples(sqlite_db)
+    assert set(ex) == {ids[0], ids[1]}
+    bad = ex[ids[1]]
+    assert (bad.score, bad.label) == (0.0, "Score: 0.00")
+    assert "sideways" in bad.messages[-1]["content"]  # the model's raw malformed output is what it learns from
+
+
+def test_only_the_current_attempt_is_used(sqlite_db):
+    _, ids = add_block(sqlite_db, [0.4], retried=[0])
+    msgs = examples(sqlite_db)[ids[0]].messages
+    assert len(msgs) == 5 and not any("STALE" in m["content"] for m in msgs)
+
+
+def test_missing_conditioning_is_a_clear_error(sqlite_db):
+    _, ids = add_block(sqlite_db, [0.4, 0.5], no_conditioning=[1])
+    with pytest.raises(TrainerError, match=f"episode {ids[1]} has no conditioning label"):
+        examples(sqlite_db)
+
+
+def test_empty_offline_set_is_a_clear_error(sqlite_db):
+    add_block(sqlite_db, [0.5], unscored=[0])
+    with session_scope(sqlite_db) as s, pytest.raises(TrainerError, match="no scored episodes"):
+        plan_round(s, CFG, RewardsConfig())
+
+
+def test_heldout_eval_gate_and_unfinished_blocks_are_never_trained_on(sqlite_db):
+    train_blocks = [add_block(sqlite_db, [0.5])[0] for _ in range(4)]
+    eval_block, _ = add_block(sqlite_db, [0.5], kind="eval")
+    gate_block, _ = add_block(sqlite_db, [0.5], kind="gate")
+    fifth, _ = add_block(sqlite_db, [0.5])  # 5th train block: held out with heldout_every=5
+    running, _ = add_block(sqlite_db, [0.5], status="running")
+    with session_scope(sqlite_db) as s:
+        assert heldout_block_ids(s, CFG) == [fifth]
+        blocks = {e.block_id for e in offline_set(s, CFG)}
+    assert blocks == set(train_blocks)
+    assert not blocks & {eval_block, gate_block, fifth, running}
+
+
+def test_split_is_by_position_and_stable_as_blocks_are_appended():
+    train, held = split_blocks([3, 7, 8, 11, 12, 15], 3)
+    assert (train, held) == ([3, 7, 11, 12], [8, 15])
+    assert split_blocks([3, 7, 8, 11, 12, 15, 16, 20, 21], 3)[1] == [8, 15, 21]
+
+
+def test_replay_sample_is_fixed_size_and_deterministic(sqlite_db):
+    add_block(sqlite_db, [0.1 * i for i in range(8)])
+    with session_scope(sqlite_db) as s:
+        pool = offline_set(s, CFG)
+    a = replay_sample(pool, 3, "0:[2]")
+    assert len(a) == 3 and [e.episode_id for e in a] == [e.episode_id for e in replay_sample(pool, 3, "0:[2]")]
+    assert len(replay_sample(pool, 50, "x")) == 8
+
+
+def test_quantile_labels_use_edges_over_the_offline_set(sqlite_db):
+    _, ids = add_block(sqlite_db, [0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.3, 0.7, 0.1, 0.9])
+    ex = examples(sqlite_db, RewardsConfig(label_format="quantile", quantile_bins=5))
+    assert ex[ids[0]].label == "Quantile: 1/5"
+    assert ex[ids[5]].label == "Quantile: 5/5"
+    assert ex[ids[5]].label in ex[ids[5]].messages[0]["content"]
+
+
+def test_export_writes_jsonl_that_datasets_loads(sqlite_url, sqlite_db, tmp_path, monkeypatch):
+    from datasets import load_dataset
+
+    from scheduler.cli import app
+
+    _, ids = add_block(sqlite_db, [0.3, 0.9, 0.6], invalid=[2])
+    out = tmp_path / "offline.jsonl"
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["--db", sqlite_url, "export", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    ds = load_dataset("json", data_files=str(out), split="train")
+    assert ds.num_rows == 3
+    assert {"messages", "score", "label", "episode_id", "block_id", "prediction_id", "split"} <= set(ds.column_names)
+    rows = {r["episode_id"]: r for r in ds}
+    assert rows[ids[1]]["label"] == "Score: 0.90" and rows[ids[1]]["score"] == pytest.approx(0.9)
+    assert rows[ids[2]]["score"] == 0.0
+    assert rows[ids[1]]["messages"][0]["role"] == "system" and "Score: 0.90" in rows[ids[1]]["messages"][0]["content"]
+
+
+def test_export_of_an_empty_store_fails_in_one_line(sqlite_url, sqlite_db, tmp_path, monkeypatch):
+    from scheduler.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["--db", sqlite_url, "export", "--out", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 1 and "no scored episodes" in res.output
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_loss_mask_is_exactly_the_assistant_tokens(sqlite_db, tiny_model_dir, tmp_path):
+    """Token by token, on the dataset TRL actually trains on: every assistant token incl. its <|im_end|>
+    is a label; every system, user, tool and role-header token is -100."""
+    from agent.model_files import load_tokenizer
+    from trainer.sft import build_trainer, load_trainable_model, sft_config
+
+    _, ids = add_block(sqlite_db, [0.3, 0.8])
+    ex = examples(sqlite_db)[ids[1]]
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = TrainerConfig(max_length=4096, lora_r=2, lora_alpha=4)
+    model = load_trainable_model(tiny_model_dir, None, cfg, "cpu")
+    trainer = build_trainer(model, tok, [ex.messages], sft_config(cfg, tmp_path / "run", "cpu"))
+    row = trainer.train_dataset[0]
+    input_ids, labels = row["input_ids"], row["labels"]
+
+    # Expected: render each message's pieces separately, marking the assistant content + <|im_end|>.
+    expected_ids, expected_trained = [], []
+    for m in ex.messages:
+        pieces = [(f"<|im_start|>{m['role']}\n", False)]
+        if m["role"] == "assistant":
+            pieces += [(m["content"] + "<|im_end|>", True), ("\n", False)]
+        else:
+            pieces += [(m["content"] + "<|im_end|>\n", False)]
+        for text, trained in pieces:
+            piece = tok(text, add_special_tokens=False)["input_ids"]
+            expected_ids += piece
+            expected_trained += [trained] * len(piece)
+    assert input_ids == expected_ids
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for i, (tid, lab, trained) in enumerate(zip(input_ids, labels, expected_trained, strict=True)):
+        assert lab == (tid if trained else -100), f"token {i} {tok.decode([tid])!r}"
+    # Spelled out: the assistant turns' end tokens are trained, the others' are not.
+    ends = [i for i, t in enumerate(input_ids) if t == im_end]
+    assert [labels[i] != -100 for i in ends] == [m["role"] == "assistant" for m in ex.messages]
+    trained_text = tok.decode([t for t, lab in zip(input_ids, labels) if lab != -100])
+    assert trained_text == "".join(m["content"] + "<|im_end|>" for m in ex.messages if m["role"] == "assistant")
+    assert "Score: 0.80" not in trained_text and "date,close" not in trained_text
