@@ -1,0 +1,181 @@
+"""`scoreloop report`: files from a small real store, every plot labelled and carrying data."""
+
+from __future__ import annotations
+
+import random
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+from typer.testing import CliRunner
+
+from scheduler.report import build_plots, write_report
+from store.db import session_scope
+from store.models import (
+    Adapter,
+    Block,
+    BlockMetric,
+    Episode,
+    EvalRun,
+    Outcome,
+    Prediction,
+    Reward,
+    TrainingRun,
+)
+from store.report_data import report_data
+
+T0 = datetime(2021, 3, 1, 21, 1, tzinfo=timezone.utc)
+
+
+def add_block(s, *, kind: str, adapter: int | None, n: int, hit_rate: float, rng: random.Random,
+              eval_run_id: int | None = None, target: float = 0.95) -> int:
+    """A scored block of `n` items: episodes, predictions, outcomes, rewards and its block_metrics rows."""
+    block = Block(kind=kind, mode="replay", market="synthetic", size=n, horizon=5, status="complete",
+                  adapter_version=adapter, target_score=target, conditioning=f"Score: {target:.2f}",
+                  eval_run_id=eval_run_id)
+    s.add(block)
+    s.flush()
+    correct_n, rewards, sq = 0, [], []
+    for i in range(n):
+        as_of = T0 + timedelta(days=i // 4)
+        ep = Episode(block_id=block.id, idx=i, ticker=f"SYN{i % 4:02d}", as_of=as_of, horizon=5, status="done",
+                     adapter_version=adapter, target_score=target, conditioning=block.conditioning)
+        s.add(ep)
+        s.flush()
+        conf = round(rng.uniform(0.5, 0.95), 2)
+        ok = rng.random() < hit_rate
+        realized = "up" if rng.random() < 0.5 else "down"
+        direction = realized if ok else ("down" if realized == "up" else "up")
+        p = Prediction(episode_id=ep.id, block_id=block.id, ticker=ep.ticker, as_of=as_of, horizon=5,
+                       resolve_at=date(2021, 3, 8), direction=direction, magnitude_pct=1.0, confidence=conf,
+                       rationale="r", citations=[], valid=True, adapter_version=adapter, target_score=target)
+        s.add(p)
+        s.flush()
+        s.add(Outcome(prediction_id=p.id, ticker=p.ticker, correct=int(ok), close_as_of=100.0,
+                      close_resolve=101.0 if realized == "up" else 99.0, as_of_date=as_of.date(),
+                      resolve_date=date(2021, 3, 8), realized_return_pct=1.0 if realized == "up" else -1.0,
+                      realized_direction=realized))
+        composite = 0.4 * ok + 0.3 * (1 - (conf - ok) ** 2) + 0.1
+        s.add(Reward(prediction_id=p.id, reward_version="r1", direction=float(ok), magnitude=0.5,
+                     calibration=1 - (conf - ok) ** 2, data_use=0.0, composite=composite))
+        correct_n += ok
+        rewards.append(composite)
+        sq.append((conf - ok) ** 2)
+    s.add(BlockMetric(block_id=block.id, name="model", reward_version="r1", n=n, n_valid=n, accuracy=correct_n / n,
+                      mean_composite=sum(rewards) / n, brier=sum(sq) / n, ece=0.1, coverage=1.0, skill=0.05))
+    for name, acc in (("always_up", 0.5), ("momentum_20d", 0.52), ("coin_flip", 0.49)):
+        s.add(BlockMetric(block_id=block.id, name=name, reward_version="r1", n=n, n_valid=n, accuracy=acc,
+                          mean_composite=0.4, brier=0.25, ece=0.02, coverage=1.0, skill=0.0))
+    return block.id
+
+
+def build_small_store(engine) -> None:
+    """Three train blocks (base, v1, v2), two training runs, adapters and one eval run with its blocks."""
+    rng = random.Random(0)
+    with session_scope(engine) as s:
+        add_block(s, kind="train", adapter=None, n=12, hit_rate=0.5, rng=rng)
+        for v, parent in ((1, None), (2, 1)):
+            run = TrainingRun(status="done", parent_version=parent, adapter_version=v, block_ids=[v],
+                              n_examples=12, loss_curve=[{"step": k, "loss": 2.0 / (k + v)} for k in range(1, 6)])
+            s.add(run)
+            s.flush()
+            s.add(Adapter(version=v, parent_version=parent, path=f"adapters/v{v}", base_model="tiny",
+                          status="serving" if v == 2 else "retired", training_run_id=run.id))
+            add_block(s, kind="train", adapter=v, n=12, hit_rate=0.5 + 0.1 * v, rng=rng)
+        run = EvalRun(adapter_version=2, targets=[0.2, 0.6, 1.0], market="synthetic", n_items=8, status="done")
+        s.add(run)
+        s.flush()
+        per_target = []
+        for t in run.targets:
+            bid = add_block(s, kind="eval", adapter=2, n=8, hit_rate=0.4 + 0.3 * t, rng=rng, eval_run_id=run.id,
+                            target=t)
+            per_target.append({"target": t, "block_id": bid, "n": 8, "n_valid": 8, "mean_reward": 0.3 + 0.3 * t,
+                               "accuracy": 0.4 + 0.3 * t, "brier": 0.2})
+        run.results = {"per_target": per_target, "spearman": 1.0}
+
+
+def axes_problems(fig) -> list[str]:
+    """What makes a figure unreadable: an axes without a title, axis labels or any plotted data."""
+    out = []
+    for i, ax in enumerate(fig.axes):
+        for what, value in (("title", ax.get_title()), ("xlabel", ax.get_xlabel()), ("ylabel", ax.get_ylabel())):
+            if not value.strip():
+                out.append(f"axes {i}: empty {what}")
+        has_data = (any(len(line.get_xdata()) > 0 for line in ax.lines if not line.get_label().startswith("_"))
+                    or any(p.get_height() > 0 for p in ax.patches)
+                    or any(len(c.get_offsets()) > 0 for c in ax.collections))
+        if not has_data:
+            out.append(f"axes {i} ({ax.get_title()!r}): no data")
+    return out
+
+
+def test_every_plot_has_labelled_axes_and_data(fresh_db):
+    build_small_store(fresh_db)
+    with session_scope(fresh_db) as s:
+        data = report_data(s)
+    assert [a.adapter_version for a in data.adapters if a.kind == "train"] == [None, 1, 2]
+    plots = build_plots(data, bayes_accuracy=0.62)
+    assert [p.name for p in plots] == ["blocks", "reliability", "controllability", "training_loss"]
+    for p in plots:
+        assert p.figure is not None, f"{p.name}: {p.empty_reason}"
+        assert p.figure.axes, p.name
+        assert axes_problems(p.figure) == [], p.name
+    # The adapter table pools model and baselines per (adapter, kind): eval blocks are their own row.
+    v2_eval = next(a for a in data.adapters if a.adapter_version == 2 and a.kind == "eval")
+    assert v2_eval.blocks == 3 and v2_eval.n == 24
+    assert v2_eval.baselines["momentum_20d"]["accuracy"] == pytest.approx(0.52)
+
+
+def test_report_writes_pngs_and_an_index_that_shows_them(sqlite_db, tmp_path):
+    build_small_store(sqlite_db)
+    res = write_report(sqlite_db, tmp_path / "rep", bayes_accuracy=0.62)
+    names = sorted(p.name for p in res.images)
+    assert names == ["blocks.png", "controllability.png", "reliability.png", "training_loss.png"]
+    page = res.index.read_text()
+    for p in res.images:
+        assert p.stat().st_size > 5000  # a real rendered image, not an empty canvas
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"src='{p.name}'" in page
+    assert res.empty_plots == []
+    assert "p*" in page and "0.620" in page
+    assert "momentum" in page and "Spearman" in page
+
+
+def test_empty_store_gives_a_clear_page_not_a_crash(sqlite_db, tmp_path):
+    out = tmp_path / "rep"
+    (out).mkdir()
+    (out / "reliability.png").write_bytes(b"stale")
+    res = write_report(sqlite_db, out)
+    page = res.index.read_text()
+    assert res.images == []
+    assert "The store is empty" in page
+    assert sorted(res.empty_plots) == ["blocks", "controllability", "reliability", "training_loss"]
+    assert page.count("No data for this plot") == 4
+    assert "<img" not in page
+    assert not (out / "reliability.png").exists()  # a stale image would contradict the page
+
+
+def test_partial_store_draws_what_it_has_and_says_what_is_missing(sqlite_db, tmp_path):
+    rng = random.Random(1)
+    with session_scope(sqlite_db) as s:
+        add_block(s, kind="train", adapter=None, n=10, hit_rate=0.6, rng=rng)
+    res = write_report(sqlite_db, tmp_path / "rep")
+    assert sorted(p.name for p in res.images) == ["blocks.png", "reliability.png"]
+    page = res.index.read_text()
+    assert "run `scoreloop eval`" in page.replace("&#x27;", "'").replace("`", "`")
+    assert "No data for this plot: no training round has logged a loss yet" in page
+
+
+def test_cli_report(sqlite_url, tmp_path):
+    from scheduler.cli import app
+    from store.db import open_store
+
+    engine = open_store(sqlite_url)
+    build_small_store(engine)
+    engine.dispose()
+    out = tmp_path / "cli-rep"
+    res = CliRunner().invoke(app, ["--db", sqlite_url, "report", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "index.html").exists() and (out / "blocks.png").exists()
+    assert "index.html" in res.output
+    bad = CliRunner().invoke(app, ["--db", sqlite_url, "report", "--out", str(out / "index.html")])
+    assert bad.exit_code == 1 and "is a file" in bad.output
