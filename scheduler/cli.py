@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from market.protocols import MarketError
 from scheduler.settings import Settings, SettingsError, load_settings
 from store.db import StoreError
 
@@ -23,7 +24,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 # Typed errors that mean "the user asked for something that cannot be done"; each becomes one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (SettingsError, StoreError)
+USER_ERRORS: tuple[type[BaseException], ...] = (SettingsError, StoreError, MarketError)
 
 
 def register_user_error(exc_type: type[BaseException]) -> None:
@@ -433,9 +434,63 @@ def export(out: Path = typer.Option(..., "--out", help="JSONL file to write.")) 
 
 @app.command("eval")
 @user_errors
-def eval_() -> None:
+def eval_(
+    adapter: str | None = typer.Option(None, "--adapter", help="Adapter version to evaluate, or `base` "
+                                       "(default: the serving adapter)."),
+    targets: str = typer.Option("0.2,0.4,0.6,0.8,1.0", "--targets", help="Comma-separated target scores."),
+    market: str | None = typer.Option(None, "--market", help="synthetic | csv (a replayable history)."),
+    items: int = typer.Option(24, "--items", min=1, help="Held-out items, run once per target."),
+) -> None:
     """Evaluate an adapter on held-out items at several target scores."""
-    not_built("eval", "evaluation issue")
+    from scheduler.evaluation import EvalError, parse_targets
+
+    register_user_error(EvalError)
+    wanted = parse_targets(targets)
+    s = settings(market={"source": market} if market else None)
+    from store.db import open_store, session_scope
+    from store.training import adapter_row
+    from trainer.registry import serving_adapter
+
+    engine = open_store(s.database_url, s.store)
+    with session_scope(engine) as sess:
+        if adapter is None:
+            chosen = serving_adapter(sess)
+        elif adapter.strip().lower() == "base":
+            chosen = None
+        else:
+            try:
+                version = int(adapter.lstrip("vV"))
+            except ValueError:
+                raise EvalError(f"--adapter {adapter!r}: give a version number or `base`") from None
+            row = adapter_row(sess, version)
+            if row is None:
+                raise EvalError(f"no adapter version {version} in the registry (see the adapters table)")
+            chosen = (row.path, row.version)
+
+    from agent.backends import build_policy
+    from market.protocols import MarketError
+    from market.sources import build_market
+    from scheduler.evaluation import run_eval
+
+    register_user_error(MarketError)
+    mk = build_market(s.market, engine)
+    label = "base" if chosen is None else f"v{chosen[1]}"
+    console.print(f"evaluating adapter {label} on {items} held-out {mk.name} items at targets {wanted}")
+    policy = build_policy(s.agent, chosen)
+    try:
+        res = run_eval(engine, policy, mk, s.agent, s.rewards, targets=wanted, n_items=items,
+                       horizon=s.market.horizon_days)
+    finally:
+        policy.close()
+    from rich.table import Table
+
+    table = Table("target", "n", "valid", "mean reward", "accuracy", "Brier", title=f"eval run {res.eval_run_id}")
+    for r in res.per_target:
+        table.add_row(f"{r.target:.2f}", str(r.n), str(r.n_valid), _fmt(r.mean_reward), _fmt(r.accuracy),
+                      _fmt(r.brier))
+    console.print(table)
+    console.print(f"controllability (Spearman target vs realized reward): {_fmt(res.spearman)}  "
+                  f"status {res.status}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
