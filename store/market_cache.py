@@ -48,10 +48,12 @@ def _insert(session: Session, table: Any):
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
-def content_hash(item: NewsLike) -> str:
-    """Identity of a news item: same time, tickers, title, text and url is the same snippet."""
-    key = [item.published_at.isoformat(), sorted(item.tickers), item.title, item.snippet, item.url or ""]
-    return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
+def content_hash(item: NewsLike, source: str = "") -> str:
+    """Identity of a news item as stored; the same formula as store.traces.snippet_hash, so the agent's
+    tool layer and the cache land on the same snippet row."""
+    key = "\x1f".join([item.source or source, item.url or "", item.title, item.snippet,
+                        item.published_at.isoformat()])
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def save_snippets(session: Session, items: Sequence[NewsLike], source: str) -> list[int]:
@@ -62,7 +64,7 @@ def save_snippets(session: Session, items: Sequence[NewsLike], source: str) -> l
     """
     if not items:
         return []
-    hashes = [content_hash(it) for it in items]
+    hashes = [content_hash(it, source) for it in items]
     rows = [
         {
             "content_hash": h, "source": (it.source or source)[:64], "url": it.url or None, "title": it.title,
