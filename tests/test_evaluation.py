@@ -1,0 +1,216 @@
+"""Evaluation: rank correlation and reliability bins (table-tested), and eval runs on held-out items."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from agent.config import AgentConfig
+from agent.policy import Completion
+from market.config import MarketConfig, SyntheticConfig
+from market.sources import build_market
+from rewards.config import RewardsConfig
+from rewards.evaluation import (
+    TargetResult,
+    average_ranks,
+    controllability,
+    ece_from_bins,
+    reliability_bins,
+    spearman,
+)
+from rewards.metrics import expected_calibration_error
+from scheduler.evaluation import EvalError, held_out_plan, parse_targets, run_eval
+from store.db import session_scope
+from store.models import Block, EvalRun
+
+# -- pure functions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xs, expected", [
+    ([3.0, 1.0, 2.0], [3.0, 1.0, 2.0]),
+    ([1.0, 1.0, 2.0], [1.5, 1.5, 3.0]),
+    ([5.0, 5.0, 5.0], [2.0, 2.0, 2.0]),
+    ([], []),
+    ([0.2, 0.9, 0.2, 0.1], [2.5, 4.0, 2.5, 1.0]),
+])
+def test_average_ranks(xs, expected):
+    assert average_ranks(xs) == expected
+
+
+@pytest.mark.parametrize("xs, ys, expected", [
+    ([0.2, 0.4, 0.6, 0.8, 1.0], [0.1, 0.2, 0.3, 0.5, 0.9], 1.0),      # monotone, not linear: still 1
+    ([0.2, 0.4, 0.6, 0.8, 1.0], [0.9, 0.5, 0.3, 0.2, 0.1], -1.0),
+    ([1, 2, 3, 4, 5], [2, 1, 4, 3, 5], 0.8),                         # 1 - 6*4/(5*24)
+    ([1, 2, 3, 4], [1, 1, 2, 2], 0.894427191),                       # ties: Pearson on average ranks
+    ([1, 2, 3], [0.5, 0.5, 0.5], None),                              # constant realized reward: undefined
+    ([1], [2], None),
+    ([1, 2, float("nan"), 3], [1, 2, 5, 3], 1.0),                    # non-finite pairs are dropped
+])
+def test_spearman_table(xs, ys, expected):
+    got = spearman(xs, ys)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected)
+
+
+def test_controllability_ignores_targets_without_a_realized_mean():
+    rs = [TargetResult(0.2, 10, 10, 0.3, 0.5, 0.2), TargetResult(0.6, 10, 0, None, None, None),
+          TargetResult(1.0, 10, 10, 0.5, 0.6, 0.2)]
+    assert controllability(rs) == pytest.approx(1.0)
+    assert controllability(rs[:2]) is None
+
+
+@pytest.mark.parametrize("conf, correct, bins, expected", [
+    # (lo, n, mean confidence, accuracy) of the non-empty bins
+    ([0.55, 0.58, 0.9, 1.0], [1, 0, 1, 1], 10, [(0.5, 2, 0.565, 0.5), (0.9, 2, 0.95, 1.0)]),
+    ([0.0, 0.49, 0.5], [0, 1, 1], 2, [(0.0, 2, 0.245, 0.5), (0.5, 1, 0.5, 1.0)]),
+    ([1.2, -0.1], [1, 0], 4, [(0.0, 1, 0.0, 0.0), (0.75, 1, 1.0, 1.0)]),  # clipped into [0, 1]
+    ([], [], 10, []),
+])
+def test_reliability_bins_table(conf, correct, bins, expected):
+    bs = reliability_bins(conf, correct, bins)
+    assert len(bs) == bins and sum(b.n for b in bs) == len(conf)
+    got = [(b.lo, b.n, b.mean_confidence, b.accuracy) for b in bs if b.n]
+    assert got == [pytest.approx(e) for e in expected]
+    assert all(b.mean_confidence is None and b.accuracy is None for b in bs if not b.n)
+
+
+def test_ece_from_bins_matches_the_block_metric():
+    conf = [0.55, 0.62, 0.71, 0.8, 0.93, 0.99, 0.51, 0.66]
+    correct = [1, 0, 1, 1, 0, 1, 1, 0]
+    assert ece_from_bins(reliability_bins(conf, correct)) == pytest.approx(
+        expected_calibration_error(conf, [bool(c) for c in correct]))
+    assert ece_from_bins(reliability_bins([], [])) is None
+
+
+@pytest.mark.parametrize("text, error", [
+    ("0.2,0.4,1.0", None), ("0.5", "at least two"), ("0.2,1.3", "outside"), ("a,b", "comma-separated"),
+    ("0.2,0.2", "repeated"),
+])
+def test_parse_targets(text, error):
+    if error is None:
+        assert parse_targets(text) == [0.2, 0.4, 1.0]
+    else:
+        with pytest.raises(EvalError, match=error):
+            parse_targets(text)
+
+
+# -- eval runs ----------------------------------------------------------------------------------
+
+PRED = {"direction": "up", "magnitude_pct": 1.0, "confidence": 0.6, "rationale": "trend", "citations": []}
+_SCORE = re.compile(r"Score: ([0-9.]+)")
+_STOCK = re.compile(r"Stock: SYN(\d+)")
+
+
+class TargetFollowingPolicy:
+    """An offline policy whose answers depend on the conditioning target: it answers validly only for
+    tickers whose index is below target * n_tickers and returns unparseable text otherwise, so its
+    realized reward rises with the target (a known-controllable model to check the measurement)."""
+
+    adapter_version = None
+
+    def __init__(self, n_tickers: int) -> None:
+        self.n = n_tickers
+
+    def complete(self, messages, *, json_schema=None, max_new_tokens=160, temperature=0.7, seed=None):
+        target = float(_SCORE.search(messages[0]["content"]).group(1))
+        ticker = int(_STOCK.search(next(m["content"] for m in messages if m["role"] == "user")).group(1))
+        text = json.dumps({"prediction": PRED}) if ticker < target * self.n else "I am not sure."
+        return Completion(text, 10, 5, 1.0)
+
+    def load_adapter(self, path, version):
+        self.adapter_version = version
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def small_market():
+    return build_market(MarketConfig(synthetic=SyntheticConfig(n_days=120, n_tickers=6)))
+
+
+def test_held_out_plan_is_the_tail_of_the_history(small_market):
+    plan = held_out_plan(small_market, 10, horizon=5)
+    cal = small_market.calendar
+    days = cal.sessions(*small_market.span)
+    assert plan.last_day == days[-1 - 5] and plan.first_day == days[-1 - 5 - 1]  # 10 items / 6 tickers = 2 days
+    assert plan.tickers == small_market.tickers
+    with pytest.raises(EvalError, match="history has 120"):
+        held_out_plan(small_market, 6 * 100, horizon=5)
+    live = build_market(MarketConfig(source="yahoo"))
+    with pytest.raises(EvalError, match="no bounded history"):
+        held_out_plan(live, 10, horizon=5)
+
+
+def test_eval_run_measures_a_controllable_policy(fresh_db, small_market):
+    targets = [0.2, 0.5, 1.0]
+    res = run_eval(fresh_db, TargetFollowingPolicy(6), small_market, AgentConfig(concurrency=2, max_repairs=0),
+                   RewardsConfig(), targets=targets, n_items=6, progress=False)
+    assert res.status == "done" and len(res.block_ids) == 3
+    valid = [r.n_valid for r in res.per_target]
+    assert valid == [2, 3, 6]  # tickers below 0.2*6, 0.5*6, 1.0*6
+    assert [r.n for r in res.per_target] == [6, 6, 6]
+    means = [r.mean_reward for r in res.per_target]
+    assert means[0] < means[1] < means[2]
+    assert res.spearman == pytest.approx(1.0)
+    with session_scope(fresh_db) as s:
+        run = s.get(EvalRun, res.eval_run_id)
+        assert run.status == "done" and run.finished_at is not None
+        assert [t["target"] for t in run.results["per_target"]] == targets
+        assert run.results["spearman"] == pytest.approx(1.0)
+        assert run.results["held_out"]["n_items"] == 6
+        blocks = s.scalars(select(Block).where(Block.eval_run_id == res.eval_run_id).order_by(Block.id)).all()
+        assert [b.kind for b in blocks] == ["eval"] * 3
+        assert [b.target_score for b in blocks] == targets
+        items = [sorted((e.ticker, e.as_of) for e in b.episodes) for b in blocks]
+        assert items[0] == items[1] == items[2]  # every target runs the same items
+
+
+def test_eval_refuses_when_training_reached_the_held_out_tail(sqlite_db, small_market):
+    from agent.runner import run_block
+    from agent.scripted_policy import ScriptedPolicy
+
+    plan = held_out_plan(small_market, 6, horizon=5)
+    run_block(sqlite_db, ScriptedPolicy([json.dumps({"prediction": PRED})]), small_market, AgentConfig(),
+              RewardsConfig(), size=6, as_of=plan.as_of, kind="train", progress=False)
+    with pytest.raises(EvalError, match="would not be held out"):
+        run_eval(sqlite_db, TargetFollowingPolicy(6), small_market, AgentConfig(), RewardsConfig(),
+                 targets=[0.2, 1.0], n_items=6, progress=False)
+    with session_scope(sqlite_db) as s:
+        assert s.scalars(select(EvalRun)).all() == []
+
+
+def test_eval_run_with_a_tiny_local_model_stores_a_result_per_target(sqlite_db, small_market, tiny_model_dir):
+    from agent.local_policy import LocalPolicy
+
+    t0 = time.monotonic()
+    policy = LocalPolicy(tiny_model_dir, device="cpu")
+    try:
+        res = run_eval(sqlite_db, policy, small_market,
+                       AgentConfig(concurrency=3, max_steps=1, max_new_tokens=24, max_repairs=0),
+                       RewardsConfig(), targets=[0.2, 0.8], n_items=3, progress=False)
+    finally:
+        policy.close()
+    with session_scope(sqlite_db) as s:
+        run = s.get(EvalRun, res.eval_run_id)
+        assert run.status == "done", run.results.get("error")
+        per = run.results["per_target"]
+    assert [p["target"] for p in per] == [0.2, 0.8]
+    assert all(p["n"] == 3 and p["mean_reward"] is not None for p in per)
+    assert time.monotonic() - t0 < 300
+
+
+def test_cli_eval_rejects_bad_targets_and_unknown_adapter(sqlite_url):
+    from scheduler.cli import app
+
+    bad = CliRunner().invoke(app, ["--db", sqlite_url, "eval", "--targets", "0.5"])
+    assert bad.exit_code == 1 and "at least two" in bad.output
+    missing = CliRunner().invoke(app, ["--db", sqlite_url, "eval", "--adapter", "7"])
+    assert missing.exit_code == 1 and "no adapter version 7" in missing.output
