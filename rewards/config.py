@@ -30,8 +30,9 @@ class RewardsConfig(BaseModel):
     flat_band_mode: Literal["pct", "vol"] = Field(
         "pct", description="Flat band in percent, or in units of the ticker's recent horizon volatility."
     )
-    label_format: Literal["score", "quantile", "goal"] = Field(
-        "score", description="Conditioning label: `Score: 0.83`, Quark-style quantile bin, or `Goal: ...`."
+    label_format: Literal["score", "quantile", "goal", "none"] = Field(
+        "score", description="Conditioning label: `Score: 0.83`, Quark-style quantile bin, `Goal: ...`, or "
+        "none (one fixed line whatever the score: plain, unconditioned SFT as a baseline arm)."
     )
     quantile_bins: int = Field(5, ge=2, description="Bins for the quantile label format.")
     goal_threshold: float = Field(0.8, ge=0, le=1, description="Threshold for the goal label format.")

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 from rewards.config import RewardsConfig
 
+# label_format "none": the same line at training and inference, so the label carries no score.
+NO_LABEL = "Forecast the move as well as you can."
+
 
 def score_label(score: float) -> str:
     """Numeric reward-conditioned label, e.g. `Score: 0.83`."""
@@ -41,6 +44,8 @@ def quantile_label(score: float, edges: Sequence[float]) -> str:
 
 def training_label(score: float, cfg: RewardsConfig, edges: Sequence[float] | None = None) -> str:
     """Label for an episode that achieved `score` (training time)."""
+    if cfg.label_format == "none":
+        return NO_LABEL
     if cfg.label_format == "goal":
         return goal_label(score, cfg.goal_threshold)
     if cfg.label_format == "quantile":

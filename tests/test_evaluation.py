@@ -214,3 +214,31 @@ def test_cli_eval_rejects_bad_targets_and_unknown_adapter(sqlite_url):
     assert bad.exit_code == 1 and "at least two" in bad.output
     missing = CliRunner().invoke(app, ["--db", sqlite_url, "eval", "--adapter", "7"])
     assert missing.exit_code == 1 and "no adapter version 7" in missing.output
+
+
+# -- knobs for the learning-curve arms --------------------------------------------------------
+
+
+def test_label_format_none_is_one_fixed_line_at_training_and_inference():
+    from rewards.labels import NO_LABEL, target_label, training_label
+
+    cfg = RewardsConfig(label_format="none")
+    assert {training_label(s, cfg) for s in (0.0, 0.37, 1.0)} == {NO_LABEL}
+    assert target_label(0.95, cfg) == NO_LABEL and "\n" not in NO_LABEL
+
+
+def test_filter_top_fraction_keeps_each_blocks_best_episodes():
+    from datetime import datetime, timezone
+
+    from store.training import ScoredEpisode
+    from trainer.dataset import top_fraction
+
+    def ep(eid, block, score):
+        return ScoredEpisode(eid, block, "train", eid, "SYN00", datetime(2021, 1, 4, tzinfo=timezone.utc), 0,
+                             None, "Score: 0.95", score is not None, score, "r1")
+
+    eps = [ep(1, 1, 0.9), ep(2, 1, 0.1), ep(3, 1, None), ep(4, 1, 0.5), ep(5, 1, 0.5),
+           ep(6, 2, 0.2), ep(7, 2, 0.3)]
+    assert [e.episode_id for e in top_fraction(eps, 0.2)] == [1, 7]      # ceil(0.2 * n) per block: 1 and 1
+    assert [e.episode_id for e in top_fraction(eps, 0.25)] == [1, 4, 7]  # 2 of block 1; tie 4/5 -> lower id
+    assert top_fraction(eps, 1.0) == eps

@@ -30,3 +30,7 @@ class TrainerConfig(BaseModel):
     heldout_every: int = Field(5, ge=2, description="Every k-th block is held out from training.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (on for big GPU models).")
     seed: int = Field(0)
+    filter_top_fraction: float = Field(
+        1.0, gt=0, le=1, description="Train only on each block's best-scoring fraction of episodes "
+        "(0.25 = RAFT-style top quartile; 1.0 = all episodes)."
+    )

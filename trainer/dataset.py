@@ -14,6 +14,7 @@ Choices, so they are written down once:
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -121,6 +122,20 @@ def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_
     return out
 
 
+def top_fraction(episodes: Sequence[ScoredEpisode], fraction: float) -> list[ScoredEpisode]:
+    """Each block's best-scoring ceil(fraction * n) episodes (RAFT-style filtering); ties by episode id."""
+    if fraction >= 1.0:
+        return list(episodes)
+    by_block: dict[int, list[ScoredEpisode]] = {}
+    for e in episodes:
+        by_block.setdefault(e.block_id, []).append(e)
+    keep: set[int] = set()
+    for eps in by_block.values():
+        ranked = sorted(eps, key=lambda e: (-achieved_score(e), e.episode_id))
+        keep.update(e.episode_id for e in ranked[: math.ceil(fraction * len(ranked))])
+    return [e for e in episodes if e.episode_id in keep]
+
+
 def replay_sample(older: Sequence[ScoredEpisode], size: int, seed: str) -> list[ScoredEpisode]:
     """A fixed-size, deterministic sample of already-trained episodes (same seed, same sample)."""
     pool = sorted(older, key=lambda e: e.episode_id)
@@ -136,7 +151,7 @@ def plan_round(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig,
 
     Passing `block_ids`/`replay_episode_ids` rebuilds the exact data of an interrupted run.
     """
-    pool = offline_set(session, cfg)
+    pool = top_fraction(offline_set(session, cfg), cfg.filter_top_fraction)
     if not pool:
         raise TrainerError("no scored episodes in the offline set: run a block (`scoreloop block run`) and "
                            "resolve it (`scoreloop resolve`) before training")

@@ -59,7 +59,8 @@ class RoundResult:
 
 def hyperparams(cfg: TrainerConfig, device: str) -> dict:
     keep = ("objective", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "epochs",
-            "batch_size", "grad_accum", "max_length", "replay_size", "save_steps", "gradient_checkpointing", "seed")
+            "batch_size", "grad_accum", "max_length", "replay_size", "save_steps", "gradient_checkpointing", "seed",
+            "filter_top_fraction")
     return {**{k: getattr(cfg, k) for k in keep}, "device": device}
 
 
