@@ -12,6 +12,7 @@ servers that predate response_format support (it was removed from recent vLLM, s
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -124,6 +125,9 @@ class OpenAIPolicy:
             if version is None:
                 raise PolicyError(f"adapter {path!r} needs a version to be served under a name")
             name = adapter_name(version)
+            # The server resolves the path itself: it must be absolute and, in docker-compose, the
+            # adapters volume is mounted at the same path in both containers.
+            path = os.path.abspath(os.path.expanduser(path))
             if name not in self._loaded:
                 self._register(name, path)
             if self.verify_adapter:
