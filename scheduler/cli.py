@@ -97,6 +97,10 @@ def daemon(
     mode: str | None = typer.Option(None, "--mode", help="replay | live (default scheduler.mode)."),
     block_size: int | None = typer.Option(None, "--block-size", min=1, help="Items per scheduled block."),
     max_blocks: int | None = typer.Option(None, "--max-blocks", min=0, help="Stop after this many blocks."),
+    train_every: int | None = typer.Option(
+        None, "--train-every", min=1, help="Train once this many new episodes are scored (trainer.min_new_episodes)."),
+    gate_items: int | None = typer.Option(
+        None, "--gate-items", min=0, help="Held-out items per side of the promotion gate (0 = publish ungated)."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar per block."),
 ) -> None:
     """Run the long-lived scheduler: blocks, resolution, training, manual triggers."""
@@ -106,7 +110,8 @@ def daemon(
     register_user_error(DaemonLockHeld)
     sched = {k: v for k, v in {"mode": mode, "block_size": block_size, "max_blocks": max_blocks}.items()
              if v is not None}
-    code = run_daemon(settings(scheduler=sched or None), wait=wait, progress=progress)
+    trainer = {k: v for k, v in {"min_new_episodes": train_every, "gate_items": gate_items}.items() if v is not None}
+    code = run_daemon(settings(scheduler=sched or None, trainer=trainer or None), wait=wait, progress=progress)
     if code:
         raise typer.Exit(code)
 
@@ -226,11 +231,12 @@ def block_trigger(
     console.print(f"trigger {tid} queued (block of {size or 'the daemon default'} items)")
     if d is not None and d["alive"]:
         console.print(f"daemon pid {d['pid']} on {d['host']} will run it next (now: {d['current_job'] or 'idle'}); "
-                      f"follow it with `scoreloop status`")
+                      f"follow it with `scoreloop status`", soft_wrap=True, highlight=False)
     else:
+        cmd = "scoreloop block run" + (f" --size {size}" if size else "")
         err_console.print("[yellow]no daemon is running on this database[/yellow]: the trigger waits until "
-                          "`scoreloop daemon` starts; to run a block now use `scoreloop block run`"
-                          + (f" --size {size}" if size else ""))
+                          f"`scoreloop daemon` starts; to run a block now use `{cmd}`", soft_wrap=True,
+                          highlight=False)
 
 
 @app.command()

@@ -154,22 +154,39 @@ def block_step(rt: Runtime, *, size: int | None = None, kind: str = "train", tri
     rt.set_job(f"block ({kind}, {n} items{f', trigger {trigger_id}' if trigger_id else ''})")
     log_event("block_start", kind=kind, size=n, trigger=trigger_id, adapter=_version_label(rt.policy.adapter_version))
     t0 = time.monotonic()
-    bid = run_block(rt.engine, rt.policy, rt.market, s.agent, s.rewards, mode=s.scheduler.mode, size=n,
+    # Gate blocks replay past items even in live mode: their outcomes must be known at once.
+    mode = "replay" if kind == "gate" else s.scheduler.mode
+    if kind == "gate" and mode != s.scheduler.mode and as_of is None:
+        as_of = _live_gate_as_of(rt, n)
+    bid = run_block(rt.engine, rt.policy, rt.market, s.agent, s.rewards, mode=mode, size=n,
                     as_of=as_of, tickers=tickers, kind=kind, trigger_id=trigger_id, progress=rt.progress,
                     stop=rt.stop, horizon=s.market.horizon_days)
     _log_block_end(rt, bid, time.monotonic() - t0)
     return bid
 
 
+def _live_gate_as_of(rt: Runtime, size: int) -> Any:
+    """A past as_of whose replay block (consecutive sessions) resolves before today's close."""
+    import math
+    from datetime import datetime, timezone
+
+    cal = rt.market.calendar
+    names = rt.market.tickers or ["?"]
+    days_needed = math.ceil(size / len(names)) + rt.settings.market.horizon_days + 1
+    start = cal.add_sessions(cal.base_session(datetime.now(timezone.utc)), -days_needed)
+    return cal.replay_as_of(start)
+
+
 def _log_block_end(rt: Runtime, bid: int, seconds: float) -> None:
+    from store.traces import block_prediction_counts
+
     with session_scope(rt.engine) as sess:
         row = block_row(sess, bid)
-        summ = block_summary(sess, bid) or {}
-        n_pred = summ.get("n")
+        n_pred, n_valid = block_prediction_counts(sess, bid)
     status = row["status"] if row else "missing"
     event = "block_done" if status == "complete" else "block_interrupted"
     log_event(event, block=bid, kind=row["kind"] if row else None, status=status, size=row["size"] if row else None,
-              predictions=n_pred, seconds=round(seconds, 1))
+              predictions=n_pred, valid=n_valid, seconds=round(seconds, 1))
 
 
 def resolve_step(rt: Runtime) -> list[int]:
@@ -221,8 +238,13 @@ def train_step(rt: Runtime) -> int | None:
         log_event("train_skipped", reason="too few new scored episodes", min_new_episodes=s.trainer.min_new_episodes)
         return None
     version = _result_version(result)
-    log_event("train_done", candidate=_version_label(version), seconds=round(time.monotonic() - t0, 1),
-              **_report_fields(result))
+    curve = getattr(result, "loss_curve", None) or []
+    losses = [p["loss"] for p in curve if isinstance(p, dict) and "loss" in p]
+    log_event("train_done", candidate=_version_label(version), run=getattr(result, "run_id", None),
+              examples=getattr(result, "n_examples", None), blocks=getattr(result, "block_ids", None),
+              first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+              resumed_from_step=getattr(result, "resumed_from_step", None),
+              seconds=round(time.monotonic() - t0, 1))
     return gate_step(rt, version)
 
 

@@ -1,0 +1,124 @@
+"""Fault injection: SIGKILL the daemon at random points of its blocks, restart it, repeat.
+
+After every kill the next start must finish the interrupted block: in the end every block has
+exactly N predictions, no episode or step is duplicated, and every step that was committed
+before a kill is still there. Real parts throughout: daemon subprocess, SQLite store, synthetic
+market, tiny random model behind LocalPolicy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from daemon_process import db_url, kill, start_daemon, stop, tail, wait_for, write_config
+from store.db import make_engine, session_scope
+from store.models import Block, Episode, Prediction, Step, ToolCall
+
+N = 6  # items per block
+KILLS = 20
+MIN_BLOCKS = 3  # blocks completed by the end (the kills fall across them)
+
+
+def _count_steps(engine) -> int:
+    try:
+        with session_scope(engine) as s:
+            return s.scalar(select(func.count()).select_from(Step)) or 0
+    except OperationalError:  # schema not created yet by the first daemon
+        return 0
+
+
+def _step_ids(engine) -> set[int]:
+    try:
+        with session_scope(engine) as s:
+            return set(s.scalars(select(Step.id)))
+    except OperationalError:
+        return set()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_model_dir):
+    rng = random.Random(20240607)
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=N)
+    engine = make_engine(db_url(cfg))
+    log = tmp_path / "daemon.log"
+    committed_before_kills: set[int] = set()
+    kill_points: list[tuple[int, int, int]] = []  # (kill no, steps in store at the kill, new steps since start)
+    t_start = time.monotonic()
+    for k in range(1, KILLS + 1):
+        base = _count_steps(engine)
+        proc = start_daemon(cfg, log)
+        want = rng.randint(0, 8)  # kill after this many new steps: 0 = during start-up / recovery
+        try:
+            wait_for(lambda: _count_steps(engine) >= base + want, 300, f"{want} new steps before kill {k}",
+                     proc, log, interval=0.05)
+            time.sleep(rng.uniform(0, 0.4))
+            snapshot = _step_ids(engine)  # committed now, so it must survive the kill
+        finally:
+            kill(proc)
+        committed_before_kills |= snapshot
+        kill_points.append((k, len(snapshot), len(snapshot) - base))
+
+    # A last, undisturbed run finishes the interrupted block and completes at least MIN_BLOCKS.
+    proc = start_daemon(cfg, log)
+
+    def enough_complete():
+        try:
+            with session_scope(engine) as s:
+                done = s.scalar(select(func.count()).select_from(Block).where(Block.status == "complete")) or 0
+                running = s.scalar(select(func.count()).select_from(Block).where(Block.status == "running")) or 0
+            return done >= MIN_BLOCKS and running == 0
+        except OperationalError:
+            return False
+
+    try:
+        wait_for(enough_complete, 600, f"{MIN_BLOCKS} complete blocks", proc, log, interval=0.2)
+    finally:
+        assert stop(proc) == 0, tail(log)
+    elapsed = time.monotonic() - t_start
+
+    with session_scope(engine) as s:
+        blocks = list(s.scalars(select(Block).order_by(Block.id)))
+        per_block = {
+            b.id: (
+                s.scalar(select(func.count()).select_from(Episode).where(Episode.block_id == b.id)),
+                s.scalar(select(func.count()).select_from(Prediction).where(Prediction.block_id == b.id)),
+                s.scalar(select(func.count(func.distinct(Prediction.episode_id))).where(Prediction.block_id == b.id)),
+            )
+            for b in blocks
+        }
+        dup_steps = s.execute(
+            select(Step.episode_id, Step.attempt, Step.idx, func.count()).group_by(Step.episode_id, Step.attempt,
+                                                                                   Step.idx).having(func.count() > 1)
+        ).all()
+        dup_tool_calls = s.execute(
+            select(ToolCall.step_id, func.count()).where(ToolCall.step_id.is_not(None)).group_by(ToolCall.step_id)
+            .having(func.count() > 1)
+        ).all()
+        final_ids = set(s.scalars(select(Step.id)))
+        n_steps = len(final_ids)
+        retried = s.scalar(select(func.count()).select_from(Episode).where(Episode.attempt > 1)) or 0
+        max_attempt = s.scalar(select(func.max(Episode.attempt))) or 0
+        kinds = {b.kind for b in blocks}
+        statuses = {b.status for b in blocks}
+        resumes = log.read_text().count("event=block_resume ")
+
+    print(f"\nfault test: {KILLS} SIGKILLs in {elapsed:.0f}s; kill points (kill, steps in store, new steps): "
+          f"{kill_points}")
+    print(f"blocks {len(blocks)} (episodes, predictions, distinct predicted episodes per block): {per_block}")
+    print(f"steps {n_steps}, committed before kills {len(committed_before_kills)}, lost 0 = "
+          f"{len(committed_before_kills - final_ids) == 0}, duplicate steps {len(dup_steps)}, duplicate tool calls "
+          f"{len(dup_tool_calls)}, episodes retried after a kill {retried} (max attempt {max_attempt}), "
+          f"block resumes {resumes}")
+
+    assert kinds == {"train"} and statuses == {"complete"}
+    assert len(blocks) >= MIN_BLOCKS
+    for bid, (n_ep, n_pred, n_distinct) in per_block.items():
+        assert (n_ep, n_pred, n_distinct) == (N, N, N), f"block {bid}"
+    assert dup_steps == [] and dup_tool_calls == []
+    assert committed_before_kills <= final_ids, f"lost steps: {sorted(committed_before_kills - final_ids)[:20]}"
+    assert retried > 0 and resumes > 0  # the kills really interrupted episodes and blocks

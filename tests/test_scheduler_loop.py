@@ -1,0 +1,84 @@
+"""`scoreloop loop`: block -> resolve -> train -> gate -> publish, round after round, on the tiny
+model and the synthetic market; and the recovery pass that a daemon runs at start."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from daemon_process import db_url, write_config
+from scheduler import jobs
+from scheduler.cli import app
+from scheduler.settings import load_settings
+from store.daemon import claim_next_trigger, enqueue_trigger, get_trigger, read_lock
+from store.db import open_store, session_scope
+from store.models import Adapter, Block, Episode, Prediction
+
+LOOP_EXTRA = ""
+
+
+def _loop_config(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=4)
+    text = cfg.read_text().replace("min_new_episodes = 100000", "min_new_episodes = 4").replace(
+        "gate_items = 0", "gate_items = 2")
+    cfg.write_text(text)
+    return cfg
+
+
+def test_loop_runs_rounds_with_gate_and_publishes(tmp_path, tiny_model_dir):
+    cfg = _loop_config(tmp_path, tiny_model_dir)
+    res = CliRunner().invoke(app, ["--config", str(cfg), "loop", "--rounds", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "round 1/2 block 1" in out and "round 2/2 block 4" in out
+    assert "mean reward" in out and "Brier" in out and "ECE" in out
+    assert "serving v1" in out and "serving v2" in out
+    engine = open_store(db_url(cfg))
+    with session_scope(engine) as s:
+        blocks = list(s.scalars(select(Block).order_by(Block.id)))
+        # round k: train block, then two gate blocks (serving side, candidate side) on the same items
+        assert [(b.kind, b.adapter_version) for b in blocks] == [
+            ("train", None), ("gate", None), ("gate", 1), ("train", 1), ("gate", 1), ("gate", 2)]
+        for a, b in ((2, 3), (5, 6)):
+            items = [list(s.execute(select(Episode.ticker, Episode.as_of).where(Episode.block_id == x)
+                                    .order_by(Episode.idx))) for x in (a, b)]
+            assert items[0] == items[1] and len(items[0]) == 2
+        assert s.scalar(select(func.count()).select_from(Prediction)) == 4 + 2 + 2 + 4 + 2 + 2
+        adapters = {a.version: a for a in s.scalars(select(Adapter))}
+        assert adapters[2].status == "serving" and adapters[1].status == "retired"
+        gate = adapters[2].metrics["gate"]
+        assert gate["candidate"]["block_id"] == 6 and gate["serving"]["block_id"] == 5 and gate["passed"] is True
+    assert read_lock(engine) is None  # the loop released the daemon lock
+    status = CliRunner().invoke(app, ["--config", str(cfg), "status"], catch_exceptions=False).output
+    assert "v2" in status and "#6 gate complete" in " ".join(status.split())
+
+
+def test_recovery_requeues_an_unstarted_trigger_and_closes_a_finished_one(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=2)
+    settings = load_settings(cfg)
+    engine = open_store(settings.database_url)
+    rt = jobs.Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
+    try:
+        first = enqueue_trigger(engine, "block", {"size": 2})
+        second = enqueue_trigger(engine, "block", {"size": 2})
+        claim_next_trigger(engine)  # a daemon claimed it and died before planning the block
+        jobs.recover(rt)
+        assert get_trigger(engine, first).status == "queued"
+        assert jobs.triggers_step(rt) == 2  # both run now, oldest first, each once
+        t1, t2 = get_trigger(engine, first), get_trigger(engine, second)
+        assert (t1.status, t2.status) == ("done", "done")
+        assert t1.result["block_id"] < t2.result["block_id"]
+        # a trigger whose block completed but which the killed daemon never marked done
+        third = enqueue_trigger(engine, "block", {"size": 2})
+        claim_next_trigger(engine)
+        bid = jobs.block_step(rt, size=2, trigger_id=third)
+        assert get_trigger(engine, third).status == "running"
+        jobs.recover(rt)
+        assert get_trigger(engine, third).status == "done" and get_trigger(engine, third).result == {"block_id": bid}
+        with session_scope(engine) as s:
+            assert s.scalar(select(func.count()).select_from(Block).where(Block.trigger_id.is_not(None))) == 3
+    finally:
+        rt.close()
+        engine.dispose()
