@@ -21,6 +21,13 @@ MAX_QUERY_CHARS = 80
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+# Constrained decoders (lm-format-enforcer, vLLM guided_json) enforce enums but not numeric bounds,
+# so the schemas carry a grid of allowed values; validation itself accepts any number in range.
+CONFIDENCE_STEPS = [round(0.05 * i, 2) for i in range(21)]
+MAGNITUDE_STEPS = [round(0.1 * i, 1) for i in range(101)] + [12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0]
+LOOKBACK_STEPS = [1, 2, 3, 5, 10, 15, 20, 30, 40, 60, 90, 120, 250]
+DECODE_RATIONALE_CHARS = 160  # shorter when decoding, so a whole prediction fits max_new_tokens
+
 
 class PredictionBody(BaseModel):
     """What the model writes as its final answer."""
@@ -28,9 +35,11 @@ class PredictionBody(BaseModel):
     model_config = _STRICT
 
     direction: Literal["up", "down", "flat"]
-    magnitude_pct: float = Field(ge=0, le=MAX_MAGNITUDE_PCT, description="Expected absolute move in %.")
-    confidence: float = Field(ge=0, le=1, description="Probability that the direction is right.")
-    rationale: str = Field(max_length=MAX_RATIONALE_CHARS)
+    magnitude_pct: float = Field(ge=0, le=MAX_MAGNITUDE_PCT, description="Expected absolute move in %.",
+                                 json_schema_extra={"enum": MAGNITUDE_STEPS})
+    confidence: float = Field(ge=0, le=1, description="Probability that the direction is right.",
+                              json_schema_extra={"enum": CONFIDENCE_STEPS})
+    rationale: str = Field(max_length=MAX_RATIONALE_CHARS, json_schema_extra={"maxLength": DECODE_RATIONALE_CHARS})
     citations: list[int] = Field(max_length=MAX_CITATIONS, description="Snippet ids of the news used.")
 
 
@@ -42,12 +51,12 @@ class Prediction(PredictionBody):
 
 class PricesArgs(BaseModel):
     model_config = _STRICT
-    lookback_days: int = Field(ge=1, le=MAX_LOOKBACK_DAYS)
+    lookback_days: int = Field(ge=1, le=MAX_LOOKBACK_DAYS, json_schema_extra={"enum": LOOKBACK_STEPS})
 
 
 class NewsArgs(BaseModel):
     model_config = _STRICT
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, json_schema_extra={"maxLength": 60})
 
 
 class GetPrices(BaseModel):
@@ -117,7 +126,8 @@ def _first_json_object(text: str) -> str:
     if start < 0:
         raise ActionError("no JSON object found; reply with one JSON object")
     try:
-        _, end = json.JSONDecoder().raw_decode(text[start:])
+        # strict=False: constrained decoders let raw tabs/newlines into strings; they are harmless here.
+        _, end = json.JSONDecoder(strict=False).raw_decode(text[start:])
     except json.JSONDecodeError as err:
         raise ActionError(f"invalid JSON: {err.msg} at char {err.pos}") from None
     return text[start:start + end]
@@ -135,9 +145,9 @@ def parse_action(text: str, *, final_only: bool = False) -> GetPrices | SearchNe
     """Validate the model's text as its next action (or as a prediction only, once the budget is spent)."""
     raw = _first_json_object(text)
     try:
+        data = json.loads(raw, strict=False)
         if final_only:
-            return _FINAL.validate_json(raw)
-        data = json.loads(raw)
+            return _FINAL.validate_python(data)
         # Pick the branch by its key so the error names the right fields, not every union member's.
         if isinstance(data, dict) and "prediction" in data:
             return _FINAL.validate_python(data)
