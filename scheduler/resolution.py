@@ -130,8 +130,10 @@ def _fetch_outcome(
     if p.block_mode == "live" and now <= closes_at:
         raise _Pending("not_due", f"waiting for the close of {resolve_day}")
     try:
-        c0 = market.prices.close_on(p.ticker, base)
+        # Resolve day first: a fresh fetch re-adjusts the cached history (splits, dividends),
+        # so the base close read afterwards is on the same adjustment basis.
         c1 = market.prices.close_on(p.ticker, resolve_day)
+        c0 = market.prices.close_on(p.ticker, base)
     except MarketError as err:
         raise _Pending("no_price", f"no close for {p.ticker} ({base} -> {resolve_day}): {err}") from None
     try:
