@@ -191,7 +191,8 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
             return "stopped"
         except BaseException as err:
             halt.failed.set()
-            rec.write(lambda s: traces.release_episode(s, episode_id, error=f"{type(err).__name__}: {err}"))
+            why = f"{type(err).__name__}: {err}"
+            rec.write(lambda s: traces.release_episode(s, episode_id, error=why))
             raise
         p = result.prediction
 

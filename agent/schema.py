@@ -9,7 +9,7 @@ are self-contained JSON schemas (no $ref) for constrained decoding backends.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -88,8 +88,8 @@ class Final(BaseModel):
     prediction: PredictionBody
 
 
-ToolAction = Union[GetPrices, SearchNews, GetMarketContext]
-Action = Annotated[Union[GetPrices, SearchNews, GetMarketContext, Final], Field(union_mode="left_to_right")]
+ToolAction = GetPrices | SearchNews | GetMarketContext
+Action = Annotated[GetPrices | SearchNews | GetMarketContext | Final, Field(union_mode="left_to_right")]
 TOOL_NAMES = ("get_prices", "search_news", "get_market_context")
 
 _ACTION = TypeAdapter(Action)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from agent.prompts import defuse, format_market, format_news, format_prices
 from agent.recorder import EpisodeRecorder
 from agent.schema import GetMarketContext, GetPrices, SearchNews, ToolAction
 from market.protocols import MarketError
-from store import traces
+from store import market_cache, traces
 
 if TYPE_CHECKING:
     from market.sources import Market
@@ -112,15 +113,20 @@ class EpisodeTools:
         text = format_prices(ep.ticker, [b.date for b in bars], [b.adj_close for b in bars])
         return ToolOutput(text=text, dropped_future=got.dropped_future, cache_hit=got.cache_hit)
 
-    def _save_news(self, items, ticker: str | None) -> list[int]:
-        if not items:
+    def _save_news(self, got) -> list[int]:
+        """Snippet ids of the returned items: from the cache layer if it stored them, else stored here."""
+        if not got.items:
             return []
-        return self.recorder.write(lambda s: traces.save_snippets(s, items, ticker=ticker))
+        ids = (got.meta or {}).get("snippet_ids")
+        if ids and len(ids) == len(got.items):
+            return list(ids)
+        source = getattr(self.market.news, "name", self.market.name)
+        return self.recorder.write(lambda s: market_cache.save_snippets(s, got.items, source))
 
     def search_news(self, query: str) -> ToolOutput:
         ep = self.episode
         got = self.market.news.search(query, ep.as_of, ticker=ep.ticker, max_results=self.news_max_results)
-        ids = self._save_news(got.items, ep.ticker)
+        ids = self._save_news(got)
         text = format_news([(sid, it.published_at, it.title, it.snippet) for sid, it in zip(ids, got.items)])
         return ToolOutput(text=text, dropped_future=got.dropped_future, cache_hit=got.cache_hit, snippet_ids=ids)
 
@@ -142,7 +148,7 @@ class EpisodeTools:
                 r1.append(100.0 * (closes[-1] / closes[-2] - 1.0))
                 rw.append(100.0 * (closes[-1] / closes[0] - 1.0))
         news = self.market.news.search("stock market", ep.as_of, ticker=None, max_results=3)
-        ids = self._save_news(news.items, None)
+        ids = self._save_news(news)
         news_text = format_news([(sid, it.published_at, it.title, it.snippet) for sid, it in zip(ids, news.items)]) \
             if news.items else ""
         dropped += news.dropped_future

@@ -130,9 +130,10 @@ def block_run(
 ) -> None:
     """Run one block of predictions in the foreground."""
     import time
-    from datetime import datetime, time as dtime, timezone
+    from datetime import datetime, timezone
+    from datetime import time as dtime
 
-    from agent.runner import BlockError, resume_block, run_block
+    from agent.runner import BlockError, plan_items, resume_block, run_block
     from market.sources import build_market
     from store import traces
     from store.db import open_store, session_scope
@@ -156,8 +157,6 @@ def block_run(
     if resume is None:
         # Plan (and so validate tickers, universe and dates) before a model is loaded.
         with session_scope(engine) as sess:
-            from agent.runner import plan_items
-
             plan_items(sess, mkt, mode=mode, size=size or s.agent.block_size, horizon=s.market.horizon_days,
                        kind="train", as_of=when, tickers=names)
     policy = _build_policy(s, engine, replay_outputs)

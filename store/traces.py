@@ -7,11 +7,10 @@ writer is never held across a model call.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -21,7 +20,6 @@ from store.models import (
     Block,
     Episode,
     Prediction,
-    Snippet,
     Step,
     ToolCall,
     ToolCallSnippet,
@@ -193,35 +191,6 @@ def add_tool_call(
             session.add(ToolCallSnippet(tool_call_id=call.id, snippet_id=sid, rank=rank))
     session.flush()
     return call.id
-
-
-class NewsLike(Protocol):
-    published_at: datetime
-    title: str
-    snippet: str
-    url: str
-    source: str
-    tickers: tuple[str, ...]
-
-
-def snippet_hash(item: NewsLike) -> str:
-    key = "\x1f".join([item.source, item.url or "", item.title, item.snippet, item.published_at.isoformat()])
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def save_snippets(session: Session, items: Iterable[NewsLike], ticker: str | None = None) -> list[int]:
-    """Snippet ids for news items, inserting new ones; deduplicated by content hash (race-safe)."""
-    ids: list[int] = []
-    for item in items:
-        h = snippet_hash(item)
-        stmt = _insert(session, Snippet.__table__).values(
-            content_hash=h, source=item.source, url=item.url, title=item.title, text=item.snippet,
-            ticker=ticker or (item.tickers[0] if item.tickers else None), published_at=item.published_at,
-            fetched_at=utcnow(),
-        ).on_conflict_do_nothing(index_elements=["content_hash"])
-        session.execute(stmt)
-        ids.append(session.scalar(select(Snippet.id).where(Snippet.content_hash == h)))
-    return ids
 
 
 def save_prediction(session: Session, *, episode_id: int, resolve_at: date, valid: bool,
