@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import httpx
 
@@ -64,19 +64,21 @@ class OpenAIPolicy:
         backoff_s: float = 0.5,
         json_mode: Literal["response_format", "guided_json"] = "response_format",
         verify_adapter: bool = True,
-        keep_adapters: int = 2,
+        keep_adapters: int | None = None,
         transport: httpx.BaseTransport | None = None,
     ):
         """`max_connections` should cover a block's concurrency (each episode holds one request
-        open); `keep_adapters` is how many published adapters stay registered on the server
-        (the current one plus fallbacks); older ones are unloaded."""
+        open); `keep_adapters` = how many adapters this client keeps registered on the server
+        (older ones it unloads). None = never unload: vLLM keeps only `--max-loras` adapters on
+        the GPU and `--max-cpu-loras` in RAM anyway, and another client (a gate run) may still
+        be using an older name."""
         self.base_url = base_url.rstrip("/")
         self.base_model = model
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.json_mode = json_mode
         self.verify_adapter = verify_adapter
-        self.keep_adapters = max(1, keep_adapters)
+        self.keep_adapters = None if keep_adapters is None else max(1, keep_adapters)
         self._lock = threading.Lock()  # guards the served name/version and the loaded list
         self._adapter_lock = threading.Lock()  # one publish at a time
         self._model_name = model
@@ -144,7 +146,7 @@ class OpenAIPolicy:
                 if name in self._loaded:
                     self._loaded.remove(name)
                 self._loaded.append(name)
-                stale = self._loaded[: -self.keep_adapters]
+                stale = [] if self.keep_adapters is None else self._loaded[: -self.keep_adapters]
             for old in stale:
                 self._unregister(old)
 
@@ -153,7 +155,7 @@ class OpenAIPolicy:
             self._closed = True
             self._client.close()
 
-    def __enter__(self) -> OpenAIPolicy:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -148,7 +148,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
     server: OpenAIServer
     protocol_version = "HTTP/1.1"  # keep-alive, so a client's connection pool is reused
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     def _send(self, status: HTTPStatus, payload: dict[str, Any] | str) -> None:
@@ -172,7 +172,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         return body
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         if self.path.rstrip("/") in ("/v1/models", "/models"):
             router = self.server.router
             data = [
@@ -187,7 +187,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         else:
             self._error(RequestError(HTTPStatus.NOT_FOUND, f"no route {self.path}", "NotFoundError"))
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:
         path = self.path.rstrip("/").removeprefix("/v1")
         try:
             body = self._body()

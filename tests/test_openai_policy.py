@@ -194,9 +194,9 @@ def test_server_down_fails_fast_with_a_clear_error():
 
 
 def test_unknown_model_and_bad_requests_get_clear_errors(server):
-    with OpenAIPolicy(server.url, "no-such-model") as policy:
-        with pytest.raises(PolicyError, match="HTTP 404: The model `no-such-model` does not exist"):
-            policy.complete(CHAT)
+    with (OpenAIPolicy(server.url, "no-such-model") as policy,
+          pytest.raises(PolicyError, match="HTTP 404: The model `no-such-model` does not exist")):
+        policy.complete(CHAT)
     bad = httpx.post(f"{server.url}/chat/completions", content=b"{oops", timeout=10)
     assert bad.status_code == 400 and "not JSON" in bad.json()["message"]
     empty = httpx.post(f"{server.url}/chat/completions", json={"model": "tiny", "messages": []}, timeout=10)
@@ -223,7 +223,7 @@ def test_overload_answers_are_retried_with_backoff():
     assert seen[0]["response_format"]["json_schema"]["schema"] == Call.model_json_schema()
     assert seen[0]["seed"] == 4
 
-    with OpenAIPolicy("http://vllm:8000/v1", "m", backoff_s=0.01, max_retries=2,
-                      transport=httpx.MockTransport(lambda r: httpx.Response(503, text="overloaded"))) as policy:
-        with pytest.raises(PolicyError, match="HTTP 503: overloaded"):
-            policy.complete(CHAT)
+    overloaded = httpx.MockTransport(lambda r: httpx.Response(503, text="overloaded"))
+    with (OpenAIPolicy("http://vllm:8000/v1", "m", backoff_s=0.01, max_retries=2, transport=overloaded) as policy,
+          pytest.raises(PolicyError, match="HTTP 503: overloaded")):
+        policy.complete(CHAT)
