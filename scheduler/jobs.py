@@ -230,10 +230,21 @@ def train_step(rt: Runtime) -> int | None:
     """
     from trainer.round import train_round
 
+    from store.training import running_training_run
+    from trainer.errors import TrainerError
+
     s = rt.settings
+    with session_scope(rt.engine) as sess:
+        if not scored_block_ids(sess, kind="train") and running_training_run(sess, s.trainer.objective) is None:
+            log_event("train_skipped", reason="no scored train blocks yet")
+            return None
     rt.set_job("train")
     t0 = time.monotonic()
-    result = train_round(rt.engine, s.trainer, s.rewards, s.agent, base_model_dir=rt.base_model_dir)
+    try:
+        result = train_round(rt.engine, s.trainer, s.rewards, s.agent, base_model_dir=rt.base_model_dir)
+    except TrainerError as err:  # recorded on the run row by the trainer; the loop goes on serving
+        log_event("train_failed", logging.ERROR, error=str(err), seconds=round(time.monotonic() - t0, 1))
+        return None
     if result is None:
         log_event("train_skipped", reason="too few new scored episodes", min_new_episodes=s.trainer.min_new_episodes)
         return None

@@ -48,6 +48,9 @@ def block_for_trigger(session: Session, trigger_id: int) -> dict[str, Any] | Non
     return block_row(session, bid) if bid is not None else None
 
 
-def scored_block_ids(session: Session) -> set[int]:
-    """Blocks whose model metrics have been computed (every prediction resolved and scored)."""
-    return set(session.scalars(select(BlockMetric.block_id).where(BlockMetric.name == "model")))
+def scored_block_ids(session: Session, kind: str | None = None) -> set[int]:
+    """Blocks (of `kind`, if given) whose model metrics have been computed."""
+    q = select(BlockMetric.block_id).where(BlockMetric.name == "model")
+    if kind is not None:
+        q = q.join(Block, Block.id == BlockMetric.block_id).where(Block.kind == kind)
+    return set(session.scalars(q))

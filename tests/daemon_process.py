@@ -14,7 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_config(tmp_path: Path, model_dir: str, *, block_size: int = 4, extra: str = "") -> Path:
+def write_config(tmp_path: Path, model_dir: str, *, block_size: int = 4, concurrency: int = 4,
+                 extra: str = "") -> Path:
     """A scoreloop.toml for a fast daemon: tiny model, one tool turn, short tokens, quick heartbeats."""
     db = tmp_path / "scoreloop.db"
     cfg = tmp_path / "scoreloop.toml"
@@ -27,7 +28,7 @@ device = "cpu"
 max_new_tokens = 8
 max_steps = 1
 max_repairs = 0
-concurrency = 4
+concurrency = {concurrency}
 temperature = 0.0
 
 [trainer]

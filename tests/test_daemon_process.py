@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from daemon_process import cli, db_url, start_daemon, stop, tail, wait_for, write_config
-from store.daemon import get_trigger, read_lock
+from store.daemon import enqueue_trigger, get_trigger, read_lock
 from store.db import make_engine, session_scope
 from store.models import Block, Prediction, Step, Trigger
 
@@ -59,7 +59,8 @@ def test_second_daemon_exits_with_who_holds_the_lock_then_waits_and_takes_over(t
 
 
 def test_trigger_inserted_while_a_block_runs_is_executed_once_after_it(tmp_path, tiny_model_dir):
-    cfg = write_config(tmp_path, tiny_model_dir, block_size=4)
+    # Episodes one at a time, so the first block is surely still running when the trigger lands.
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=8, concurrency=1)
     engine = make_engine(db_url(cfg))
     log = tmp_path / "daemon.log"
     proc = start_daemon(cfg, log)
@@ -69,12 +70,12 @@ def test_trigger_inserted_while_a_block_runs_is_executed_once_after_it(tmp_path,
                 b = s.scalar(select(Block).where(Block.status == "running"))
                 return b is not None and (s.scalar(select(func.count()).select_from(Step)) or 0) > 0
         wait_for(_safe(block_in_flight), 240, "the first block to be running", proc, log)
-        out = cli(cfg, "block", "trigger", "--size", "2")
-        assert out.returncode == 0, out.stderr
-        assert "trigger 1 queued" in out.stdout and "will run it next" in " ".join(out.stdout.split())
+        assert enqueue_trigger(engine, "block", {"size": 2}) == 1  # what `scoreloop block trigger` does
         with session_scope(engine) as s:
             first = s.scalar(select(Block).order_by(Block.id))
             assert first.status == "running" and first.trigger_id is None
+        st_during = json.loads(cli(cfg, "status", "--json").stdout)
+        assert st_during["daemon"]["alive"] and st_during["triggers"][0]["id"] == 1
         wait_for(lambda: get_trigger(engine, 1).status in ("done", "failed"), 400, "the trigger to finish", proc, log)
         # give the daemon a few more polls: a second run of the same trigger would show up now
         st = json.loads(cli(cfg, "status", "--json").stdout)
