@@ -131,12 +131,20 @@ def reject(engine: Engine, version: int, metrics: dict[str, Any]) -> None:
         row.status = "rejected"
 
 
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None all the way down: JSON columns on PostgreSQL refuse them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def record_gate_metrics(engine: Engine, version: int, metrics: dict[str, Any]) -> None:
     """Store the gate's evaluation (candidate and serving figures) on the candidate's row."""
-    clean = json.loads(json.dumps(metrics, default=float))
-    for k, v in list(clean.items()):
-        if isinstance(v, float) and not math.isfinite(v):
-            clean[k] = None  # JSON columns on PostgreSQL refuse NaN
+    clean = _finite(json.loads(json.dumps(metrics, default=float)))
     with session_scope(engine) as s:
         if adapter_row(s, version) is None:
             raise TrainerError(f"adapter v{version} is not in the registry")

@@ -1,0 +1,41 @@
+"""The real SmolLM2-135M on CPU: one short round lowers the assistant-token loss on its own examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.model_files import load_tokenizer
+from rewards.config import RewardsConfig
+from store.db import session_scope
+from trainer.config import TrainerConfig
+from trainer.dataset import build_examples, plan_round
+from trainer.round import train_round
+from trainer.sft import assistant_loss
+from trainer_fixtures import add_block
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_round_lowers_training_loss_on_smollm2(sqlite_db, smollm2_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainerConfig(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=8,
+                        lora_alpha=16, batch_size=4, max_length=320, epochs=3, learning_rate=1e-3,
+                        min_new_episodes=1, save_steps=100)
+    add_block(sqlite_db, [0.15, 0.35, 0.55, 0.75, 0.95, 0.05, 0.45, 0.85], invalid=[5])
+    with session_scope(sqlite_db) as s:
+        plan = plan_round(s, cfg, RewardsConfig())
+        chats = [e.messages for e in build_examples(s, plan.episodes, RewardsConfig(), plan.edges)]
+    tok = load_tokenizer(smollm2_dir)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    before = assistant_loss(base, tok, chats, cfg.max_length)
+
+    result = train_round(sqlite_db, cfg, RewardsConfig(), AgentConfig(device="cpu"), base_model_dir=smollm2_dir)
+    assert result.n_examples == 8 and len(result.loss_curve) == 6
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), result.path)
+    after = assistant_loss(tuned, tok, chats, cfg.max_length)
+    print(f"assistant-token loss on the round's examples: before {before:.3f}, after {after:.3f}")
+    assert after < 0.8 * before
