@@ -20,13 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from datetime import UTC
 
-from agent.config import AgentConfig  # noqa: E402
-from agent.model_files import load_tokenizer, make_tiny_model, resolve_model  # noqa: E402
-from trainer.config import TrainerConfig  # noqa: E402
-from trainer.sft import build_trainer, load_trainable_model, sft_config  # noqa: E402
+import torch
+from transformers import TrainerCallback
+
+from agent.config import AgentConfig
+from agent.model_files import load_tokenizer, make_tiny_model, resolve_model
+from trainer.config import TrainerConfig
+from trainer.sft import build_trainer, load_trainable_model, sft_config
 
 
 def clocks() -> tuple[float, float]:
@@ -49,11 +51,11 @@ class StepTimer(TrainerCallback):
 
 
 def chats(n: int) -> list[list[dict[str, str]]]:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from trainer_fixtures import TICKERS, trace
 
-    t0 = datetime(2024, 3, 5, 21, 1, tzinfo=timezone.utc)
+    t0 = datetime(2024, 3, 5, 21, 1, tzinfo=UTC)
     return [[{"role": r, "content": c} for r, c in trace(TICKERS[i % 8], t0 + timedelta(days=i),
                                                          f"Score: {(i % 10) / 10:.2f}")] for i in range(n)]
 
@@ -88,9 +90,9 @@ def trainer_step(model_dir: str, cfg: TrainerConfig, steps: int, variant: str) -
     tok = load_tokenizer(model_dir)
     model = load_trainable_model(model_dir, None, cfg, "cpu")
     out = tempfile.mkdtemp(prefix="bench-")
-    common = dict(output_dir=out, per_device_train_batch_size=cfg.batch_size, max_steps=steps + 1,
-                  max_length=cfg.max_length, assistant_only_loss=True, report_to="none", save_strategy="no",
-                  use_cpu=True, disable_tqdm=True, logging_steps=1)
+    common = {"output_dir": out, "per_device_train_batch_size": cfg.batch_size, "max_steps": steps + 1,
+                  "max_length": cfg.max_length, "assistant_only_loss": True, "report_to": "none", "save_strategy": "no",
+                  "use_cpu": True, "disable_tqdm": True, "logging_steps": 1}
     if variant == "ours":
         args, fused = sft_config(cfg, out, "cpu", max_steps=steps + 1, save_strategy="no"), False
     elif variant == "trl-default":  # SFTConfig defaults: bf16 autocast + gradient checkpointing + fused head
@@ -134,12 +136,12 @@ def step_bench(model_dir: str, steps: int, with_default: bool) -> None:
 
 
 def round_bench(model_dir: str, rounds: int, block_size: int, replay: int) -> None:
-    from store.db import open_store
-    from trainer.registry import publish
-    from trainer.round import train_round
     from trainer_fixtures import add_block
 
     from rewards.config import RewardsConfig
+    from store.db import open_store
+    from trainer.registry import publish
+    from trainer.round import train_round
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-rounds-"))
     engine = open_store(f"sqlite:///{tmp / 'bench.db'}")

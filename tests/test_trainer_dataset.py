@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from trainer_fixtures import add_block
 from typer.testing import CliRunner
 
 from rewards.config import RewardsConfig
@@ -19,12 +20,12 @@ from trainer.dataset import (
     split_blocks,
 )
 from trainer.errors import TrainerError
-from trainer_fixtures import add_block
 
 CFG = TrainerConfig(heldout_every=5, replay_size=3, min_new_episodes=1)
 
 
-def examples(engine, rewards_cfg=RewardsConfig(), cfg=CFG):
+def examples(engine, rewards_cfg: RewardsConfig | None = None, cfg=CFG):
+    rewards_cfg = rewards_cfg or RewardsConfig()
     with session_scope(engine) as s:
         plan = plan_round(s, cfg, rewards_cfg)
         return {e.episode_id: e for e in build_examples(s, plan.episodes, rewards_cfg, plan.edges)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+
+from trainer_fixtures import add_block
 
 from agent.config import AgentConfig
 from rewards.config import RewardsConfig
@@ -11,15 +13,14 @@ from trainer.config import TrainerConfig
 from trainer.dataset import offline_set
 from trainer.dpo import preference_pairs
 from trainer.round import train_round
-from trainer_fixtures import add_block
 
-T0 = datetime(2024, 4, 1, 21, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 4, 1, 21, 1, tzinfo=UTC)
 
 
 def test_pairs_take_best_and_worst_of_the_same_item(sqlite_db):
     _, a = add_block(sqlite_db, [0.9, 0.30, 0.5], start=T0)
     _, b = add_block(sqlite_db, [0.2, 0.32, 0.5], start=T0)  # same items, another adapter's run
-    add_block(sqlite_db, [0.1], start=datetime(2025, 1, 2, 21, 1, tzinfo=timezone.utc))  # no partner
+    add_block(sqlite_db, [0.1], start=datetime(2025, 1, 2, 21, 1, tzinfo=UTC))  # no partner
     with session_scope(sqlite_db) as s:
         pairs = preference_pairs(s, offline_set(s, TrainerConfig()))
     assert [(p["chosen_episode_id"], p["rejected_episode_id"]) for p in pairs] == [(a[0], b[0])]  # gaps < 0.05 skipped

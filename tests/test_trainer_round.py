@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from sqlalchemy import select
+from trainer_fixtures import add_block
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
@@ -18,15 +19,14 @@ from trainer.config import TrainerConfig
 from trainer.errors import TrainerError
 from trainer.registry import publish, serving_adapter
 from trainer.round import train_round
-from trainer_fixtures import add_block
 
 AGENT = AgentConfig(device="cpu")
 REWARDS = RewardsConfig()
 
 
 def tcfg(tmp_path: Path, **kw) -> TrainerConfig:
-    base = dict(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=4, lora_alpha=8,
-                batch_size=2, max_length=384, save_steps=2, min_new_episodes=1, replay_size=3, heldout_every=5)
+    base = {"adapters_dir": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs"), "lora_r": 4, "lora_alpha": 8,
+                "batch_size": 2, "max_length": 384, "save_steps": 2, "min_new_episodes": 1, "replay_size": 3, "heldout_every": 5}
     return TrainerConfig(**{**base, **kw})
 
 
@@ -78,7 +78,7 @@ def test_two_rounds_make_a_lineage_and_round_two_trains_on_block_two_plus_replay
     assert len(r2.replay_episode_ids) == 3 and set(r2.replay_episode_ids) < set(eps1)
     assert sorted(r2.episode_ids) == sorted(eps2 + r2.replay_episode_ids)
 
-    run1, run2 = runs(sqlite_db)
+    _, run2 = runs(sqlite_db)
     assert (run2.status, run2.parent_version, run2.adapter_version) == ("done", 1, 2)
     assert run2.block_ids == [b2] and run2.replay_episode_ids == r2.replay_episode_ids and run2.n_examples == 7
     assert [p["step"] for p in run2.loss_curve] == [1, 2, 3, 4]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from trainer_fixtures import add_block
 
 from agent.config import AgentConfig
 from agent.model_files import load_tokenizer
@@ -12,7 +13,6 @@ from trainer.config import TrainerConfig
 from trainer.dataset import build_examples, plan_round
 from trainer.round import train_round
 from trainer.sft import assistant_loss
-from trainer_fixtures import add_block
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import Engine
 
@@ -48,7 +48,7 @@ def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "tr
     scores = list(scores)
     invalid, unscored, no_cond, retried = set(invalid), set(unscored), set(no_conditioning), set(retried)
     label = f"Score: {target:.2f}"
-    start = start or datetime(2024, 3, 5, 21, 1, tzinfo=timezone.utc)
+    start = start or datetime(2024, 3, 5, 21, 1, tzinfo=UTC)
     with session_scope(engine) as s:
         block = Block(kind=kind, mode="replay", market="synthetic", size=len(scores), as_of=start,
                       status=status, target_score=target, conditioning=label)

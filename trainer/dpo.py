@@ -26,6 +26,7 @@ from rewards.config import RewardsConfig
 from store.db import session_scope
 from store.training import (
     ScoredEpisode,
+    adapter_row,
     add_adapter,
     create_training_run,
     episode_messages,
@@ -36,7 +37,6 @@ from store.training import (
     running_training_run,
     serving_adapter_row,
     used_block_ids,
-    adapter_row,
 )
 from trainer.config import TrainerConfig
 from trainer.dataset import achieved_score, offline_set
@@ -80,15 +80,15 @@ def dpo_config(cfg: TrainerConfig, output_dir: str, device: str, **overrides: An
 
     from trainer.sft import use_bf16
 
-    kwargs: dict[str, Any] = dict(
-        output_dir=output_dir, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant", max_length=cfg.max_length, bf16=use_bf16(device), fp16=False,
-        use_cpu=device != "cuda", gradient_checkpointing=cfg.gradient_checkpointing, report_to="none",
-        logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=2, eval_strategy="no", dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
-        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True,
-    )
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir, "per_device_train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum, "num_train_epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": "constant", "max_length": cfg.max_length, "bf16": use_bf16(device), "fp16": False,
+        "use_cpu": device != "cuda", "gradient_checkpointing": cfg.gradient_checkpointing, "report_to": "none",
+        "logging_steps": 1, "logging_nan_inf_filter": False, "save_strategy": "steps", "save_steps": cfg.save_steps,
+        "save_total_limit": 2, "eval_strategy": "no", "dataloader_num_workers": 0, "dataloader_pin_memory": device == "cuda",
+        "seed": cfg.seed, "data_seed": cfg.seed, "disable_tqdm": True,
+    }
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
 
@@ -96,13 +96,22 @@ def dpo_config(cfg: TrainerConfig, output_dir: str, device: str, **overrides: An
 def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, agent_cfg: AgentConfig, *,
               base_model_dir: str | None = None, callbacks: Sequence[TrainerCallback] = ()):
     """A DPO round on pairs touching blocks no finished DPO run used; None when there is no new pair."""
-    from datasets import Dataset
     from pathlib import Path
+
+    from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOTrainer
 
     from trainer.round import RoundResult, hyperparams
-    from trainer.sft import LossGuard, NonFiniteLoss, OutOfMemory, _is_oom, load_trainable_model, loss_curve, pick_device
+    from trainer.sft import (
+        LossGuard,
+        NonFiniteLoss,
+        OutOfMemory,
+        _is_oom,
+        load_trainable_model,
+        loss_curve,
+        pick_device,
+    )
 
     started = time.perf_counter()
     base = base_model_dir or resolve_model(agent_cfg.model, agent_cfg.model_cache_dir)

@@ -95,7 +95,7 @@ def check_adapter(path: str | os.PathLike[str]) -> None:
                 t = f.get_tensor(key)
                 if not bool(t.float().isfinite().all()):
                     raise ValueError(f"tensor {key} has NaN or inf values")
-    except Exception as err:  # safetensors raises its own error types for truncated/garbled files
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for garbled files
         raise TrainerError(f"adapter {folder} is corrupted: {weights.name}: {err}") from None
 
 

@@ -70,7 +70,7 @@ def load_trainable_model(base_model_dir: str, adapter_path: str | None, cfg: Tra
         return get_peft_model(base, lora_config(cfg))
     try:
         return PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
-    except Exception as err:  # shape mismatch with the base, unreadable file, ...
+    except Exception as err:  # noqa: BLE001 - shape mismatch with the base, unreadable file, ...
         raise TrainerError(f"adapter {adapter_path} does not load onto {base_model_dir}: {err}") from None
 
 
@@ -79,35 +79,35 @@ def sft_config(cfg: TrainerConfig, output_dir: str | Path, device: str, **overri
     from trl import SFTConfig
 
     cuda = device == "cuda"
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant",  # each round continues the adapter; no decay to zero per round
-        max_length=cfg.max_length,
-        assistant_only_loss=True,  # our template has {% generation %} markers; prompts/tools get -100
-        packing=False,
-        bf16=use_bf16(device),
-        fp16=False,
-        use_cpu=not cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        report_to="none",
-        logging_steps=1,
-        logging_nan_inf_filter=False,  # otherwise a NaN loss is silently replaced by the running mean
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        eval_strategy="no",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        disable_tqdm=True,
-        shuffle_dataset=False,  # the Trainer's sampler shuffles per epoch (seeded); once is enough
-    )
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "num_train_epochs": cfg.epochs,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": "constant",  # each round continues the adapter; no decay to zero per round
+        "max_length": cfg.max_length,
+        "assistant_only_loss": True,  # our template has {% generation %} markers; prompts/tools get -100
+        "packing": False,
+        "bf16": use_bf16(device),
+        "fp16": False,
+        "use_cpu": not cuda,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        "report_to": "none",
+        "logging_steps": 1,
+        "logging_nan_inf_filter": False,  # otherwise a NaN loss is silently replaced by the running mean
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": 2,
+        "eval_strategy": "no",
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": cuda,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "disable_tqdm": True,
+        "shuffle_dataset": False,  # the Trainer's sampler shuffles per epoch (seeded); once is enough
+    }
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
 
@@ -175,7 +175,7 @@ def loss_curve(log_history: list[dict]) -> list[dict[str, float]]:
 def _is_oom(err: BaseException) -> bool:
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    if isinstance(err, oom_types) or isinstance(err, MemoryError):
+    if isinstance(err, (oom_types, MemoryError)):
         return True
     text = str(err).lower()
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
