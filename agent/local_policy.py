@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from agent.policy import Completion, PolicyError
 
@@ -189,7 +189,7 @@ class LocalPolicy:
         self._queue.put(_STOP)
         self._worker.join(timeout=60)
 
-    def __enter__(self) -> LocalPolicy:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -278,14 +278,14 @@ class LocalPolicy:
                 if request.json_schema is not None:
                     request.matcher = json_matcher(self._grammar_tok, request.json_schema)
                 ready.append(request)
-            except Exception as err:  # a malformed chat or schema fails its own call only
+            except Exception as err:  # noqa: BLE001 - a malformed chat or schema fails its own call only
                 request.future.set_exception(PolicyError(f"cannot prepare the request: {err}"))
         if not ready:
             return
         batch = ready
         try:
             results, stats = self._generate(batch)
-        except Exception as err:  # one bad batch must not kill the worker
+        except Exception as err:  # noqa: BLE001 - one bad batch must not kill the worker
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(PolicyError(f"local generation failed: {err}"))
