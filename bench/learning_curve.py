@@ -34,10 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.config import AgentConfig  # noqa: E402
-from market.config import MarketConfig, SyntheticConfig  # noqa: E402
-from rewards.config import RewardsConfig  # noqa: E402
-from trainer.config import TrainerConfig  # noqa: E402
+from agent.config import AgentConfig
+from market.config import MarketConfig, SyntheticConfig
+from rewards.config import RewardsConfig
+from trainer.config import TrainerConfig
 
 ARMS: dict[str, dict] = {
     "score": {"label_format": "score", "train": True, "top": 1.0},
@@ -202,8 +202,8 @@ def _ms(xs: list[float | None]) -> str:
 
 def tables(runs: list[ArmRun], rounds: int) -> str:
     arms = list(dict.fromkeys(r.arm for r in runs))
-    lines = ["### Per round (each round's own train block: fresh dates, produced by the adapter trained r-1 "
-             "times; mean ± sd over seeds)", "",
+    lines = [("### Per round (each round's own train block: fresh dates, produced by the adapter trained r-1 "
+              "times; mean ± sd over seeds)"), "",
              "| arm | round | adapter | direction accuracy | mean reward | Brier | ECE | valid | train loss |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
@@ -218,8 +218,8 @@ def tables(runs: list[ArmRun], rounds: int) -> str:
                          f"{_ms([x.brier for x in rows])} | {_ms([x.ece for x in rows])} | "
                          f"{_ms([x.valid for x in rows])} | {_ms([x.train_loss for x in rows])} |")
     lines += ["", "### Held-out after the last round (tail of the history; figures at the highest target)", "",
-              "| arm | direction accuracy | accuracy / p* | mean reward | Brier | ECE | valid | "
-              "controllability (Spearman) | always-up acc | momentum acc |",
+              ("| arm | direction accuracy | accuracy / p* | mean reward | Brier | ECE | valid | "
+               "controllability (Spearman) | always-up acc | momentum acc |"),
               "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         rs = [r for r in runs if r.arm == arm and r.heldout]

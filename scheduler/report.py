@@ -11,7 +11,7 @@ import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -208,12 +208,12 @@ def write_report(engine: Engine, out_dir: str | Path, *, bayes_accuracy: float |
 
 def render_html(data: ReportData, plots: Sequence[Plot], *, bayes_accuracy: float | None = None,
                 source: str = "") -> str:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>scoreloop report</title><style>"
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}th{background:#eee}"
-        ".empty{color:#a33;font-style:italic}img{max-width:100%}</style></head><body>",
+        ("<!doctype html><html><head><meta charset='utf-8'><title>scoreloop report</title><style>"
+         "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}th{background:#eee}"
+         ".empty{color:#a33;font-style:italic}img{max-width:100%}</style></head><body>"),
         "<h1>scoreloop report</h1>",
         f"<p>Generated {now}{' from ' + _e(source) if source else ''}.</p>",
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
+from datetime import UTC
 
 import pytest
 from sqlalchemy import select
@@ -187,24 +187,31 @@ def test_eval_refuses_when_training_reached_the_held_out_tail(sqlite_db, small_m
         assert s.scalars(select(EvalRun)).all() == []
 
 
-def test_eval_run_with_a_tiny_local_model_stores_a_result_per_target(sqlite_db, small_market, tiny_model_dir):
-    from agent.local_policy import LocalPolicy
+def test_cli_eval_with_a_tiny_local_model_stores_a_result_per_target(sqlite_url, tiny_model_dir, monkeypatch):
+    """`scoreloop eval` end to end: build_policy -> LocalPolicy (tiny random model) -> blocks -> resolve."""
+    from scheduler.cli import app
 
-    t0 = time.monotonic()
-    policy = LocalPolicy(tiny_model_dir, device="cpu")
-    try:
-        res = run_eval(sqlite_db, policy, small_market,
-                       AgentConfig(concurrency=3, max_steps=1, max_new_tokens=24, max_repairs=0),
-                       RewardsConfig(), targets=[0.2, 0.8], n_items=3, progress=False)
-    finally:
-        policy.close()
-    with session_scope(sqlite_db) as s:
-        run = s.get(EvalRun, res.eval_run_id)
+    for key, value in {"AGENT__MODEL": tiny_model_dir, "AGENT__DEVICE": "cpu", "AGENT__MAX_STEPS": "1",
+                       "AGENT__MAX_NEW_TOKENS": "24", "AGENT__MAX_REPAIRS": "0", "AGENT__CONCURRENCY": "2",
+                       "MARKET__SYNTHETIC__N_DAYS": "120", "MARKET__SYNTHETIC__N_TICKERS": "6"}.items():
+        monkeypatch.setenv(f"SCORELOOP_{key}", value)
+    res = CliRunner().invoke(app, ["--db", sqlite_url, "eval", "--adapter", "base", "--targets", "0.2,0.8",
+                                   "--items", "2"])
+    assert res.exit_code == 0, res.output
+    assert "controllability" in res.output
+    from store.db import open_store
+
+    engine = open_store(sqlite_url)
+    with session_scope(engine) as s:
+        run = s.scalars(select(EvalRun)).one()
         assert run.status == "done", run.results.get("error")
+        assert run.adapter_version is None and run.n_items == 2
         per = run.results["per_target"]
+        blocks = s.scalars(select(Block).where(Block.eval_run_id == run.id)).all()
+    engine.dispose()
     assert [p["target"] for p in per] == [0.2, 0.8]
-    assert all(p["n"] == 3 and p["mean_reward"] is not None for p in per)
-    assert time.monotonic() - t0 < 300
+    assert all(p["n"] == 2 and p["mean_reward"] is not None for p in per)
+    assert sorted(b.target_score for b in blocks) == [0.2, 0.8] and {b.kind for b in blocks} == {"eval"}
 
 
 def test_cli_eval_rejects_bad_targets_and_unknown_adapter(sqlite_url):
@@ -228,13 +235,13 @@ def test_label_format_none_is_one_fixed_line_at_training_and_inference():
 
 
 def test_filter_top_fraction_keeps_each_blocks_best_episodes():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from store.training import ScoredEpisode
     from trainer.dataset import top_fraction
 
     def ep(eid, block, score):
-        return ScoredEpisode(eid, block, "train", eid, "SYN00", datetime(2021, 1, 4, tzinfo=timezone.utc), 0,
+        return ScoredEpisode(eid, block, "train", eid, "SYN00", datetime(2021, 1, 4, tzinfo=UTC), 0,
                              None, "Score: 0.95", score is not None, score, "r1")
 
     eps = [ep(1, 1, 0.9), ep(2, 1, 0.1), ep(3, 1, None), ep(4, 1, 0.5), ep(5, 1, 0.5),

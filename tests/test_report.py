@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
@@ -23,7 +23,7 @@ from store.models import (
 )
 from store.report_data import report_data
 
-T0 = datetime(2021, 3, 1, 21, 1, tzinfo=timezone.utc)
+T0 = datetime(2021, 3, 1, 21, 1, tzinfo=UTC)
 
 
 def add_block(s, *, kind: str, adapter: int | None, n: int, hit_rate: float, rng: random.Random,
