@@ -18,15 +18,31 @@ T = TypeVar("T")
 
 
 class WriteClock:
-    """Total seconds spent in trace writes across threads (for bench/block_bench.py)."""
+    """Time spent in trace writes (for the benches): summed over threads, and wall time with any write open.
+
+    `busy_seconds` is the block's wall-clock share that really went to writing: concurrent writes
+    (and a writer waiting on SQLite's lock while another commits) count once.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.seconds = 0.0
+        self.busy_seconds = 0.0
         self.writes = 0
+        self._open = 0
+        self._since = 0.0
 
-    def add(self, dt: float) -> None:
+    def enter(self) -> None:
         with self._lock:
+            if self._open == 0:
+                self._since = time.perf_counter()
+            self._open += 1
+
+    def leave(self, dt: float) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                self.busy_seconds += time.perf_counter() - self._since
             self.seconds += dt
             self.writes += 1
 
@@ -44,13 +60,15 @@ class EpisodeRecorder:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        if self.clock is not None:
+            self.clock.enter()
         t0 = time.perf_counter()
         try:
             with session_scope(self.factory) as s:
                 yield s
         finally:
             if self.clock is not None:
-                self.clock.add(time.perf_counter() - t0)
+                self.clock.leave(time.perf_counter() - t0)
 
     def write(self, fn: Callable[[Session], T]) -> T:
         with self.session() as s:

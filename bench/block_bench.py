@@ -184,10 +184,29 @@ def section_anatomy(policy: LocalPolicy, args: argparse.Namespace, figures: dict
     figures["concurrency_ceiling"] = ceiling
 
 
+def section_traces(policy: LocalPolicy, args: argparse.Namespace, figures: dict) -> None:
+    """Share of a real block's wall time spent committing its trace (agent runner; target <= 2%)."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from trace_share import measure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = measure(policy, f"sqlite:///{tmp}/trace.db", size=args.batch, concurrency=args.concurrency)
+    figures["trace_share"] = r.share
+    print(f"block of {r.episodes} episodes: wall {r.wall_s:.2f}s, {r.writes} trace transactions "
+          f"{r.write_s * 1000:.0f} ms ({1000 * r.write_s / max(r.writes, 1):.2f} ms each)")
+    print(f"RATIO trace writing / block wall = {100 * r.share:.2f}%  (target <= 2%; "
+          f"summed over threads {100 * r.summed_share:.2f}%)")
+
+
 SECTIONS: dict[str, Callable[[LocalPolicy, argparse.Namespace, dict], None]] = {
     "throughput": section_throughput,
     "concurrency": section_concurrency,
     "anatomy": section_anatomy,
+    "traces": section_traces,
 }
 
 
