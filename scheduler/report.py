@@ -58,38 +58,47 @@ def version_label(version: int | None) -> str:
 # -- plots ------------------------------------------------------------------------------------
 
 def blocks_plot(blocks: Sequence[BlockRow], bayes_accuracy: float | None = None) -> Plot:
-    """Accuracy, mean reward and Brier per block against the baselines on the same items."""
+    """Accuracy, mean reward and Brier per block against the baselines on the same items.
+
+    A panel is drawn only when some block has its figure (blocks whose outputs were all invalid have
+    a mean reward but no accuracy or Brier), so no panel is an empty frame.
+    """
     title = "Per block: model vs baselines"
     rows = [b for b in blocks if b.n_valid is not None and (b.accuracy is not None or b.mean_reward is not None)]
     if not rows:
         return Plot("blocks", title, None, "no scored blocks yet: run blocks and `scoreloop resolve`")
-    fig = Figure(figsize=(11, 9), layout="constrained")
-    ax_acc, ax_rew, ax_brier = fig.subplots(3, 1, sharex=True)
     x = [b.block_id for b in rows]
-    _series(ax_acc, x, [b.accuracy for b in rows], "model", "tab:blue", marker="o")
-    _series(ax_acc, x, [b.always_up_accuracy for b in rows], *BASELINE_STYLE["always_up"], ls="--")
-    _series(ax_acc, x, [b.momentum_accuracy for b in rows], *BASELINE_STYLE["momentum_20d"], ls="--")
-    _series(ax_acc, x, [b.coin_flip_accuracy for b in rows], *BASELINE_STYLE["coin_flip"], ls=":")
-    if bayes_accuracy is not None:
-        ax_acc.axhline(bayes_accuracy, color="tab:red", lw=1, label=f"Bayes limit p* = {bayes_accuracy:.3f}")
-    ax_acc.set(title="Direction accuracy per block", ylabel="direction accuracy", ylim=(0, 1))
-    ax_acc.legend(loc="lower right", fontsize=8)
-    _series(ax_rew, x, [b.mean_reward for b in rows], "model", "tab:blue", marker="o")
-    for b in rows:
-        if b.kind != "train" and b.mean_reward is not None:
-            ax_rew.annotate(b.kind, (b.block_id, b.mean_reward), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-    ax_rew.set(title="Mean composite reward per block (invalid predictions count 0)", ylabel="mean reward",
-               ylim=(0, 1))
-    ax_rew.legend(loc="lower right", fontsize=8)
-    _series(ax_brier, x, [b.brier for b in rows], "model", "tab:blue", marker="o")
-    _series(ax_brier, x, [b.always_up_brier for b in rows], *BASELINE_STYLE["always_up"], ls="--")
-    _series(ax_brier, x, [b.momentum_brier for b in rows], *BASELINE_STYLE["momentum_20d"], ls="--")
-    _series(ax_brier, x, [b.coin_flip_brier for b in rows], *BASELINE_STYLE["coin_flip"], ls=":")
-    ax_brier.set(title="Brier score per block (lower is better; 0.25 = coin flip at 0.5)", xlabel="block id",
-                 ylabel="Brier score")
-    ax_brier.legend(loc="upper right", fontsize=8)
-    for ax in (ax_acc, ax_rew):
+    panels = [name for name, has in (("accuracy", any(_finite(b.accuracy) for b in rows)),
+                                     ("reward", any(_finite(b.mean_reward) for b in rows)),
+                                     ("brier", any(_finite(b.brier) for b in rows))) if has]
+    fig = Figure(figsize=(11, 3 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "accuracy":
+            _series(ax, x, [b.accuracy for b in rows], "model", "tab:blue", marker="o")
+            _series(ax, x, [b.always_up_accuracy for b in rows], *BASELINE_STYLE["always_up"], ls="--")
+            _series(ax, x, [b.momentum_accuracy for b in rows], *BASELINE_STYLE["momentum_20d"], ls="--")
+            _series(ax, x, [b.coin_flip_accuracy for b in rows], *BASELINE_STYLE["coin_flip"], ls=":")
+            if bayes_accuracy is not None:
+                ax.axhline(bayes_accuracy, color="tab:red", lw=1, label=f"Bayes limit p* = {bayes_accuracy:.3f}")
+            ax.set(title="Direction accuracy per block", ylabel="direction accuracy", ylim=(0, 1))
+            ax.legend(loc="lower right", fontsize=8)
+        elif panel == "reward":
+            _series(ax, x, [b.mean_reward for b in rows], "model", "tab:blue", marker="o")
+            for b in rows:
+                if b.kind != "train" and b.mean_reward is not None:
+                    ax.annotate(b.kind, (b.block_id, b.mean_reward), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+            ax.set(title="Mean composite reward per block (invalid predictions count 0)", ylabel="mean reward",
+                   ylim=(0, 1))
+            ax.legend(loc="lower right", fontsize=8)
+        else:
+            _series(ax, x, [b.brier for b in rows], "model", "tab:blue", marker="o")
+            _series(ax, x, [b.always_up_brier for b in rows], *BASELINE_STYLE["always_up"], ls="--")
+            _series(ax, x, [b.momentum_brier for b in rows], *BASELINE_STYLE["momentum_20d"], ls="--")
+            _series(ax, x, [b.coin_flip_brier for b in rows], *BASELINE_STYLE["coin_flip"], ls=":")
+            ax.set(title="Brier score per block (lower is better; 0.25 = coin flip at 0.5)", ylabel="Brier score")
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_xlabel("block id")
         ax.xaxis.set_tick_params(labelbottom=True)
     return Plot("blocks", title, fig)

@@ -179,3 +179,21 @@ def test_cli_report(sqlite_url, tmp_path):
     assert "index.html" in res.output
     bad = CliRunner().invoke(app, ["--db", sqlite_url, "report", "--out", str(out / "index.html")])
     assert bad.exit_code == 1 and "is a file" in bad.output
+
+
+def test_blocks_with_only_invalid_outputs_draw_only_the_reward_panel(sqlite_db):
+    """A model that never produced a valid answer has a mean reward (0) but no accuracy or Brier."""
+    with session_scope(sqlite_db) as s:
+        for _ in range(2):
+            b = Block(kind="train", mode="replay", market="synthetic", size=4, horizon=5, status="complete")
+            s.add(b)
+            s.flush()
+            s.add(BlockMetric(block_id=b.id, name="model", reward_version="r1", n=4, n_valid=0, mean_composite=0.0,
+                              coverage=0.0))
+    with session_scope(sqlite_db) as s:
+        data = report_data(s)
+    plots = {p.name: p for p in build_plots(data)}
+    fig = plots["blocks"].figure
+    assert [ax.get_title() for ax in fig.axes] == ["Mean composite reward per block (invalid predictions count 0)"]
+    assert axes_problems(fig) == []
+    assert plots["reliability"].figure is None
