@@ -27,5 +27,7 @@ class SchedulerConfig(BaseModel):
     trigger_poll_s: float = Field(2.0, gt=0, description="How often the daemon looks for manual triggers.")
     heartbeat_s: float = Field(5.0, gt=0, description="Daemon lock heartbeat period.")
     lock_ttl_s: float = Field(30.0, gt=0, description="A lock whose heartbeat is older than this is stale.")
-    train_after_blocks: int = Field(1, ge=1, description="Train once this many new blocks are scored.")
+    progress_log_s: float = Field(
+        30.0, ge=0, description="Log a block_progress line this often while a block runs (0 = never)."
+    )
     max_blocks: int = Field(0, ge=0, description="Stop after this many blocks (0 = run forever).")

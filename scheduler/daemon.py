@@ -127,6 +127,26 @@ class LockKeeper:
                 log_event("lock_release_failed", logging.WARNING, error=str(err))
 
 
+def _progress_lines(engine: Engine, every_s: float, quit: threading.Event) -> None:
+    """While a block runs, log `block_progress` every `every_s` so a long block is visibly alive."""
+    from store.db import session_scope
+    from store.status import running_block_progress
+
+    last: tuple[int, int] | None = None
+    while not quit.wait(every_s):
+        try:
+            with session_scope(engine) as s:
+                p = running_block_progress(s)
+        except Exception:  # progress lines are a courtesy; the heartbeat reports real trouble
+            continue
+        if p is None:
+            continue
+        age = (datetime.now(timezone.utc) - p["created_at"]).total_seconds()
+        log_event("block_progress", block=p["id"], kind=p["kind"], done=f"{p['done']}/{p['size']}",
+                  elapsed_s=round(age), stalled=True if last == (p["id"], p["done"]) else None)
+        last = (p["id"], p["done"])
+
+
 def _triggers(settings: Settings) -> dict[str, object]:
     """APScheduler triggers for each job id, from [scheduler]."""
     from apscheduler.triggers.cron import CronTrigger
@@ -208,6 +228,9 @@ def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False
     sched = None
     log_event("daemon_start", db=key, mode=sc.mode, pid=os.getpid(), block_size=jobs.scheduled_block_size(settings),
               model=settings.agent.model, market=settings.market.source)
+    if sc.progress_log_s > 0:
+        threading.Thread(target=_progress_lines, args=(engine, sc.progress_log_s, stop), daemon=True,
+                         name="scoreloop-progress").start()
     try:
         rt.set_job("loading model")
         rt.open()

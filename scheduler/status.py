@@ -37,7 +37,8 @@ def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) ->
     """Everything `scoreloop status` shows, as plain JSON-ready values."""
     now = datetime.now(timezone.utc)
     with session_scope(engine) as s:
-        bid = last_block_id(s)
+        # the loop's unit is the train block; gate/eval blocks in between would hide it
+        bid = last_block_id(s, kind="train") or last_block_id(s)
         summ = block_summary(s, bid) if bid is not None else None
         serving = serving_adapter_row(s)
         pending = pending_predictions(s)
@@ -71,7 +72,7 @@ def render_status(st: dict[str, Any], console: Console) -> None:
     t.add_row("database", st["database"])
     d = st["daemon"]
     if d is None:
-        t.add_row("daemon", "[yellow]not running[/yellow] (never started on this database)")
+        t.add_row("daemon", "[yellow]not running[/yellow] (no daemon holds this database; start one with `scoreloop daemon`)")
     elif d["alive"]:
         t.add_row("daemon", f"[green]running[/green] pid {d['pid']} on {d['host']}, "
                             f"heartbeat {d['heartbeat_age_s']}s ago")

@@ -54,3 +54,15 @@ def scored_block_ids(session: Session, kind: str | None = None) -> set[int]:
     if kind is not None:
         q = q.join(Block, Block.id == BlockMetric.block_id).where(Block.kind == kind)
     return set(session.scalars(q))
+
+
+def running_block_progress(session: Session) -> dict[str, Any] | None:
+    """The newest block still running: id, kind, size and episodes done (for progress lines)."""
+    from store.models import Episode
+
+    b = session.scalar(select(Block).where(Block.status == "running").order_by(Block.id.desc()).limit(1))
+    if b is None:
+        return None
+    done = session.scalar(select(func.count()).select_from(Episode)
+                          .where(Episode.block_id == b.id, Episode.status == "done")) or 0
+    return {"id": b.id, "kind": b.kind, "size": b.size, "done": int(done), "created_at": b.created_at}

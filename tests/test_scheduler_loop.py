@@ -52,7 +52,7 @@ def test_loop_runs_rounds_with_gate_and_publishes(tmp_path, tiny_model_dir):
         assert gate["candidate"]["block_id"] == 6 and gate["serving"]["block_id"] == 5 and gate["passed"] is True
     assert read_lock(engine) is None  # the loop released the daemon lock
     status = CliRunner().invoke(app, ["--config", str(cfg), "status"], catch_exceptions=False).output
-    assert "v2" in status and "#6 gate complete" in " ".join(status.split())
+    assert "v2" in status and "#4 train complete" in " ".join(status.split())
 
 
 def test_recovery_requeues_an_unstarted_trigger_and_closes_a_finished_one(tmp_path, tiny_model_dir):
