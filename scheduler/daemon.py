@@ -132,7 +132,6 @@ def _progress_lines(engine: Engine, every_s: float, quit: threading.Event) -> No
     from store.db import session_scope
     from store.status import running_block_progress
 
-    last: tuple[int, int] | None = None
     while not quit.wait(every_s):
         try:
             with session_scope(engine) as s:
@@ -142,9 +141,8 @@ def _progress_lines(engine: Engine, every_s: float, quit: threading.Event) -> No
         if p is None:
             continue
         age = (datetime.now(timezone.utc) - p["created_at"]).total_seconds()
-        log_event("block_progress", block=p["id"], kind=p["kind"], done=f"{p['done']}/{p['size']}",
-                  elapsed_s=round(age), stalled=True if last == (p["id"], p["done"]) else None)
-        last = (p["id"], p["done"])
+        log_event("block_progress", block=p["id"], kind=p["kind"], episodes_done=f"{p['done']}/{p['size']}",
+                  steps=p["steps"], elapsed_s=round(age))
 
 
 def _triggers(settings: Settings) -> dict[str, object]:

@@ -63,6 +63,11 @@ def running_block_progress(session: Session) -> dict[str, Any] | None:
     b = session.scalar(select(Block).where(Block.status == "running").order_by(Block.id.desc()).limit(1))
     if b is None:
         return None
+    from store.models import Step
+
     done = session.scalar(select(func.count()).select_from(Episode)
                           .where(Episode.block_id == b.id, Episode.status == "done")) or 0
-    return {"id": b.id, "kind": b.kind, "size": b.size, "done": int(done), "created_at": b.created_at}
+    steps = session.scalar(select(func.count()).select_from(Step).join(Episode, Episode.id == Step.episode_id)
+                           .where(Episode.block_id == b.id)) or 0
+    return {"id": b.id, "kind": b.kind, "size": b.size, "done": int(done), "steps": int(steps),
+            "created_at": b.created_at}
