@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine
@@ -104,7 +104,7 @@ class LockKeeper:
         while not self._quit.wait(self.heartbeat_s):
             try:
                 ok = write_heartbeat(self.engine, self.owner)
-            except Exception as err:  # a busy or briefly unreachable database: retry next beat
+            except Exception as err:  # noqa: BLE001 - a busy or briefly unreachable database: retry next beat
                 log_event("heartbeat_failed", logging.WARNING, error=f"{type(err).__name__}: {err}",
                           since_ok_s=round(time.monotonic() - last_ok, 1))
                 continue
@@ -123,7 +123,7 @@ class LockKeeper:
         if not self.lost:
             try:
                 release_lock(self.engine, self.owner)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - best effort; the lock goes stale anyway
                 log_event("lock_release_failed", logging.WARNING, error=str(err))
 
 
@@ -136,11 +136,11 @@ def _progress_lines(engine: Engine, every_s: float, quit: threading.Event) -> No
         try:
             with session_scope(engine) as s:
                 p = running_block_progress(s)
-        except Exception:  # progress lines are a courtesy; the heartbeat reports real trouble
+        except Exception:  # noqa: BLE001, S112 - progress lines are a courtesy; the heartbeat reports trouble
             continue
         if p is None:
             continue
-        age = (datetime.now(timezone.utc) - p["created_at"]).total_seconds()
+        age = (datetime.now(UTC) - p["created_at"]).total_seconds()
         log_event("block_progress", block=p["id"], kind=p["kind"], episodes_done=f"{p['done']}/{p['size']}",
                   steps=p["steps"], elapsed_s=round(age))
 
@@ -155,10 +155,10 @@ def _triggers(settings: Settings) -> dict[str, object]:
         block = CronTrigger.from_crontab(sc.block_cron, timezone=NEW_YORK)
         resolve = CronTrigger.from_crontab(sc.resolve_cron, timezone=NEW_YORK)
     else:
-        block = IntervalTrigger(seconds=sc.block_interval_s, timezone=timezone.utc)
-        resolve = IntervalTrigger(seconds=sc.resolve_interval_s, timezone=timezone.utc)
+        block = IntervalTrigger(seconds=sc.block_interval_s, timezone=UTC)
+        resolve = IntervalTrigger(seconds=sc.resolve_interval_s, timezone=UTC)
     return {"block": block, "resolve": resolve,
-            "triggers": IntervalTrigger(seconds=sc.trigger_poll_s, timezone=timezone.utc)}
+            "triggers": IntervalTrigger(seconds=sc.trigger_poll_s, timezone=UTC)}
 
 
 JOB_FUNCS = {"block": jobs.scheduled_block, "resolve": jobs.scheduled_resolve, "triggers": jobs.poll_triggers}
@@ -176,10 +176,10 @@ def build_scheduler(rt: jobs.Runtime, key: str):
         # A run missed while a long block held the only worker (or while the daemon was down) runs
         # once, late, instead of being dropped or piling up.
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-        timezone=timezone.utc,
+        timezone=UTC,
     )
     sched.start(paused=True)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for job_id, trigger in _triggers(rt.settings).items():
         func = JOB_FUNCS[job_id]
         existing = sched.get_job(job_id)
@@ -236,7 +236,7 @@ def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False
         rt.set_job("recovering")
         try:
             jobs.recover(rt)
-        except Exception as err:  # keep serving; the interrupted work is retried at the next start
+        except Exception as err:  # noqa: BLE001 - keep serving; the interrupted work is retried next start
             log_event("recover_failed", logging.ERROR, error=f"{type(err).__name__}: {err}")
         rt.set_job(None)
         if not stop.is_set():

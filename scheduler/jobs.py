@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import Engine
@@ -47,7 +48,7 @@ class Runtime:
     failed_blocks: set[int] = field(default_factory=set)
     job_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def open(self) -> "Runtime":
+    def open(self) -> Runtime:
         """Build the market and the policy once (the policy starts on the serving adapter)."""
         from agent.backends import build_policy
         from agent.model_files import resolve_model
@@ -81,7 +82,7 @@ class Runtime:
         if self.owner is not None:
             try:
                 heartbeat(self.engine, self.owner, current_job=name)
-            except Exception as err:  # status display only; the heartbeat thread reports real trouble
+            except Exception as err:  # noqa: BLE001 - status display only; the heartbeat reports trouble
                 log_event("current_job_not_saved", logging.WARNING, job=name, error=str(err))
 
 
@@ -168,12 +169,12 @@ def block_step(rt: Runtime, *, size: int | None = None, kind: str = "train", tri
 def _live_gate_as_of(rt: Runtime, size: int) -> Any:
     """A past as_of whose replay block (consecutive sessions) resolves before today's close."""
     import math
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     cal = rt.market.calendar
     names = rt.market.tickers or ["?"]
     days_needed = math.ceil(size / len(names)) + rt.settings.market.horizon_days + 1
-    start = cal.add_sessions(cal.base_session(datetime.now(timezone.utc)), -days_needed)
+    start = cal.add_sessions(cal.base_session(datetime.now(UTC)), -days_needed)
     return cal.replay_as_of(start)
 
 
@@ -228,10 +229,9 @@ def train_step(rt: Runtime) -> int | None:
 
     Returns the adapter version serving afterwards if a candidate was trained, else None.
     """
-    from trainer.round import train_round
-
     from store.training import running_training_run
     from trainer.errors import TrainerError
+    from trainer.round import train_round
 
     s = rt.settings
     with session_scope(rt.engine) as sess:
@@ -356,7 +356,7 @@ def triggers_step(rt: Runtime) -> int:
             requeue_trigger(rt.engine, t.id)
             log_event("trigger_requeued", trigger=t.id, reason="stopping")
             return ran - 1
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - recorded on the trigger; the daemon goes on
             fail_trigger(rt.engine, t.id, f"{type(err).__name__}: {err}")
             log_event("trigger_failed", logging.ERROR, trigger=t.id, error=f"{type(err).__name__}: {err}")
             continue
@@ -396,7 +396,7 @@ def resume_unfinished(rt: Runtime) -> list[int]:
         try:
             resume_block(rt.engine, bid, rt.policy, rt.market, s.agent, s.rewards, progress=rt.progress,
                          stop=rt.stop)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - one bad block must not stop the recovery of others
             rt.failed_blocks.add(bid)
             log_event("block_failed", logging.ERROR, block=bid, error=f"{type(err).__name__}: {err}")
             continue

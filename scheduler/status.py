@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -24,7 +24,7 @@ def _iso(v: Any) -> Any:
 
 def daemon_state(engine: Engine, ttl_s: float, now: datetime | None = None) -> dict[str, Any] | None:
     """The lock row with `alive` (heartbeat younger than the TTL); None if no daemon ever held it."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     holder = read_lock(engine)
     if holder is None:
         return None
@@ -35,7 +35,7 @@ def daemon_state(engine: Engine, ttl_s: float, now: datetime | None = None) -> d
 
 def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) -> dict[str, Any]:
     """Everything `scoreloop status` shows, as plain JSON-ready values."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with session_scope(engine) as s:
         # the loop's unit is the train block; gate/eval blocks in between would hide it
         bid = last_block_id(s, kind="train") or last_block_id(s)

@@ -65,7 +65,7 @@ def start_daemon(cfg: Path, log: Path, *args: str) -> subprocess.Popen:
 
 def cli(cfg: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scheduler.cli", "--config", str(cfg), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen | None = None,

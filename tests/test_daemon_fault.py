@@ -12,10 +12,10 @@ import random
 import time
 
 import pytest
+from daemon_process import db_url, kill, start_daemon, stop, tail, wait_for, write_config
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from daemon_process import db_url, kill, start_daemon, stop, tail, wait_for, write_config
 from store.db import make_engine, session_scope
 from store.models import Block, Episode, Prediction, Step, ToolCall
 
@@ -56,7 +56,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
         proc = start_daemon(cfg, log)
         want = rng.randint(0, 20)  # kill after this many new steps: 0 = during start-up / recovery
         try:
-            wait_for(lambda: _count_steps(engine) >= base + want, 300, f"{want} new steps before kill {k}",
+            wait_for(lambda base=base, want=want: _count_steps(engine) >= base + want, 300, f"{want} new steps before kill {k}",
                      proc, log, interval=0.05)
             time.sleep(rng.uniform(0, 0.4))
             snapshot = _step_ids(engine)  # committed now, so it must survive the kill

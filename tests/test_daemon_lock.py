@@ -131,7 +131,7 @@ def test_keeper_heartbeat_keeps_the_lock_fresh_and_stops_when_stolen(sqlite_db):
 
 
 def test_lock_of_a_dead_process_on_this_host_is_taken_at_once(sqlite_db):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
     assert try_acquire_lock(sqlite_db, "ghost", ttl_s=3600) is None
     with session_scope(sqlite_db) as s:

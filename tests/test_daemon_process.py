@@ -7,10 +7,10 @@ import json
 import socket
 
 import pytest
+from daemon_process import cli, db_url, start_daemon, stop, tail, wait_for, write_config
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from daemon_process import cli, db_url, start_daemon, stop, tail, wait_for, write_config
 from store.daemon import enqueue_trigger, get_trigger, read_lock
 from store.db import make_engine, session_scope
 from store.models import Block, Prediction, Step, Trigger

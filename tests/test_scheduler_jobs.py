@@ -3,9 +3,10 @@ live mode fires on New York cron times, and the executor never runs two jobs at 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from datetime import timezone
+from datetime import UTC
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import inspect, text
@@ -14,7 +15,6 @@ from scheduler import jobs
 from scheduler.daemon import build_scheduler
 from scheduler.logs import format_event
 from scheduler.settings import load_settings
-
 
 _SPANS: list[tuple[str, float, float]] = []
 _LOCK = threading.Lock()
@@ -71,7 +71,7 @@ def test_replay_block_job_starts_at_once_and_jobs_never_overlap(sqlite_db):
     sched = build_scheduler(rt, "k")
     try:
         nxt = sched.get_job("block").next_run_time
-        assert abs((nxt - nxt.now(timezone.utc)).total_seconds()) < 5
+        assert abs((nxt - nxt.now(UTC)).total_seconds()) < 5
         # swap in a module-level recorder (jobs must stay serialisable): the single worker serialises them
         for job_id in ("block", "resolve", "triggers"):
             sched.modify_job(job_id, func=_record, args=(job_id,))
@@ -83,7 +83,7 @@ def test_replay_block_job_starts_at_once_and_jobs_never_overlap(sqlite_db):
     names = {s[0] for s in _SPANS}
     assert {"block", "resolve", "triggers"} <= names
     ordered = sorted(_SPANS, key=lambda s: s[1])
-    for (_, _, end), (_, start, _) in zip(ordered, ordered[1:]):
+    for (_, _, end), (_, start, _) in itertools.pairwise(ordered):
         assert start >= end - 1e-3  # one job at a time
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 
+from daemon_process import db_url, write_config
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from daemon_process import db_url, write_config
 from scheduler import jobs
 from scheduler.cli import app
 from scheduler.settings import load_settings
