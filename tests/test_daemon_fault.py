@@ -124,3 +124,55 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
     assert dup_steps == [] and dup_tool_calls == []
     assert committed_before_kills <= final_ids, f"lost steps: {sorted(committed_before_kills - final_ids)[:20]}"
     assert retried > 0 and resumes > 0  # the kills really interrupted episodes and blocks
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_the_same_round_once(tmp_path, tiny_model_dir):
+    """Killed while a training round runs: the next start resumes that round from its checkpoint,
+    finishes it into exactly one adapter, gates it, and never starts a duplicate round."""
+    from store.models import Adapter, TrainingRun
+
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=4)
+    cfg.write_text(cfg.read_text()
+                   .replace("min_new_episodes = 100000", "min_new_episodes = 4\nepochs = 40\nbatch_size = 1\n"
+                            "save_steps = 2")
+                   .replace("gate_items = 0", "gate_items = 2"))
+    engine = make_engine(db_url(cfg))
+    log = tmp_path / "daemon.log"
+    runs_dir = tmp_path / "runs"
+
+    def checkpointed():
+        return any(runs_dir.glob("run-1/checkpoint-*"))
+
+    proc = start_daemon(cfg, log)
+    try:
+        wait_for(checkpointed, 400, "a checkpoint of training run 1", proc, log, interval=0.2)
+        time.sleep(random.Random(7).uniform(0, 1.0))
+    finally:
+        kill(proc)
+    with session_scope(engine) as s:
+        run = s.get(TrainingRun, 1)
+        assert run.status == "running" and s.scalar(select(func.count()).select_from(Adapter)) == 0
+
+    proc = start_daemon(cfg, log)
+
+    def gated():
+        with session_scope(engine) as s:
+            a = s.scalar(select(Adapter).where(Adapter.training_run_id == 1))
+            return a is not None and a.status in ("serving", "rejected", "retired")
+
+    try:
+        wait_for(gated, 600, "run 1's adapter to be trained and gated", proc, log, interval=0.5)
+    finally:
+        assert stop(proc) == 0, tail(log)
+    text = log.read_text()
+    with session_scope(engine) as s:
+        run = s.get(TrainingRun, 1)
+        adapters = list(s.scalars(select(Adapter).where(Adapter.training_run_id == 1)))
+        runs_for_block = [r.id for r in s.scalars(select(TrainingRun)) if set(r.block_ids) & set(run.block_ids)]
+    resumed = [ln for ln in text.splitlines() if "event=train_done" in ln and "run=1 " in ln]
+    print(f"\nmid-training kill: run 1 {run.status}, adapters from it {len(adapters)} "
+          f"({adapters[0].status}), runs over its blocks {runs_for_block}, {resumed[0].split('event=')[1]}")
+    assert run.status == "done" and len(adapters) == 1 and runs_for_block == [1]
+    assert "event=train_resume" in text
+    assert resumed and "resumed_from_step=" in resumed[0]
