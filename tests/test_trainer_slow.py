@@ -14,7 +14,7 @@ from trainer.dataset import build_examples, plan_round
 from trainer.round import train_round
 from trainer.sft import assistant_loss
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # a shared 2-core CPU can take many minutes
 
 
 def test_one_round_lowers_training_loss_on_smollm2(sqlite_db, smollm2_dir, tmp_path):
@@ -22,9 +22,9 @@ def test_one_round_lowers_training_loss_on_smollm2(sqlite_db, smollm2_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     cfg = TrainerConfig(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=8,
-                        lora_alpha=16, batch_size=4, max_length=320, epochs=3, learning_rate=1e-3,
+                        lora_alpha=16, batch_size=4, max_length=192, epochs=3, learning_rate=2e-3,
                         min_new_episodes=1, save_steps=100)
-    add_block(sqlite_db, [0.15, 0.35, 0.55, 0.75, 0.95, 0.05, 0.45, 0.85], invalid=[5])
+    add_block(sqlite_db, [0.15, 0.55, 0.95, 0.05], invalid=[3])
     with session_scope(sqlite_db) as s:
         plan = plan_round(s, cfg, RewardsConfig())
         chats = [e.messages for e in build_examples(s, plan.episodes, RewardsConfig(), plan.edges)]
@@ -33,7 +33,7 @@ def test_one_round_lowers_training_loss_on_smollm2(sqlite_db, smollm2_dir, tmp_p
     before = assistant_loss(base, tok, chats, cfg.max_length)
 
     result = train_round(sqlite_db, cfg, RewardsConfig(), AgentConfig(device="cpu"), base_model_dir=smollm2_dir)
-    assert result.n_examples == 8 and len(result.loss_curve) == 6
+    assert result.n_examples == 4 and len(result.loss_curve) == 3
 
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), result.path)
     after = assistant_loss(tuned, tok, chats, cfg.max_length)
