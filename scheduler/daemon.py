@@ -247,6 +247,7 @@ def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False
             pass
     finally:
         if sched is not None:
+            sched.pause()  # no new submissions while the executor drains (else APScheduler logs an error)
             sched.shutdown(wait=True)  # the running job returns after its step in flight; queued ones see stop
         jobs.unregister_runtime(key)
         rt.close()
