@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,7 +62,7 @@ class _Halt:
 def _utc(dt: datetime) -> datetime:
     if dt.tzinfo is None:
         raise BlockError(f"as_of {dt.isoformat()} is naive; give a timezone-aware UTC datetime")
-    return dt.astimezone(timezone.utc)
+    return dt.astimezone(UTC)
 
 
 def _check_tickers(market: Market, tickers: Sequence[str], probe_as_of: datetime) -> list[str]:
@@ -97,7 +97,7 @@ def plan_items(session, market: Market, *, mode: str, size: int, horizon: int, k
         raise BlockError(f"the {market.name} market's universe is empty: set market.universe or pass --tickers")
     cal = market.calendar
     if mode == "live":
-        when = _utc(as_of) if as_of else datetime.now(timezone.utc)
+        when = _utc(as_of) if as_of else datetime.now(UTC)
         names = _check_tickers(market, tickers, when) if tickers is not None else list(market.tickers)
         return [traces.PlannedItem(names[i % len(names)], when) for i in range(size)]
     if mode != "replay":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,7 +83,7 @@ def main(
 @user_errors
 def init() -> None:
     """Create or upgrade the database to the newest schema (idempotent)."""
-    from store.db import open_store, current_revision
+    from store.db import current_revision, open_store
 
     s = settings()
     engine = open_store(s.database_url, s.store)
@@ -130,7 +131,7 @@ def block_run(
 ) -> None:
     """Run one block of predictions in the foreground."""
     import time
-    from datetime import datetime, timezone
+    from datetime import datetime
     from datetime import time as dtime
 
     from agent.runner import BlockError, plan_items, resume_block, run_block
@@ -147,9 +148,9 @@ def block_run(
         except ValueError:
             raise BlockError(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)") from None
         if len(as_of) <= 10:  # a bare date means that session (replay sees its close)
-            when = datetime.combine(when.date(), dtime(12), tzinfo=timezone.utc)
+            when = datetime.combine(when.date(), dtime(12), tzinfo=UTC)
         elif when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
     names = [t for t in tickers.split(",")] if tickers is not None else None
     engine = open_store(s.database_url, s.store)
     mkt = build_market(s.market, engine)
@@ -245,7 +246,7 @@ def resolve(
     now: str | None = typer.Option(None, "--now", help="Resolve as of this UTC time (ISO 8601; default: now)."),
 ) -> None:
     """Resolve outcomes whose horizon has passed and score them."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from rich.table import Table
 
@@ -262,7 +263,7 @@ def resolve(
             when = datetime.fromisoformat(now)
         except ValueError:
             raise SettingsError(f"--now {now!r} is not an ISO 8601 time (e.g. 2024-03-08T21:05:00Z)") from None
-        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
     s = settings(market={"source": market} if market else None)
     engine = open_store(s.database_url, s.store)
     report = resolve_pending(engine, build_market(s.market, engine), s.rewards, now=when)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select, text
@@ -146,13 +146,13 @@ def test_empty_universe_and_unknown_tickers_fail_before_anything_is_written(sqli
                   tickers=["SYN01", "nope", "ZZZ"], progress=False)
     with pytest.raises(BlockError, match="end of the synthetic history"):
         run_block(sqlite_db, ScriptedPolicy([PRED]), market, cfg(), RewardsConfig(), size=2,
-                  as_of=datetime.combine(market.span[1], datetime.min.time(), tzinfo=timezone.utc), progress=False)
+                  as_of=datetime.combine(market.span[1], datetime.min.time(), tzinfo=UTC), progress=False)
     with session_scope(sqlite_db) as s:
         assert s.scalar(select(func.count()).select_from(Block)) == 0
 
 
 def test_explicit_tickers_and_live_mode(sqlite_db, market):
-    as_of = datetime(2021, 6, 1, 20, 30, tzinfo=timezone.utc)
+    as_of = datetime(2021, 6, 1, 20, 30, tzinfo=UTC)
     block_id = run_block(sqlite_db, ScriptedPolicy([PRED]), market, cfg(), RewardsConfig(), mode="live",
                          as_of=as_of, size=3, tickers=["syn02", "SYN05"], target_score=0.8, progress=False)
     with session_scope(sqlite_db) as s:

@@ -7,11 +7,11 @@ Create Date: 2026-11-23
 Views are created from store.views; a later change to a view ships as a new revision
 that drops and recreates it.
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
+
 import store.models
 from store.views import create_views_sql, drop_views_sql
-
 
 revision = '0001'
 down_revision = None
