@@ -126,11 +126,13 @@ def test_cached_sources_never_return_the_future(sqlite_db, syn, offset, minutes,
         assert bars.items[-1].date == syn.calendar.base_session(as_of)
 
 
-def test_cache_and_agent_trace_layer_share_snippet_rows(sqlite_db, syn):
-    from store.traces import save_snippets as trace_save_snippets
+def test_cache_and_agent_tool_layer_share_snippet_rows(sqlite_db, syn):
+    """A cached search and the agent's tool layer (which saves uncached results with
+    save_snippets) land on the same snippet rows, so citations resolve either way."""
+    from store.market_cache import save_snippets
 
     cached = CachedNews(syn, sqlite_db)
     got = cached.search("SYN00", syn.calendar.replay_as_of(syn.days[60]), ticker="SYN00", max_results=4)
     with session_scope(sqlite_db) as s:
-        assert trace_save_snippets(s, got.items) == got.meta["snippet_ids"]
+        assert save_snippets(s, got.items, syn.name) == got.meta["snippet_ids"]
     assert count(sqlite_db, Snippet) == 4
