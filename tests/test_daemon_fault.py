@@ -66,7 +66,13 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
         kill_points.append((k, len(snapshot), len(snapshot) - base))
 
     # A last, undisturbed run finishes the interrupted block and completes at least MIN_BLOCKS.
+    log_offset = log.stat().st_size if log.exists() else 0
     proc = start_daemon(cfg, log)
+
+    def final_daemon_ready():
+        # The blocks may already be complete; wait for this daemon's own recovery to finish so the
+        # clean-stop check below is not a SIGTERM during its interpreter start-up.
+        return "event=daemon_ready" in log.read_text(errors="replace")[log_offset:]
 
     def enough_complete():
         try:
@@ -78,6 +84,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
             return False
 
     try:
+        wait_for(final_daemon_ready, 300, "the final daemon to finish recovery", proc, log, interval=0.2)
         wait_for(enough_complete, 600, f"{MIN_BLOCKS} complete blocks", proc, log, interval=0.2)
     finally:
         assert stop(proc) == 0, tail(log)
