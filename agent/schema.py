@@ -21,8 +21,9 @@ MAX_QUERY_CHARS = 80
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-# Constrained decoders (lm-format-enforcer, vLLM guided_json) enforce enums but not numeric bounds,
-# so the schemas carry a grid of allowed values; validation itself accepts any number in range.
+# The decoding schemas carry a grid of allowed values: not every guided decoder enforces numeric
+# bounds (llguidance does; some vLLM backends and lm-format-enforcer do not), and a grid keeps
+# numbers a few tokens long. Validation itself accepts any number in range.
 CONFIDENCE_STEPS = [round(0.05 * i, 2) for i in range(21)]
 MAGNITUDE_STEPS = [round(0.1 * i, 1) for i in range(101)] + [12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0]
 LOOKBACK_STEPS = [1, 2, 3, 5, 10, 15, 20, 30, 40, 60, 90, 120, 250]

@@ -23,8 +23,8 @@ CHAT = [{"role": "system", "content": "You forecast stocks."}, {"role": "user", 
 
 
 class Call(BaseModel):
-    """A small action-like schema whose every field is bounded, so a random model finishes it
-    (lm-format-enforcer bounds neither the digits of a number nor, exactly, a string's maxLength)."""
+    """A small action-like schema whose every field is an enum or a boolean, so a random model
+    finishes it within the token budget whatever decoder the server uses."""
 
     tool: Literal["get_prices", "search_news"]
     ticker: Literal["AAPL", "MSFT"]
