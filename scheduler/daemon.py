@@ -164,13 +164,30 @@ def _triggers(settings: Settings) -> dict[str, object]:
 JOB_FUNCS = {"block": jobs.scheduled_block, "resolve": jobs.scheduled_resolve, "triggers": jobs.poll_triggers}
 
 
+def _scheduler_class():
+    """BackgroundScheduler that does not process jobs once shutdown has begun.
+
+    APScheduler's `shutdown()` sets the state to stopped and only then waits for the executor; a
+    scheduler thread woken in that window is no longer paused, so it submits a due job to the
+    closed executor and logs `Error submitting job` on every Ctrl-C that lands during a job.
+    """
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.schedulers.base import STATE_STOPPED
+
+    class DrainingScheduler(BackgroundScheduler):
+        def _process_jobs(self):
+            if self.state == STATE_STOPPED:
+                return None
+            return super()._process_jobs()
+
+    return DrainingScheduler
+
+
 def build_scheduler(rt: jobs.Runtime, key: str):
     """A BackgroundScheduler with its jobs in the store's own database and one worker thread."""
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    sched = BackgroundScheduler(
+    sched = _scheduler_class()(
         jobstores={"default": SQLAlchemyJobStore(engine=rt.engine, tablename=JOBSTORE_TABLE)},
         executors={"default": ThreadPoolExecutor(max_workers=1)},
         # A run missed while a long block held the only worker (or while the daemon was down) runs
@@ -193,6 +210,19 @@ def build_scheduler(rt: jobs.Runtime, key: str):
         log_event("job_scheduled", job=job_id, trigger=str(trigger), kept=same,
                   next_run=job.next_run_time.isoformat(timespec="seconds") if job and job.next_run_time else None)
     return sched
+
+
+def drain(sched, rt: jobs.Runtime) -> None:
+    """Stop the scheduler after the job in flight returns (see _scheduler_class for the race).
+
+    Pause, wake the thread once so it parks without a timer, wait for the running job (jobs hold
+    rt.job_lock; rt.stop is set, so it returns after its step in flight), then shut down.
+    """
+    sched.pause()
+    sched.wakeup()
+    with rt.job_lock:  # released at once: holding it would block a queued job that shutdown waits for
+        pass
+    sched.shutdown(wait=True)  # queued jobs see rt.stop and return at once
 
 
 def _install_signals(stop: threading.Event) -> None:
@@ -247,8 +277,7 @@ def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False
             pass
     finally:
         if sched is not None:
-            sched.pause()  # no new submissions while the executor drains (else APScheduler logs an error)
-            sched.shutdown(wait=True)  # the running job returns after its step in flight; queued ones see stop
+            drain(sched, rt)
         jobs.unregister_runtime(key)
         rt.close()
         keeper.release()

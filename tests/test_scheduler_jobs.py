@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import inspect, text
 
 from scheduler import jobs
-from scheduler.daemon import build_scheduler
+from scheduler.daemon import build_scheduler, drain
 from scheduler.logs import format_event
 from scheduler.settings import load_settings
 
@@ -85,6 +85,40 @@ def test_replay_block_job_starts_at_once_and_jobs_never_overlap(sqlite_db):
     ordered = sorted(_SPANS, key=lambda s: s[1])
     for (_, _, end), (_, start, _) in itertools.pairwise(ordered):
         assert start >= end - 1e-3  # one job at a time
+
+
+def _job_in_flight(key: str) -> None:
+    rt = jobs._RUNTIMES[key]
+    with rt.job_lock:  # like jobs._run_job: a block step that takes a while to return after stop
+        time.sleep(0.8)
+
+
+def _poll(key: str) -> None:
+    pass
+
+
+def test_stopping_during_a_job_drains_it_without_a_scheduler_error(sqlite_db, caplog):
+    """Ctrl-C while a block runs: the block returns, no due job is submitted to the closed executor."""
+    url = sqlite_db.url.render_as_string(hide_password=False)
+    rt = jobs.Runtime(settings=_settings(url, mode="replay", block_interval_s=3600, trigger_poll_s=0.02),
+                      engine=sqlite_db, stop=threading.Event())
+    jobs.register_runtime("drain", rt)
+    sched = build_scheduler(rt, "drain")
+    try:
+        sched.modify_job("block", func=_job_in_flight, args=("drain",))
+        sched.modify_job("triggers", func=_poll, args=("drain",))
+        sched.resume()
+        time.sleep(0.3)  # the block job holds the only worker; triggers keep coming due every 20 ms
+        assert rt.job_lock.locked()
+        rt.stop.set()
+        with caplog.at_level("DEBUG", logger="apscheduler"):
+            drain(sched, rt)
+    finally:
+        jobs.unregister_runtime("drain")
+    assert not rt.job_lock.locked()  # the job in flight finished before shutdown returned
+    assert "Scheduler has been shut down" in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == []
 
 
 def test_log_lines_are_single_line_key_value():
