@@ -51,7 +51,6 @@ def fill(engine, n: int) -> float:
     ts = "'2024-01-02 21:01:00+00:00'" if d == "postgresql" else "'2024-01-02 21:01:00.000000'"
     day = "DATE '2024-01-09'" if d == "postgresql" else "'2024-01-09'"
     true, false = ("TRUE", "FALSE") if d == "postgresql" else ("1", "0")
-    mod = "%" if d == "sqlite" else "%"
     t0 = time.perf_counter()
     with engine.begin() as c:
         c.execute(text(
@@ -60,21 +59,21 @@ def fill(engine, n: int) -> float:
             f"FROM ({_series(d, n_blocks)}) s"))
         c.execute(text(
             f"INSERT INTO episodes (id, block_id, idx, ticker, as_of, horizon, status, attempt) "
-            f"SELECT i, (i - 1) / {PER_BLOCK} + 1, (i - 1) {mod} {PER_BLOCK}, "
-            f"'SYN' || CAST(i {mod} {TICKERS} AS TEXT), {ts}, 5, 'done', 0 FROM ({_series(d, n)}) s"))
+            f"SELECT i, (i - 1) / {PER_BLOCK} + 1, (i - 1) % {PER_BLOCK}, "
+            f"'SYN' || CAST(i % {TICKERS} AS TEXT), {ts}, 5, 'done', 0 FROM ({_series(d, n)}) s"))
         c.execute(text(
             f"INSERT INTO predictions (id, episode_id, block_id, ticker, as_of, horizon, resolve_at, direction, "
             f"magnitude_pct, confidence, rationale, citations, valid, created_at) "
-            f"SELECT i, i, (i - 1) / {PER_BLOCK} + 1, 'SYN' || CAST(i {mod} {TICKERS} AS TEXT), {ts}, 5, {day}, "
-            f"CASE WHEN i {mod} 3 = 0 THEN 'down' ELSE 'up' END, 1.5, 0.6, 'r', '[]', "
-            f"CASE WHEN i {mod} 50 = 0 THEN {false} ELSE {true} END, {ts} FROM ({_series(d, n)}) s"))
+            f"SELECT i, i, (i - 1) / {PER_BLOCK} + 1, 'SYN' || CAST(i % {TICKERS} AS TEXT), {ts}, 5, {day}, "
+            f"CASE WHEN i % 3 = 0 THEN 'down' ELSE 'up' END, 1.5, 0.6, 'r', '[]', "
+            f"CASE WHEN i % 50 = 0 THEN {false} ELSE {true} END, {ts} FROM ({_series(d, n)}) s"))
         c.execute(text(
             f"INSERT INTO outcomes (id, prediction_id, ticker, correct, close_as_of, close_resolve, as_of_date, "
             f"resolve_date, realized_return_pct, realized_direction, resolved_at) "
-            f"SELECT i, i, 'SYN' || CAST(i {mod} {TICKERS} AS TEXT), "
-            f"CASE WHEN i {mod} 50 = 0 THEN NULL WHEN (i {mod} 3 = 0) = (i {mod} 7 < 3) THEN 1 ELSE 0 END, "
+            f"SELECT i, i, 'SYN' || CAST(i % {TICKERS} AS TEXT), "
+            f"CASE WHEN i % 50 = 0 THEN NULL WHEN (i % 3 = 0) = (i % 7 < 3) THEN 1 ELSE 0 END, "
             f"100.0, 101.0, {day}, {day}, 1.0, "
-            f"CASE WHEN i {mod} 7 < 3 THEN 'down' ELSE 'up' END, {ts} FROM ({_series(d, n)}) s"))
+            f"CASE WHEN i % 7 < 3 THEN 'down' ELSE 'up' END, {ts} FROM ({_series(d, n)}) s"))
         c.execute(text(
             f"INSERT INTO rewards (id, prediction_id, reward_version, direction, magnitude, calibration, data_use, "
             f"composite, created_at) SELECT i, i, 'v1', 1.0, 0.5, 0.84, 0.0, 0.7, {ts} FROM ({_series(d, n)}) s"))

@@ -128,7 +128,7 @@ def check_revision(engine: Engine) -> None:
     script = ScriptDirectory(str(MIGRATIONS_DIR))
     try:
         script.get_revision(current)
-    except Exception:
+    except Exception:  # noqa: BLE001 - alembic raises CommandError or ResolutionError subclasses, by version
         raise StoreError(
             f"database is at migration {current!r}, which this version of scoreloop does not know "
             f"(its newest is {head_revision()!r}); upgrade scoreloop"

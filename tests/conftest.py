@@ -21,7 +21,7 @@ def _pg_available() -> bool:
             conn.execute(text("SELECT 1"))
         eng.dispose()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to connect means 'not reachable'
         return False
 
 
