@@ -263,19 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"learning curve: arms {arms}, seeds {seeds}, {args.rounds} rounds of {args.block_size} items, model "
           f"{'tiny random' if args.tiny else args.model}, torch threads {torch.get_num_threads()}, work in {workdir}",
           flush=True)
+    command = "python bench/learning_curve.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     runs: list[ArmRun] = []
     for seed in seeds:
         for arm in arms:
             runs.append(run_arm(arm, seed, args, model_dir, workdir))
-    elapsed = time.monotonic() - started
-    p_stars = sorted({round(r.p_star, 4) for r in runs})
-    body = tables(runs, args.rounds)
+            # Written after every arm, so a long run that is stopped early still leaves its finished arms.
+            elapsed = time.monotonic() - started
+            p_stars = sorted({round(r.p_star, 4) for r in runs})
+            body = tables(runs, args.rounds)
+            write_results(Path(args.out), command, args, runs, p_stars, body, elapsed)
     print()
     print(f"market Bayes accuracy p* (horizon 5): {', '.join(f'{p:.4f}' for p in p_stars)} (per seed)")
     print(body)
     print(f"\ntotal {elapsed / 60:.1f} min")
-    command = "python bench/learning_curve.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    write_results(Path(args.out), command, args, runs, p_stars, body, elapsed)
     return 0
 
 
