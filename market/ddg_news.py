@@ -15,6 +15,7 @@ from typing import Any
 from market.calendar import require_utc
 from market.guard import guard_news
 from market.protocols import Fetched, NewsItem, SourceUnavailableError
+from market.retry import backoff
 
 
 def parse_date(value: Any) -> datetime | None:
@@ -63,24 +64,23 @@ class DdgNews:
     def _news(self, query: str, max_results: int) -> list[dict[str, Any]]:
         from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
 
-        for attempt in range(self.retries + 1):
-            try:
-                return self.ddgs_class(timeout=self.timeout_s).news(
-                    query, region=self.region, max_results=max_results, timelimit=self.timelimit)
-            except RatelimitException:
-                if attempt == self.retries:
-                    raise SourceUnavailableError(
-                        f"DuckDuckGo rate-limited the news search after {self.retries + 1} attempts; try again later"
-                    ) from None
-                self.sleep(self.backoff_s * 2**attempt)
-            except TimeoutException as err:
-                raise SourceUnavailableError(f"DuckDuckGo news timed out after {self.timeout_s}s: {err}") from None
-            except DDGSException as err:
-                if str(err).strip() == "No results found.":  # ddgs's way of saying "empty"
-                    return []
-                first = str(err).splitlines()[0][:200]
-                raise SourceUnavailableError(f"DuckDuckGo news failed: {first}") from None
-        return []  # pragma: no cover - the loop returns or raises
+        def once() -> list[dict[str, Any]]:
+            return self.ddgs_class(timeout=self.timeout_s).news(
+                query, region=self.region, max_results=max_results, timelimit=self.timelimit)
+
+        try:
+            return backoff(RatelimitException, retries=self.retries, backoff_s=self.backoff_s, sleep=self.sleep)(once)
+        except RatelimitException:
+            raise SourceUnavailableError(
+                f"DuckDuckGo rate-limited the news search after {self.retries + 1} attempts; try again later"
+            ) from None
+        except TimeoutException as err:
+            raise SourceUnavailableError(f"DuckDuckGo news timed out after {self.timeout_s}s: {err}") from None
+        except DDGSException as err:
+            if str(err).strip() == "No results found.":  # ddgs's way of saying "empty"
+                return []
+            first = str(err).splitlines()[0][:200]
+            raise SourceUnavailableError(f"DuckDuckGo news failed: {first}") from None
 
     def search(self, query: str, as_of: datetime, ticker: str | None = None, max_results: int = 8
                ) -> Fetched[NewsItem]:

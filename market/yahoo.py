@@ -18,6 +18,7 @@ import pandas as pd
 from market.calendar import TradingCalendar, require_utc
 from market.guard import guard_bars
 from market.protocols import Bar, Fetched, NoDataError, SourceUnavailableError, UnknownTickerError
+from market.retry import backoff
 
 # (ticker, start, end exclusive, timeout seconds) -> the frame yfinance returns.
 Fetch = Callable[[str, date, date, float], pd.DataFrame]
@@ -77,23 +78,20 @@ class YahooPrices:
         symbol = ticker.strip().upper()
         if not _TICKER_RE.match(symbol):
             raise UnknownTickerError(f"{ticker!r} is not a ticker symbol")
-        for attempt in range(self.retries + 1):
-            try:
-                frame = self.fetch(symbol, start, end, self.timeout_s)
-                break
-            except YFRateLimitError:
-                if attempt == self.retries:
-                    raise SourceUnavailableError(
-                        f"Yahoo Finance rate-limited {symbol} after {self.retries + 1} attempts; try again later"
-                    ) from None
-                self.sleep(self.backoff_s * 2**attempt)
-            except YFTickerMissingError as err:
-                raise UnknownTickerError(f"Yahoo has no bars for {symbol} (unknown or delisted): {err}") from None
-            except YFException as err:
-                raise SourceUnavailableError(f"Yahoo Finance failed for {symbol}: {err}") from None
-            except (OSError, TimeoutError) as err:  # curl_cffi/requests errors are OSErrors
-                first = str(err).splitlines()[0][:200]
-                raise SourceUnavailableError(f"Yahoo Finance unreachable ({type(err).__name__}: {first})") from None
+        retrying = backoff(YFRateLimitError, retries=self.retries, backoff_s=self.backoff_s, sleep=self.sleep)
+        try:
+            frame = retrying(self.fetch, symbol, start, end, self.timeout_s)
+        except YFRateLimitError:
+            raise SourceUnavailableError(
+                f"Yahoo Finance rate-limited {symbol} after {self.retries + 1} attempts; try again later"
+            ) from None
+        except YFTickerMissingError as err:
+            raise UnknownTickerError(f"Yahoo has no bars for {symbol} (unknown or delisted): {err}") from None
+        except YFException as err:
+            raise SourceUnavailableError(f"Yahoo Finance failed for {symbol}: {err}") from None
+        except (OSError, TimeoutError) as err:  # curl_cffi/requests errors are OSErrors
+            first = str(err).splitlines()[0][:200]
+            raise SourceUnavailableError(f"Yahoo Finance unreachable ({type(err).__name__}: {first})") from None
         if frame is None or frame.empty:
             raise UnknownTickerError(f"Yahoo returned no bars for {symbol} from {start} to {end}: unknown or delisted")
         return frame_to_bars(frame, symbol)
