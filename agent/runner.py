@@ -29,6 +29,7 @@ from rewards.config import RewardsConfig
 from rewards.labels import target_label
 from store import traces
 from store.db import session_factory, session_scope
+from store.training import adapter_label_edges
 
 if TYPE_CHECKING:
     from market.sources import Market
@@ -135,9 +136,12 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
               clock: WriteClock | None = None) -> int:
     """Plan a block, run it, return its id (complete, or left `running` if stopped)."""
     target = agent_cfg.target_score if target_score is None else target_score
-    label = target_label(target, rewards_cfg)
     factory = session_factory(engine)
     with session_scope(factory) as s:
+        # Quantile labels mean "bin k of the offline set when this adapter was trained": use its edges.
+        edges = (adapter_label_edges(s, policy.adapter_version) if rewards_cfg.label_format == "quantile"
+                 else None)
+        label = target_label(target, rewards_cfg, edges)
         items = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
                            as_of=as_of, tickers=tickers)
         block_id = traces.create_block_with_items(

@@ -158,6 +158,16 @@ def adapter_row(session: Session, version: int) -> Adapter | None:
     return session.scalars(select(Adapter).where(Adapter.version == version)).first()
 
 
+def adapter_label_edges(session: Session, version: int | None) -> list[float] | None:
+    """The quantile edges the adapter was trained with, so inference bins a target the same way."""
+    if version is None:
+        return None
+    edges = session.scalar(select(TrainingRun.hyperparams).join(Adapter, Adapter.training_run_id == TrainingRun.id)
+                           .where(Adapter.version == version))
+    found = (edges or {}).get("label_edges")
+    return [float(e) for e in found] if found else None
+
+
 def next_adapter_version(session: Session) -> int:
     return int(session.scalar(select(func.coalesce(func.max(Adapter.version), 0)))) + 1
 

@@ -195,3 +195,21 @@ def test_cli_block_run_and_trace(sqlite_url, tmp_path):
         assert part in shown.output
     missing = runner.invoke(app, ["--db", sqlite_url, "trace", "99"])
     assert missing.exit_code == 1 and "no episode with id 99" in missing.output
+
+
+def test_quantile_target_is_binned_with_the_serving_adapters_edges(sqlite_db, market):
+    """`Quantile: k/B` means bin k of the offline set the adapter learned from, not of a uniform grid."""
+    from store.training import add_adapter, create_training_run
+
+    with session_scope(sqlite_db) as s:
+        run = create_training_run(s, objective="sft", parent_version=None, block_ids=[], replay_episode_ids=[],
+                                  n_examples=0, hyperparams={"label_edges": [0.1, 0.15, 0.2, 0.25]})
+        add_adapter(s, version=7, parent_version=None, path="/nowhere", base_model="m", training_run_id=run.id)
+    rewards = RewardsConfig(label_format="quantile", quantile_bins=5)
+    with_edges = run_block(sqlite_db, ScriptedPolicy([PRED], adapter_version=7), market, cfg(), rewards, size=1,
+                           target_score=0.3, progress=False)
+    uniform = run_block(sqlite_db, ScriptedPolicy([PRED]), market, cfg(), rewards, size=1, target_score=0.3,
+                        progress=False)
+    with session_scope(sqlite_db) as s:
+        assert s.get(Block, with_edges).conditioning == "Quantile: 5/5"  # above the adapter's top edge 0.25
+        assert s.get(Block, uniform).conditioning == "Quantile: 2/5"  # uniform edges 0.2, 0.4, 0.6, 0.8
