@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class AgentConfig(BaseModel):
@@ -27,6 +27,9 @@ class AgentConfig(BaseModel):
     block_size: int = Field(100, ge=1, description="Predictions per block.")
     concurrency: int = Field(8, ge=1, description="Episodes in flight at once (they share forward passes).")
     max_steps: int = Field(4, ge=1, description="Tool-call budget before a final prediction is forced.")
+    min_tool_calls: int = Field(
+        1, ge=0, description="Tool calls before a prediction is accepted: without research a forecast is a guess "
+        "(a small model otherwise copies the prompt's example answer); 0 lets it answer at once.")
     max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")
@@ -34,3 +37,9 @@ class AgentConfig(BaseModel):
     news_max_results: int = Field(6, ge=1, le=20, description="News items one search_news call shows the model.")
     max_batch_size: int = Field(8, ge=1, description="Micro-batch size of the local backend.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the local backend waits to fill a batch.")
+
+    @model_validator(mode="after")
+    def _research_fits_budget(self) -> "AgentConfig":
+        if self.min_tool_calls > self.max_steps:
+            raise ValueError(f"min_tool_calls ({self.min_tool_calls}) must not exceed max_steps ({self.max_steps})")
+        return self

@@ -2,7 +2,8 @@
 
 Only validated JSON actions drive control flow, so text inside tool results (a news snippet
 saying "ignore your instructions") is never obeyed. Once `max_steps` tools have run, the model is
-told so and decoding is restricted to the prediction-only schema. An invalid reply gets at most
+told so and decoding is restricted to the prediction-only schema; before `min_tool_calls` tools
+have run, to the tool-only schema (a prediction is refused with "research first"). An invalid reply gets at most
 `max_repairs` re-asks with the validation error; after that a tool turn is forced to predict and a
 prediction turn ends as a recorded parse failure, never an exception.
 """
@@ -19,7 +20,15 @@ from agent.config import AgentConfig
 from agent.policy import Policy
 from agent.prompts import BUDGET_MESSAGE, REPAIR_TEMPLATE, system_prompt, user_prompt
 from agent.recorder import EpisodeRecorder
-from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, ActionError, Final, PredictionBody, parse_action
+from agent.schema import (
+    ACTION_SCHEMA,
+    FINAL_SCHEMA,
+    TOOL_SCHEMA,
+    ActionError,
+    Final,
+    PredictionBody,
+    parse_action,
+)
 from agent.tools import EpisodeTools
 
 
@@ -68,9 +77,10 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
     def policy_node(state: State) -> State:
         check_stop()
         forced = state.get("forced", False)
+        research = not forced and state.get("tool_calls", 0) < cfg.min_tool_calls
         turn = state.get("turns", 0)
         out = policy.complete(
-            state["messages"], json_schema=FINAL_SCHEMA if forced else ACTION_SCHEMA,
+            state["messages"], json_schema=FINAL_SCHEMA if forced else TOOL_SCHEMA if research else ACTION_SCHEMA,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             seed=_seed(seed, recorder.episode_id, recorder.attempt, turn),
         )
@@ -78,7 +88,7 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
                       completion_tokens=out.completion_tokens, latency_ms=out.latency_ms)
         messages = [*state["messages"], {"role": "assistant", "content": out.text}]
         try:
-            action = parse_action(out.text, final_only=forced)
+            action = parse_action(out.text, final_only=forced, tools_only=research)
             error = None
         except ActionError as err:
             action, error = None, str(err)

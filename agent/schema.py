@@ -95,6 +95,7 @@ TOOL_NAMES = ("get_prices", "search_news", "get_market_context")
 
 _ACTION = TypeAdapter(Action)
 _FINAL = TypeAdapter(Final)
+_TOOL = TypeAdapter(Annotated[ToolAction, Field(union_mode="left_to_right")])
 
 
 class ActionError(ValueError):
@@ -119,6 +120,7 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 
 ACTION_SCHEMA: dict[str, Any] = _inline_refs(_ACTION.json_schema())
 FINAL_SCHEMA: dict[str, Any] = _inline_refs(_FINAL.json_schema())
+TOOL_SCHEMA: dict[str, Any] = _inline_refs(_TOOL.json_schema())  # research first (AgentConfig.min_tool_calls)
 
 
 def _first_json_object(text: str) -> str:
@@ -142,13 +144,17 @@ def _short(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_action(text: str, *, final_only: bool = False) -> GetPrices | SearchNews | GetMarketContext | Final:
-    """Validate the model's text as its next action (or as a prediction only, once the budget is spent)."""
+def parse_action(text: str, *, final_only: bool = False, tools_only: bool = False
+                 ) -> GetPrices | SearchNews | GetMarketContext | Final:
+    """Validate the model's text as its next action: a prediction only once the budget is spent, a
+    tool call only while the research minimum is not met."""
     raw = _first_json_object(text)
     try:
         data = json.loads(raw, strict=False)
         if final_only:
             return _FINAL.validate_python(data)
+        if tools_only and isinstance(data, dict) and "prediction" in data:
+            raise ActionError(f"research first: call one of {', '.join(TOOL_NAMES)} before predicting")
         # Pick the branch by its key so the error names the right fields, not every union member's.
         if isinstance(data, dict) and "prediction" in data:
             return _FINAL.validate_python(data)

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from agent.config import AgentConfig
 from agent.runner import run_block
-from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, ActionError, parse_action
+from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, TOOL_SCHEMA, ActionError, parse_action
 from agent.scripted_policy import ScriptedPolicy
 from market.config import MarketConfig
 from market.protocols import Fetched, NewsItem
@@ -76,16 +76,37 @@ def test_valid_run_traces_every_message_and_tool_call(sqlite_db, market):
         # Every snippet shown to the model is dated strictly before as_of (point-in-time).
         dates = s.scalars(select(Snippet.published_at).where(Snippet.id.in_(news.snippet_ids))).all()
         assert dates and all(d < tr.episode.as_of for d in dates)
-    # Only the first policy call allows tools; all calls got a schema for constrained decoding.
-    assert all(c["json_schema"] is ACTION_SCHEMA for c in policy.calls)
+    # Every call got a schema for constrained decoding; the first may only research (min_tool_calls 1).
+    assert [c["json_schema"] for c in policy.calls] == [TOOL_SCHEMA] + [ACTION_SCHEMA] * 3
 
 
 def test_malformed_output_is_repaired(sqlite_db, market):
-    block_id = run(sqlite_db, ScriptedPolicy(["I think it goes up!", pred("down")]), market, max_repairs=1)
+    block_id = run(sqlite_db, ScriptedPolicy(["I think it goes up!", pred("down")]), market, max_repairs=1,
+                   min_tool_calls=0)
     tr = only_episode(sqlite_db, block_id)
     assert [s.role for s in tr.steps] == ["system", "user", "assistant", "user", "assistant"]
     assert "Invalid reply: no JSON object found" in tr.steps[3].content
     assert tr.prediction.valid and tr.prediction.direction == "down"
+
+
+def test_a_prediction_before_any_research_is_sent_back(sqlite_db, market):
+    """min_tool_calls 1: the first turn may only call a tool; an eager answer is repaired into research."""
+    policy = ScriptedPolicy([pred("up"), NEWS, pred("down")])
+    tr = only_episode(sqlite_db, run(sqlite_db, policy, market, max_repairs=1))
+    assert [s.role for s in tr.steps] == ["system", "user", "assistant", "user", "assistant", "tool", "assistant"]
+    assert "research first" in tr.steps[3].content
+    assert [c["json_schema"] for c in policy.calls] == [TOOL_SCHEMA, TOOL_SCHEMA, ACTION_SCHEMA]
+    assert tr.prediction.valid and tr.prediction.direction == "down"
+    # A model that never researches is forced to answer once its repairs are spent: recorded, not lost.
+    stubborn = ScriptedPolicy([pred("up")])
+    tr = only_episode(sqlite_db, run(sqlite_db, stubborn, market, max_repairs=1))
+    assert tr.prediction.valid and not [s for s in tr.steps if s.role == "tool"]
+    assert [c["json_schema"] for c in stubborn.calls] == [TOOL_SCHEMA, TOOL_SCHEMA, FINAL_SCHEMA]
+
+
+def test_research_minimum_must_fit_the_tool_budget():
+    with pytest.raises(ValueError, match=r"min_tool_calls \(3\) must not exceed max_steps \(2\)"):
+        AgentConfig(min_tool_calls=3, max_steps=2)
 
 
 def test_unrepairable_output_is_a_recorded_parse_failure(sqlite_db, market):
