@@ -266,6 +266,8 @@ def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False
         rt.set_job("recovering")
         try:
             jobs.recover(rt)
+        except jobs.Stopped:
+            log_event("recover_stopped", hint="the interrupted work resumes at the next start")
         except Exception as err:  # noqa: BLE001 - keep serving; the interrupted work is retried next start
             log_event("recover_failed", logging.ERROR, error=f"{type(err).__name__}: {err}")
         rt.set_job(None)

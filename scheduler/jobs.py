@@ -230,8 +230,9 @@ def train_step(rt: Runtime) -> int | None:
     Returns the adapter version serving afterwards if a candidate was trained, else None.
     """
     from store.training import running_training_run
-    from trainer.errors import TrainerError
+    from trainer.errors import TrainerError, TrainingStopped
     from trainer.round import train_round
+    from trainer.sft import StopOnEvent
 
     s = rt.settings
     with session_scope(rt.engine) as sess:
@@ -241,7 +242,11 @@ def train_step(rt: Runtime) -> int | None:
     rt.set_job("train")
     t0 = time.monotonic()
     try:
-        result = train_round(rt.engine, s.trainer, s.rewards, s.agent, base_model_dir=rt.base_model_dir)
+        result = train_round(rt.engine, s.trainer, s.rewards, s.agent, base_model_dir=rt.base_model_dir,
+                             callbacks=[StopOnEvent(rt.stop)])
+    except TrainingStopped as err:
+        log_event("train_stopped", detail=str(err), seconds=round(time.monotonic() - t0, 1))
+        raise Stopped() from None
     except TrainerError as err:  # recorded on the run row by the trainer; the loop goes on serving
         log_event("train_failed", logging.ERROR, error=str(err), seconds=round(time.monotonic() - t0, 1))
         return None

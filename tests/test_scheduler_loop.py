@@ -14,7 +14,7 @@ from scheduler.cli import app
 from scheduler.settings import load_settings
 from store.daemon import claim_next_trigger, enqueue_trigger, get_trigger, read_lock
 from store.db import open_store, session_scope
-from store.models import Adapter, Block, Episode, Prediction
+from store.models import Adapter, Block, Episode, Prediction, TrainingRun
 
 LOOP_EXTRA = ""
 
@@ -79,6 +79,48 @@ def test_recovery_requeues_an_unstarted_trigger_and_closes_a_finished_one(tmp_pa
         assert get_trigger(engine, third).status == "done" and get_trigger(engine, third).result == {"block_id": bid}
         with session_scope(engine) as s:
             assert s.scalar(select(func.count()).select_from(Block).where(Block.trigger_id.is_not(None))) == 3
+    finally:
+        rt.close()
+        engine.dispose()
+
+
+def test_stop_during_training_checkpoints_and_the_next_start_resumes(tmp_path, tiny_model_dir):
+    """SIGTERM while a round trains: the daemon stops after one optimizer step, not after the round."""
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=4)
+    cfg.write_text(cfg.read_text().replace("min_new_episodes = 100000", "min_new_episodes = 4\nbatch_size = 1"))
+    settings = load_settings(cfg)
+    engine = open_store(settings.database_url)
+    rt = jobs.Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
+    try:
+        jobs.block_step(rt, size=4)
+        jobs.resolve_step(rt)
+
+        def stop_when_training() -> None:
+            while rt.current_job != "train":
+                threading.Event().wait(0.005)
+            rt.stop.set()
+
+        watcher = threading.Thread(target=stop_when_training)
+        watcher.start()
+        try:
+            jobs.train_step(rt)
+            raise AssertionError("train_step returned although the stop flag was set mid-round")
+        except jobs.Stopped:
+            pass
+        watcher.join()
+        with session_scope(engine) as s:
+            (run,) = s.scalars(select(TrainingRun)).all()
+            assert run.status == "running" and "stopped at step 1 of 4" in run.error
+            assert s.scalar(select(func.count()).select_from(Adapter)) == 0
+    finally:
+        rt.close()
+    rt = jobs.Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
+    try:
+        jobs.recover(rt)  # what the next daemon start does: finish the round from its checkpoint
+        with session_scope(engine) as s:
+            (run,) = s.scalars(select(TrainingRun)).all()
+            assert run.status == "done" and [p["step"] for p in run.loss_curve] == [1, 2, 3, 4]
+            assert s.scalar(select(func.count()).select_from(Adapter)) == 1
     finally:
         rt.close()
         engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from rewards.config import RewardsConfig
 from store.db import session_scope
 from store.models import Adapter, TrainingRun
 from trainer.config import TrainerConfig
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, TrainingStopped
 from trainer.registry import publish, serving_adapter
 from trainer.round import train_round
+from trainer.sft import StopOnEvent
 
 AGENT = AgentConfig(device="cpu")
 REWARDS = RewardsConfig()
@@ -118,6 +120,35 @@ def test_interrupted_round_resumes_from_its_last_checkpoint(sqlite_db, tiny_mode
     assert done.status == "done" and [p["step"] for p in done.loss_curve] == [1, 2, 3, 4]
     assert adapters(sqlite_db)[1].training_run_id == run.id
 
+
+
+class StopAt(TrainerCallback):
+    """Sets the daemon's stop flag during step `at`, as SIGTERM would."""
+
+    def __init__(self, event: threading.Event, at: int):
+        self.event, self.at = event, at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.at:
+            self.event.set()
+
+
+def test_stop_flag_checkpoints_at_the_next_step_and_the_round_resumes(sqlite_db, tiny_model_dir, tmp_path):
+    """SIGTERM mid-round: stop after the step in flight with a checkpoint, publish nothing, resume later."""
+    cfg = tcfg(tmp_path, save_steps=100)  # no periodic checkpoint before the stop: the stop saves one
+    add_block(sqlite_db, [0.1 * i for i in range(1, 9)])  # 8 examples / batch 2 = 4 steps
+    stop = threading.Event()
+    with pytest.raises(TrainingStopped, match="stopped at step 2 of 4"):
+        train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir,
+                    callbacks=[StopOnEvent(stop), StopAt(stop, at=2)])
+    (run,) = runs(sqlite_db)
+    assert run.status == "running" and "TrainingStopped" in run.error
+    assert (Path(run.checkpoint_dir) / "checkpoint-2").is_dir()
+    assert adapters(sqlite_db) == {}  # a half-trained adapter is never published
+    steps = Steps()
+    result = train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir,
+                         callbacks=[StopOnEvent(threading.Event()), steps])
+    assert result.run_id == run.id and result.resumed_from_step == 2 and steps.seen == [3, 4]
 
 def _serving_v1(engine, tiny_model_dir, cfg):
     add_block(engine, [0.3, 0.6, 0.9, 0.2])

@@ -111,6 +111,7 @@ def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsCo
         load_trainable_model,
         loss_curve,
         pick_device,
+        raise_if_stopped,
     )
 
     started = time.perf_counter()
@@ -146,6 +147,7 @@ def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsCo
                              train_dataset=Dataset.from_list([{k: p[k] for k in cols} for p in pairs]),
                              processing_class=load_tokenizer(base), callbacks=[LossGuard(), *callbacks])
         trainer.train(resume_from_checkpoint=get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None)
+        raise_if_stopped(callbacks, trainer.state.max_steps)
     except (NonFiniteLoss, TrainerError) as err:
         _fail(engine, run_id, str(err))
         raise

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from agent.model_files import load_tokenizer
 from trainer.config import TrainerConfig
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, TrainingStopped
 from trainer.registry import check_adapter
 
 
@@ -122,6 +122,33 @@ class LossGuard(TrainerCallback):
                                 "abandoned (lower trainer.learning_rate, or check the serving adapter)")
 
 
+class StopOnEvent(TrainerCallback):
+    """Ctrl-C / SIGTERM during a round: save a checkpoint at the next step end and stop there.
+
+    A round can take many minutes; waiting for it made a stopping daemon look hung. The caller
+    sees TrainingStopped (raise_if_stopped) and the next start resumes from that checkpoint.
+    """
+
+    def __init__(self, event) -> None:
+        self.event = event
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.event.is_set() and state.global_step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def raise_if_stopped(callbacks: Sequence[TrainerCallback], max_steps: int) -> None:
+    """After trainer.train(): a StopOnEvent that fired means the model is half-trained, never publish it."""
+    for cb in callbacks:
+        if isinstance(cb, StopOnEvent) and cb.stopped_at is not None:
+            raise TrainingStopped(f"stopped at step {cb.stopped_at} of {max_steps}; the checkpoint is saved and "
+                                  "the round resumes from it at the next start")
+
+
 def _trainer_class(fused_lm_head: bool):
     from transformers import Trainer
     from trl import SFTTrainer
@@ -206,6 +233,7 @@ def run_sft(base_model_dir: str, adapter_path: str | None, messages: Sequence[li
                               "trainer.batch_size or trainer.max_length, or set trainer.gradient_checkpointing = "
                               "true") from None
         raise
+    raise_if_stopped(callbacks, trainer.state.max_steps)
     resumed = None if last is None else int(Path(last).name.rsplit("-", 1)[-1])
     return SFTOutcome(trainer.model, loss_curve(trainer.state.log_history), trainer.state.global_step, resumed)
 
