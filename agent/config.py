@@ -30,6 +30,9 @@ class AgentConfig(BaseModel):
     min_tool_calls: int = Field(
         1, ge=0, description="Tool calls before a prediction is accepted: without research a forecast is a guess "
         "(a small model otherwise copies the prompt's example answer); 0 lets it answer at once.")
+    explore_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of train-block episodes whose prediction direction is drawn at random "
+        "(the model writes the rest): exploration for a model that always says `up`. Gate/eval blocks never explore.")
     max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")

@@ -28,6 +28,7 @@ from agent.schema import (
     Final,
     PredictionBody,
     parse_action,
+    with_direction,
 )
 from agent.tools import EpisodeTools
 
@@ -67,8 +68,15 @@ def _seed(base: int, episode_id: int, attempt: int, turn: int) -> int:
 
 
 def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
-                seed: int = 0, stop: threading.Event | None = None):
-    """Compile the graph for one episode attempt (nodes close over its tools and recorder)."""
+                seed: int = 0, stop: threading.Event | None = None, explore_direction: str | None = None):
+    """Compile the graph for one episode attempt (nodes close over its tools and recorder).
+
+    With `explore_direction` the prediction schemas allow only that direction (exploration).
+    """
+    final_schema, action_schema = FINAL_SCHEMA, ACTION_SCHEMA
+    if explore_direction is not None:
+        final_schema = with_direction(FINAL_SCHEMA, explore_direction)
+        action_schema = with_direction(ACTION_SCHEMA, explore_direction)
 
     def check_stop() -> None:
         if stop is not None and stop.is_set():
@@ -80,7 +88,7 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
         research = not forced and state.get("tool_calls", 0) < cfg.min_tool_calls
         turn = state.get("turns", 0)
         out = policy.complete(
-            state["messages"], json_schema=FINAL_SCHEMA if forced else TOOL_SCHEMA if research else ACTION_SCHEMA,
+            state["messages"], json_schema=final_schema if forced else TOOL_SCHEMA if research else action_schema,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             seed=_seed(seed, recorder.episode_id, recorder.attempt, turn),
         )
@@ -151,13 +159,13 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
 
 def run_episode(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
                 ticker: str, as_of, horizon: int, label: str, seed: int = 0,
-                stop: threading.Event | None = None) -> EpisodeResult:
+                stop: threading.Event | None = None, explore_direction: str | None = None) -> EpisodeResult:
     """Commit the system and user turns, then run the graph to a prediction or a recorded failure."""
     system = system_prompt(label)
     user = user_prompt(ticker, as_of, horizon)
     recorder.step("system", system)
     recorder.step("user", user)
-    graph = build_graph(policy, tools, recorder, cfg, seed=seed, stop=stop)
+    graph = build_graph(policy, tools, recorder, cfg, seed=seed, stop=stop, explore_direction=explore_direction)
     # Each turn visits at most 2 nodes; turns are bounded by tools + repairs + forcing.
     limit = 4 * (cfg.max_steps + 2) * (cfg.max_repairs + 2) + 10
     final = graph.invoke(

@@ -9,10 +9,12 @@ prediction (unique per episode, and `claim_episode` skips episodes that already 
 from __future__ import annotations
 
 import math
+import random
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,7 @@ from agent.config import AgentConfig
 from agent.graph import EpisodeStopped, run_episode
 from agent.policy import Policy
 from agent.recorder import EpisodeRecorder, WriteClock
+from agent.schema import DIRECTIONS
 from agent.tools import EpisodeTools
 from market.protocols import MarketError, UnknownTickerError
 from rewards.config import RewardsConfig
@@ -128,6 +131,19 @@ def plan_items(session, market: Market, *, mode: str, size: int, horizon: int, k
     return [traces.PlannedItem(names[i % len(names)], cal.replay_as_of(days[i // len(names)])) for i in range(size)]
 
 
+def explore(items: Sequence[traces.PlannedItem], rate: float) -> list[traces.PlannedItem]:
+    """Mark about `rate` of the items for direction exploration, each with a uniformly drawn direction.
+
+    Seeded by the item itself (ticker, as_of, position), so a resumed block and every arm of an
+    experiment on the same dates explore the same items the same way.
+    """
+    out = []
+    for i, it in enumerate(items):
+        rng = random.Random(f"explore|{it.ticker}|{it.as_of.isoformat()}|{i}")
+        out.append(replace(it, explore_direction=rng.choice(DIRECTIONS)) if rng.random() < rate else it)
+    return out
+
+
 def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig,
               rewards_cfg: RewardsConfig, *, mode: str = "replay", size: int | None = None,
               as_of: datetime | None = None, tickers: Sequence[str] | None = None,
@@ -144,6 +160,8 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
         label = target_label(target, rewards_cfg, edges)
         items = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
                            as_of=as_of, tickers=tickers)
+        if kind == "train" and agent_cfg.explore_rate > 0:
+            items = explore(items, agent_cfg.explore_rate)
         block_id = traces.create_block_with_items(
             s, items=items, market=market.name, mode=mode, kind=kind, horizon=horizon,
             adapter_version=policy.adapter_version, target_score=target, conditioning=label,
@@ -188,7 +206,8 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
         tools = EpisodeTools(market, rec, ep, news_max_results=cfg.news_max_results, timeout_s=cfg.tool_timeout_s)
         try:
             result = run_episode(policy, tools, rec, cfg, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
-                                 label=ep.conditioning or "", seed=ep.seed, stop=halt)
+                                 label=ep.conditioning or "", seed=ep.seed, stop=halt,
+                                 explore_direction=ep.explore_direction)
             resolve_at = market.calendar.resolve_session(ep.as_of, ep.horizon)
         except EpisodeStopped:
             rec.write(lambda s: traces.release_episode(s, episode_id))

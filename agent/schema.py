@@ -123,6 +123,32 @@ FINAL_SCHEMA: dict[str, Any] = _inline_refs(_FINAL.json_schema())
 TOOL_SCHEMA: dict[str, Any] = _inline_refs(_TOOL.json_schema())  # research first (AgentConfig.min_tool_calls)
 
 
+DIRECTIONS = ("up", "down", "flat")
+
+
+def with_direction(schema: dict[str, Any], direction: str) -> dict[str, Any]:
+    """A copy of `schema` whose prediction may only take `direction`: exploration through the decoder.
+
+    Every constrained decoder (llguidance, vLLM json_schema) then makes the model write its own
+    magnitude, confidence and rationale for that direction.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            props = out.get("properties")
+            if isinstance(props, dict) and "direction" in props and "magnitude_pct" in props:
+                props["direction"] = {"type": "string", "enum": [direction]}
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
 def _first_json_object(text: str) -> str:
     """The first balanced {...} in `text`: models often add prose or code fences around the JSON."""
     start = text.find("{")

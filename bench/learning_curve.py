@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=4, help="Agent tool-call budget per episode.")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--explore", type=float, default=0.0,
+                   help="agent.explore_rate of the train blocks: share of items with a random direction.")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--workdir", default=None, help="Where the per-arm databases and adapters go (default: tmp).")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_curve.md"))
@@ -127,7 +129,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workd
     agent_cfg = AgentConfig(model=model_dir, device="cpu", target_score=args.target, block_size=args.block_size,
                             concurrency=args.concurrency, max_batch_size=args.concurrency,
                             max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature)
+                            temperature=args.temperature, explore_rate=args.explore)
     rewards_cfg = RewardsConfig(label_format=spec["label_format"])
     trainer_cfg = TrainerConfig(
         adapters_dir=str(home / "adapters"), runs_dir=str(home / "runs"), learning_rate=args.lr,

@@ -372,7 +372,9 @@ def trace(episode_id: int = typer.Argument(..., help="Episode id (see v_episode_
         console.print(f"[bold]episode {ep.id}[/bold] block {ep.block_id} #{ep.idx}  {ep.ticker}  as_of "
                       f"{ep.as_of:%Y-%m-%d %H:%M} UTC  horizon {ep.horizon}  {ep.status}  attempt {ep.attempt}  "
                       f"adapter {ep.adapter_version if ep.adapter_version is not None else 'base'}  "
-                      f"[{ep.conditioning}]", highlight=False)
+                      f"[{ep.conditioning}]"
+                      + (f"  explored: direction {ep.explore_direction}" if ep.explore_direction else ""),
+                      highlight=False)
         colors = {"system": "dim", "user": "cyan", "assistant": "green", "tool": "yellow"}
         for st in tr.steps:
             title = f"{st.idx} {st.role}"

@@ -102,6 +102,8 @@ class Episode(Base):
     adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     target_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     conditioning: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Direction exploration (agent.explore_rate): the direction the prediction was constrained to.
+    explore_direction: Mapped[str | None] = mapped_column(String(8), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -35,6 +35,7 @@ class TraceError(LookupError):
 class PlannedItem:
     ticker: str
     as_of: datetime
+    explore_direction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ClaimedEpisode:
     target_score: float | None
     conditioning: str | None
     seed: int
+    explore_direction: str | None = None
 
 
 def _insert(session: Session, table):
@@ -85,7 +87,8 @@ def create_block_with_items(
     session.flush()
     session.add_all(
         Episode(block_id=block.id, idx=i, ticker=it.ticker, as_of=it.as_of, horizon=horizon, status="pending",
-                attempt=0, adapter_version=adapter_version, target_score=target_score, conditioning=conditioning)
+                attempt=0, adapter_version=adapter_version, target_score=target_score, conditioning=conditioning,
+                explore_direction=it.explore_direction)
         for i, it in enumerate(items)
     )
     session.flush()
@@ -131,6 +134,7 @@ def claim_episode(session: Session, episode_id: int, adapter_version: int | None
     return ClaimedEpisode(
         id=ep.id, block_id=ep.block_id, idx=ep.idx, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
         attempt=ep.attempt, target_score=ep.target_score, conditioning=ep.conditioning, seed=block_seed,
+        explore_direction=ep.explore_direction,
     )
 
 

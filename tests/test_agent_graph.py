@@ -236,3 +236,19 @@ def test_steps_are_unique_per_attempt_and_in_order(sqlite_db, market):
         rows = s.execute(select(Step.episode_id, Step.attempt, Step.idx)).all()
         assert len(rows) == len(set(rows)) == 6 * 7
         assert s.scalar(select(func.count()).select_from(Prediction).where(Prediction.block_id == block_id)) == 6
+
+
+def test_exploration_episode_constrains_only_the_direction(sqlite_db, market):
+    """An explored episode's prediction schemas allow one direction; research and everything else are free."""
+    policy = ScriptedPolicy([NEWS, pred("down")])
+    agent_cfg = AgentConfig(concurrency=1, max_steps=1, explore_rate=1.0)
+    block_id = run_block(sqlite_db, policy, market, agent_cfg, RewardsConfig(), size=1, progress=False)
+    tr = only_episode(sqlite_db, block_id)
+    drawn = tr.episode.explore_direction
+    assert drawn in ("up", "down", "flat")
+    tool_turn, final_turn = (c["json_schema"] for c in policy.calls)
+    assert tool_turn is TOOL_SCHEMA
+    allowed = final_turn["properties"]["prediction"]["properties"]["direction"]["enum"]
+    assert allowed == [drawn]
+    assert final_turn["properties"]["prediction"]["properties"]["confidence"] == \
+        FINAL_SCHEMA["properties"]["prediction"]["properties"]["confidence"]

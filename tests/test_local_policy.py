@@ -202,3 +202,14 @@ def test_smollm2_constrained_prediction_is_valid_json(smollm2_dir):
         done = pol.complete(messages, json_schema=SCHEMA, max_new_tokens=160, temperature=0.7, seed=0)
     forecast = Forecast.model_validate_json(done.text)
     assert forecast.direction in ("up", "down", "flat")
+
+
+@pytest.mark.parametrize("direction", ["down", "flat"])
+def test_exploration_schema_makes_the_model_take_the_drawn_direction(policy, direction):
+    """agent.explore_rate goes through the decoder: the model may only write the drawn direction."""
+    from agent.schema import FINAL_SCHEMA, with_direction
+
+    for seed in range(3):
+        done = policy.complete(chat("ACME"), json_schema=with_direction(FINAL_SCHEMA, direction),
+                               max_new_tokens=24, temperature=1.0, seed=seed)
+        assert done.text.replace(" ", "").startswith(f'{{"prediction":{{"direction":"{direction}"')

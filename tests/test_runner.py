@@ -213,3 +213,25 @@ def test_quantile_target_is_binned_with_the_serving_adapters_edges(sqlite_db, ma
     with session_scope(sqlite_db) as s:
         assert s.get(Block, with_edges).conditioning == "Quantile: 5/5"  # above the adapter's top edge 0.25
         assert s.get(Block, uniform).conditioning == "Quantile: 2/5"  # uniform edges 0.2, 0.4, 0.6, 0.8
+
+
+def test_exploration_marks_train_items_only_and_is_reproducible(sqlite_db, market):
+    """explore_rate draws a direction for about that share of train items, the same way every time."""
+    from agent.runner import explore, plan_items
+
+    with session_scope(sqlite_db) as s:
+        items = plan_items(s, market, mode="replay", size=200, horizon=5, kind="train")
+    marked = explore(items, 0.3)
+    drawn = [it.explore_direction for it in marked if it.explore_direction]
+    assert 40 <= len(drawn) <= 80 and set(drawn) == {"up", "down", "flat"}
+    assert explore(items, 0.3) == marked and explore(items, 0.0) == items
+    policy = ScriptedPolicy([NEWS, PRED])
+    train = run_block(sqlite_db, policy, market, cfg(explore_rate=1.0, max_steps=1), RewardsConfig(), size=3,
+                      progress=False)
+    gate = run_block(sqlite_db, policy, market, cfg(explore_rate=1.0, max_steps=1), RewardsConfig(), size=3,
+                     kind="gate", progress=False)
+    with session_scope(sqlite_db) as s:
+        directions = {b: [e.explore_direction for e in s.scalars(select(Episode).where(Episode.block_id == b))]
+                      for b in (train, gate)}
+    assert all(d in ("up", "down", "flat") for d in directions[train])
+    assert directions[gate] == [None, None, None]  # gate and eval blocks measure the policy, never explore
