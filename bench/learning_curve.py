@@ -65,6 +65,9 @@ class RoundRow:
     block_s: float
     train_s: float
     train_loss: float | None = None
+    own_n: int = 0  # items the policy chose the direction of (not explored)
+    own_accuracy: float | None = None
+    own_reward: float | None = None
 
 
 @dataclass
@@ -106,7 +109,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+OWN_ITEMS_SQL = """
+SELECT COUNT(*), AVG(CASE WHEN o.correct THEN 1.0 ELSE 0.0 END), AVG(r.composite)
+FROM predictions p JOIN episodes e ON e.id = p.episode_id
+JOIN outcomes o ON o.prediction_id = p.id JOIN rewards r ON r.prediction_id = p.id
+WHERE p.block_id = :b AND e.explore_direction IS NULL AND p.valid
+"""
+
+
 def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workdir: Path) -> ArmRun:
+    from sqlalchemy import text
+
     from agent.local_policy import LocalPolicy
     from agent.runner import run_block
     from market.sources import build_market
@@ -149,9 +162,11 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workd
             block_s = time.monotonic() - t0
             with session_scope(engine) as s:
                 m = block_summary(s, bid) or {}
+                own = s.execute(text(OWN_ITEMS_SQL), {"b": bid}).one()
             row = RoundRow(r, bid, policy.adapter_version, m.get("n") or 0, m.get("accuracy"),
                            m.get("mean_composite"), m.get("brier"), m.get("ece"), m.get("coverage"),
-                           m.get("always_up_accuracy"), m.get("momentum_accuracy"), block_s, 0.0)
+                           m.get("always_up_accuracy"), m.get("momentum_accuracy"), block_s, 0.0,
+                           own_n=int(own[0] or 0), own_accuracy=own[1], own_reward=own[2])
             if spec["train"]:
                 t1 = time.monotonic()
                 res = train_round(engine, trainer_cfg, rewards_cfg, agent_cfg, base_model_dir=model_dir)
@@ -161,7 +176,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workd
                     row.train_loss = statistics.fmean(p["loss"] for p in res.loss_curve) if res.loss_curve else None
                 row.train_s = time.monotonic() - t1
             out.rounds.append(row)
-            print(f"  {arm:8s} seed {seed} round {r}: acc {_f(row.accuracy)} reward {_f(row.mean_reward)} "
+            print(f"  {arm:8s} seed {seed} round {r}: acc {_f(row.accuracy)} (own {row.own_n}: "
+                  f"{_f(row.own_accuracy)}) reward {_f(row.mean_reward)} "
                   f"Brier {_f(row.brier)} ECE {_f(row.ece)} valid {_f(row.valid)}  block {block_s:.0f}s "
                   f"train {row.train_s:.0f}s loss {_f(row.train_loss)}", flush=True)
         conditioned = spec["label_format"] in ("score", "goal")
@@ -206,8 +222,9 @@ def tables(runs: list[ArmRun], rounds: int) -> str:
     arms = list(dict.fromkeys(r.arm for r in runs))
     lines = [("### Per round (each round's own train block: fresh dates, produced by the adapter trained r-1 "
               "times; mean ± sd over seeds)"), "",
-             "| arm | round | adapter | direction accuracy | mean reward | Brier | ECE | valid | train loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             ("| arm | round | adapter | direction accuracy | accuracy, own calls | mean reward | Brier | ECE | "
+              "valid | train loss |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         rs = [r for r in runs if r.arm == arm]
         for k in range(rounds):
@@ -216,7 +233,8 @@ def tables(runs: list[ArmRun], rounds: int) -> str:
                 continue
             ver = rows[0].adapter_version
             lines.append(f"| {arm} | {k + 1} | {'base' if ver is None else f'v{ver}'} | "
-                         f"{_ms([x.accuracy for x in rows])} | {_ms([x.mean_reward for x in rows])} | "
+                         f"{_ms([x.accuracy for x in rows])} | {_ms([x.own_accuracy for x in rows])} | "
+                         f"{_ms([x.mean_reward for x in rows])} | "
                          f"{_ms([x.brier for x in rows])} | {_ms([x.ece for x in rows])} | "
                          f"{_ms([x.valid for x in rows])} | {_ms([x.train_loss for x in rows])} |")
     lines += ["", "### Held-out after the last round (tail of the history; figures at the highest target)", "",
