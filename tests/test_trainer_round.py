@@ -20,7 +20,7 @@ from trainer.config import TrainerConfig
 from trainer.errors import TrainerError, TrainingStopped
 from trainer.registry import publish, serving_adapter
 from trainer.round import train_round
-from trainer.sft import StopOnEvent
+from trainer.sft import StopOnEvent, last_complete_checkpoint
 
 AGENT = AgentConfig(device="cpu")
 REWARDS = RewardsConfig()
@@ -111,6 +111,11 @@ def test_interrupted_round_resumes_from_its_last_checkpoint(sqlite_db, tiny_mode
     assert adapters(sqlite_db) == {}
 
     add_block(sqlite_db, [0.5, 0.5])  # arrives meanwhile: belongs to the next round, not the resumed one
+    # A kill during the next save left a checkpoint without weights or trainer state: skipped, removed.
+    half = Path(run.checkpoint_dir) / "checkpoint-3"
+    half.mkdir()
+    (half / "adapter_config.json").write_text("{}")
+    assert last_complete_checkpoint(run.checkpoint_dir).endswith("checkpoint-2") and not half.exists()
     steps = Steps()
     result = train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir, callbacks=[steps])
     assert result.run_id == run.id and result.resumed_from_step == 2

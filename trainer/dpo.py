@@ -99,7 +99,6 @@ def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsCo
     from pathlib import Path
 
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOTrainer
 
     from trainer.round import RoundResult, hyperparams
@@ -108,6 +107,7 @@ def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsCo
         NonFiniteLoss,
         OutOfMemory,
         _is_oom,
+        last_complete_checkpoint,
         load_trainable_model,
         loss_curve,
         pick_device,
@@ -146,7 +146,7 @@ def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsCo
         trainer = DPOTrainer(model=model, args=dpo_config(trainer_cfg, run_dir, device),
                              train_dataset=Dataset.from_list([{k: p[k] for k in cols} for p in pairs]),
                              processing_class=load_tokenizer(base), callbacks=[LossGuard(), *callbacks])
-        trainer.train(resume_from_checkpoint=get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None)
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir))
         raise_if_stopped(callbacks, trainer.state.max_steps)
     except (NonFiniteLoss, TrainerError) as err:
         _fail(engine, run_id, str(err))

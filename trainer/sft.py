@@ -11,7 +11,9 @@ Multi-GPU: the same code runs under `accelerate launch --num_processes N -m sche
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,16 +210,35 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint that was written to the end; newer, half-written ones are removed.
+
+    A kill during a save leaves `checkpoint-N` without weights, and transformers' get_last_checkpoint
+    would pick it and fail on every restart ("Can't find a valid checkpoint"). The Trainer writes
+    trainer_state.json after the weights and optimizer, so a parseable one marks a complete save.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(ckpt)
+        except (OSError, ValueError):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
 def run_sft(base_model_dir: str, adapter_path: str | None, messages: Sequence[list[dict[str, str]]],
             cfg: TrainerConfig, output_dir: str | Path, *, device: str = "auto",
             callbacks: Sequence[TrainerCallback] = ()) -> SFTOutcome:
     """Train one round in output_dir, resuming from its last checkpoint if an earlier try left one."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     device = pick_device(device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    last = get_last_checkpoint(str(output_dir))
+    last = last_complete_checkpoint(output_dir)
     tokenizer = load_tokenizer(base_model_dir)
     model = load_trainable_model(base_model_dir, adapter_path, cfg, device)
     trainer = build_trainer(model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks)
