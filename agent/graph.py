@@ -17,7 +17,6 @@ from typing import Any, Literal, TypedDict
 from langgraph.graph import END, START, StateGraph
 
 from agent.config import AgentConfig
-from agent.policy import Policy
 from agent.prompts import BUDGET_MESSAGE, REPAIR_TEMPLATE, system_prompt, user_prompt
 from agent.recorder import EpisodeRecorder
 from agent.schema import (
@@ -31,6 +30,7 @@ from agent.schema import (
     with_direction,
 )
 from agent.tools import EpisodeTools
+from policy.protocol import Policy
 
 
 class EpisodeStopped(Exception):

@@ -23,11 +23,11 @@ from sqlalchemy import Engine
 
 from agent.config import AgentConfig
 from agent.graph import EpisodeStopped, run_episode
-from agent.policy import Policy
 from agent.recorder import EpisodeRecorder, WriteClock
 from agent.schema import DIRECTIONS
 from agent.tools import EpisodeTools
 from market.protocols import MarketError, UnknownTickerError
+from policy.protocol import Policy
 from rewards.config import RewardsConfig
 from rewards.labels import target_label
 from store import traces

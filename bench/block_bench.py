@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from agent.local_policy import LocalPolicy, PolicyStats
+from policy.local import LocalPolicy, PolicyStats
 
 TICKERS = ["AAPL", "MSFT", "NVDA", "AMZN", "META", "GOOG", "TSLA", "JPM", "XOM", "UNH", "V", "PG"]
 

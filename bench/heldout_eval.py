@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     args = p.parse_args(argv)
 
-    from agent.local_policy import LocalPolicy
-    from agent.model_files import resolve_model
+    from evaluation.heldout import run_eval
     from market.sources import build_market
-    from scheduler.evaluation import run_eval
+    from policy.local import LocalPolicy
+    from policy.model_files import resolve_model
     from store.db import open_store, session_scope
     from store.status import block_summary
     from store.training import serving_adapter_row

@@ -12,7 +12,7 @@ round -> publish (no gate, the same for every arm). Same data budget for every a
 round) and the same optimizer steps: the filtered arm trains 1/0.25 = 4x the epochs on its quarter.
 Round r's figures are measured on round r's block (fresh dates, produced by the adapter trained
 r-1 times); after the last round the final adapter runs --eval-items held-out items (the tail of the
-history, scheduler/evaluation.py) at each of --targets, giving held-out figures and controllability.
+history, evaluation/heldout.py) at each of --targets, giving held-out figures and controllability.
 
     .venv/bin/python bench/learning_curve.py --tiny --rounds 2 --block-size 6 --seeds 0   # smoke run
     .venv/bin/python bench/learning_curve.py --rounds 5 --block-size 100 --seeds 0,1,2    # the real one
@@ -120,11 +120,11 @@ WHERE p.block_id = :b AND e.explore_direction IS NULL AND p.valid
 def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workdir: Path) -> ArmRun:
     from sqlalchemy import text
 
-    from agent.local_policy import LocalPolicy
     from agent.runner import run_block
+    from evaluation.heldout import run_eval
     from market.sources import build_market
-    from scheduler.evaluation import run_eval
-    from scheduler.resolution import resolve_pending
+    from policy.local import LocalPolicy
+    from scoring.resolve import resolve_pending
     from store.db import open_store, session_scope
     from store.status import block_summary
     from trainer.registry import publish
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from agent.model_files import make_tiny_model, resolve_model
+    from policy.model_files import make_tiny_model, resolve_model
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]

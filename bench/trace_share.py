@@ -65,8 +65,8 @@ def main() -> None:
     ap.add_argument("--db", default=None, help="database URL (default: a fresh SQLite file)")
     args = ap.parse_args()
 
-    from agent.local_policy import LocalPolicy
-    from agent.model_files import make_tiny_model, resolve_model
+    from policy.local import LocalPolicy
+    from policy.model_files import make_tiny_model, resolve_model
 
     tmp = Path(tempfile.mkdtemp(prefix="trace-share-"))
     model = args.model

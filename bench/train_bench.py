@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from agent.config import AgentConfig
-from agent.model_files import load_tokenizer, make_tiny_model, resolve_model
+from policy.model_files import load_tokenizer, make_tiny_model, resolve_model
 from trainer.config import TrainerConfig
 from trainer.sft import build_trainer, load_trainable_model, sft_config
 

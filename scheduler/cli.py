@@ -178,10 +178,10 @@ def block_run(
 
 
 def _register_agent_errors() -> None:
-    from agent.model_files import ModelError
-    from agent.policy import PolicyError
     from agent.runner import BlockError
     from market.protocols import MarketError
+    from policy.model_files import ModelError
+    from policy.protocol import PolicyError
     from store.traces import TraceError
 
     for err in (BlockError, TraceError, MarketError, ModelError, PolicyError):
@@ -190,16 +190,16 @@ def _register_agent_errors() -> None:
 
 def _build_policy(s: Settings, engine, replay_outputs: Path | None):
     """The serving adapter on the configured backend, or recorded outputs when asked."""
-    from agent.policy import PolicyError
+    from policy.protocol import PolicyError
 
     if replay_outputs is not None:
-        from agent.scripted_policy import ScriptedPolicy
+        from policy.scripted import ScriptedPolicy
 
         if not replay_outputs.exists():
             raise PolicyError(f"recorded outputs not found: {replay_outputs}")
         return ScriptedPolicy.from_jsonl(replay_outputs)
     try:
-        from agent.backends import build_policy
+        from policy.backends import build_policy
     except ImportError as err:
         raise PolicyError(f"policy backends are not available: {err}") from None
     serving = None
@@ -221,8 +221,8 @@ def block_trigger(
 ) -> None:
     """Ask the running daemon for a refresh block (queued; it runs next, exactly once)."""
     from scheduler.status import daemon_state
-    from store.daemon import enqueue_trigger
     from store.db import open_store
+    from store.triggers import enqueue_trigger
 
     s = settings()
     engine = open_store(s.database_url, s.store)
@@ -252,7 +252,7 @@ def resolve(
 
     from market.protocols import MarketError
     from market.sources import build_market
-    from scheduler.resolution import resolve_pending
+    from scoring.resolve import resolve_pending
     from store.db import open_store, session_scope
     from store.status import block_summary
 
@@ -407,7 +407,7 @@ def report(
     out: Path = typer.Option(Path("report"), "--out", help="Folder for the PNG plots and index.html."),
 ) -> None:
     """Write plots and an index.html of blocks, adapters, calibration and controllability."""
-    from scheduler.report import ReportError, write_report
+    from evaluation.report import ReportError, write_report
     from store.db import open_store
 
     register_user_error(ReportError)
@@ -450,7 +450,7 @@ def eval_(
     items: int = typer.Option(24, "--items", min=1, help="Held-out items, run once per target."),
 ) -> None:
     """Evaluate an adapter on held-out items at several target scores."""
-    from scheduler.evaluation import EvalError, parse_targets
+    from evaluation.heldout import EvalError, parse_targets
 
     register_user_error(EvalError)
     wanted = parse_targets(targets)
@@ -475,10 +475,10 @@ def eval_(
                 raise EvalError(f"no adapter version {version} in the registry (see the adapters table)")
             chosen = (row.path, row.version)
 
-    from agent.backends import build_policy
+    from evaluation.heldout import run_eval
     from market.protocols import MarketError
     from market.sources import build_market
-    from scheduler.evaluation import run_eval
+    from policy.backends import build_policy
 
     register_user_error(MarketError)
     mk = build_market(s.market, engine)

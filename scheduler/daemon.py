@@ -24,9 +24,9 @@ from sqlalchemy import Engine
 from scheduler import jobs
 from scheduler.logs import log_event, setup_logging
 from scheduler.settings import Settings
-from store.daemon import LockHolder, new_owner_id, release_lock, take_over, try_acquire_lock
-from store.daemon import heartbeat as write_heartbeat
 from store.db import open_store
+from store.lock import LockHolder, new_owner_id, release_lock, take_over, try_acquire_lock
+from store.lock import heartbeat as write_heartbeat
 
 NEW_YORK = ZoneInfo("America/New_York")
 JOBSTORE_TABLE = "apscheduler_jobs"

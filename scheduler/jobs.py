@@ -1,7 +1,7 @@
 """The steps the daemon and `scoreloop loop` run (block, resolve, train + gate, triggers, recovery)
 and the module-level job callables APScheduler stores.
 
-Thin on purpose: each step calls into agent / scheduler.resolution / trainer and logs one line.
+Thin on purpose: each step calls into agent / scoring.resolve / trainer and logs one line.
 Jobs take only a string key (serialisable into the persistent job store) and find the live
 process state (policy, market, stop flag) in a registry the daemon fills at start.
 """
@@ -19,16 +19,10 @@ from sqlalchemy import Engine
 
 from scheduler.logs import log_event
 from scheduler.settings import Settings
-from store.daemon import (
-    claim_next_trigger,
-    fail_trigger,
-    finish_trigger,
-    heartbeat,
-    list_triggers,
-    requeue_trigger,
-)
 from store.db import session_scope
+from store.lock import heartbeat
 from store.status import block_for_trigger, block_row, block_summary, candidate_adapters, scored_block_ids
+from store.triggers import claim_next_trigger, fail_trigger, finish_trigger, list_triggers, requeue_trigger
 
 
 @dataclass
@@ -50,9 +44,9 @@ class Runtime:
 
     def open(self) -> Runtime:
         """Build the market and the policy once (the policy starts on the serving adapter)."""
-        from agent.backends import build_policy
-        from agent.model_files import resolve_model
         from market.sources import build_market
+        from policy.backends import build_policy
+        from policy.model_files import resolve_model
         from trainer.registry import serving_adapter
 
         s = self.settings
@@ -192,7 +186,7 @@ def _log_block_end(rt: Runtime, bid: int, seconds: float) -> None:
 
 def resolve_step(rt: Runtime) -> list[int]:
     """Resolve and score what can be; returns the blocks whose metrics were newly computed."""
-    from scheduler.resolution import resolve_pending
+    from scoring.resolve import resolve_pending
 
     rt.set_job("resolve")
     with session_scope(rt.engine) as s:

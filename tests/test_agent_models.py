@@ -42,7 +42,7 @@ def _check_traces(engine, block_id: int, n: int) -> list[Prediction]:
 
 
 def test_tiny_random_model_with_constrained_decoding_writes_valid_predictions(sqlite_db, market, tiny_model_dir):
-    from agent.local_policy import LocalPolicy
+    from policy.local import LocalPolicy
 
     policy = LocalPolicy(tiny_model_dir, device="cpu", max_batch_size=4)
     try:
@@ -58,7 +58,7 @@ def test_tiny_random_model_with_constrained_decoding_writes_valid_predictions(sq
 
 @pytest.mark.slow
 def test_smollm2_block_end_to_end(sqlite_db, market, smollm2_dir):
-    from agent.local_policy import LocalPolicy
+    from policy.local import LocalPolicy
 
     n = 4
     policy = LocalPolicy(smollm2_dir, device="cpu", max_batch_size=n)

@@ -13,21 +13,17 @@ import pytest
 from sqlalchemy import select
 
 from scheduler.daemon import DaemonLockHeld, LockKeeper, holder_is_dead_here
-from store.daemon import (
-    age_lock,
+from store.db import session_scope
+from store.lock import age_lock, heartbeat, read_lock, release_lock, try_acquire_lock
+from store.models import DaemonLock
+from store.triggers import (
     claim_next_trigger,
     enqueue_trigger,
     fail_trigger,
     finish_trigger,
     get_trigger,
-    heartbeat,
-    read_lock,
-    release_lock,
     requeue_trigger,
-    try_acquire_lock,
 )
-from store.db import session_scope
-from store.models import DaemonLock
 
 
 def test_first_takes_the_lock_second_sees_who_holds_it(fresh_db):

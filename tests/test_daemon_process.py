@@ -11,9 +11,10 @@ from daemon_process import cli, db_url, start_daemon, stop, tail, wait_for, writ
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from store.daemon import enqueue_trigger, get_trigger, read_lock
 from store.db import make_engine, session_scope
+from store.lock import read_lock
 from store.models import Block, Prediction, Step, Trigger
+from store.triggers import enqueue_trigger, get_trigger
 
 
 def _safe(fn):

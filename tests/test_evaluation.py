@@ -11,9 +11,10 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from agent.config import AgentConfig
-from agent.policy import Completion
+from evaluation.heldout import EvalError, held_out_plan, parse_targets, run_eval
 from market.config import MarketConfig, SyntheticConfig
 from market.sources import build_market
+from policy.protocol import Completion
 from rewards.config import RewardsConfig
 from rewards.evaluation import (
     TargetResult,
@@ -24,7 +25,6 @@ from rewards.evaluation import (
     spearman,
 )
 from rewards.metrics import expected_calibration_error
-from scheduler.evaluation import EvalError, held_out_plan, parse_targets, run_eval
 from store.db import session_scope
 from store.models import Block, EvalRun
 
@@ -175,7 +175,7 @@ def test_eval_run_measures_a_controllable_policy(fresh_db, small_market):
 
 def test_eval_refuses_when_training_reached_the_held_out_tail(sqlite_db, small_market):
     from agent.runner import run_block
-    from agent.scripted_policy import ScriptedPolicy
+    from policy.scripted import ScriptedPolicy
 
     plan = held_out_plan(small_market, 6, horizon=5)
     run_block(sqlite_db, ScriptedPolicy([json.dumps({"prediction": PRED})]), small_market, AgentConfig(),

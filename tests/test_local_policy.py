@@ -12,8 +12,8 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from agent.local_policy import LocalPolicy
-from agent.policy import Policy, PolicyError
+from policy.local import LocalPolicy
+from policy.protocol import Policy, PolicyError
 
 
 class Forecast(BaseModel):
@@ -178,8 +178,8 @@ def test_closed_policy_refuses_calls(tiny_model_dir):
 
 
 def test_build_policy_local_with_the_serving_adapter(tiny_model_dir, tmp_path):
-    from agent.backends import build_policy
     from agent.config import AgentConfig
+    from policy.backends import build_policy
 
     adapter = _save_lora(tiny_model_dir, tmp_path / "v3", seed=3)
     cfg = AgentConfig(model=tiny_model_dir, batch_wait_ms=0, max_batch_size=4)

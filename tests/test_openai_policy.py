@@ -1,4 +1,4 @@
-"""OpenAIPolicy against a real OpenAI-compatible HTTP server on 127.0.0.1 (agent/openai_server.py
+"""OpenAIPolicy against a real OpenAI-compatible HTTP server on 127.0.0.1 (policy/openai_server.py
 serving the tiny model through LocalPolicy): guided JSON, concurrency, adapter publish and failures."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from agent.openai_policy import OpenAIPolicy, adapter_name
-from agent.openai_server import OpenAIServer
-from agent.policy import Completion, Policy, PolicyError
+from policy.openai_client import OpenAIPolicy, adapter_name
+from policy.openai_server import OpenAIServer
+from policy.protocol import Completion, Policy, PolicyError
 
 CHAT = [{"role": "system", "content": "You forecast stocks."}, {"role": "user", "content": "AAPL?"}]
 
@@ -34,7 +34,7 @@ class Call(BaseModel):
 
 @pytest.fixture(scope="module")
 def local_policy(tiny_model_dir):
-    from agent.local_policy import LocalPolicy
+    from policy.local import LocalPolicy
 
     policy = LocalPolicy(tiny_model_dir, device="cpu", max_batch_size=8, batch_wait_ms=50)
     yield policy

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from typer.testing import CliRunner
 
-from scheduler.report import build_plots, write_report
+from evaluation.report import build_plots, write_report
 from store.db import session_scope
 from store.models import (
     Adapter,

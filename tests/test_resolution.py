@@ -19,7 +19,7 @@ from market.sources import build_market
 from rewards.composite import reward_version
 from rewards.config import RewardsConfig, RewardWeights
 from rewards.outcomes import typical_move_pct
-from scheduler.resolution import resolve_pending
+from scoring.resolve import resolve_pending
 from store.db import session_scope
 from store.models import (
     Block,

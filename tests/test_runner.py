@@ -12,11 +12,11 @@ from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from agent.config import AgentConfig
-from agent.policy import PolicyError
 from agent.runner import BlockError, BlockInterrupted, resume_block, run_block
-from agent.scripted_policy import ScriptedPolicy
 from market.config import MarketConfig
 from market.sources import build_market
+from policy.protocol import PolicyError
+from policy.scripted import ScriptedPolicy
 from rewards.config import RewardsConfig
 from store import traces
 from store.db import session_scope

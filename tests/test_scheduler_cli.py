@@ -8,8 +8,9 @@ import os
 from typer.testing import CliRunner
 
 from scheduler.cli import app
-from store.daemon import age_lock, get_trigger, heartbeat, try_acquire_lock
 from store.db import open_store
+from store.lock import age_lock, heartbeat, try_acquire_lock
+from store.triggers import get_trigger
 
 runner = CliRunner()
 

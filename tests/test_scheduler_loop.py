@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from scheduler import jobs
 from scheduler.cli import app
 from scheduler.settings import load_settings
-from store.daemon import claim_next_trigger, enqueue_trigger, get_trigger, read_lock
 from store.db import open_store, session_scope
+from store.lock import read_lock
 from store.models import Adapter, Block, Episode, Prediction, TrainingRun
+from store.triggers import claim_next_trigger, enqueue_trigger, get_trigger
 
 LOOP_EXTRA = ""
 

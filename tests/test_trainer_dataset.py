@@ -137,7 +137,7 @@ def test_export_of_an_empty_store_fails_in_one_line(sqlite_url, sqlite_db, tmp_p
 def test_loss_mask_is_exactly_the_assistant_tokens(sqlite_db, tiny_model_dir, tmp_path):
     """Token by token, on the dataset TRL actually trains on: every assistant token incl. its <|im_end|>
     is a label; every system, user, tool and role-header token is -100."""
-    from agent.model_files import load_tokenizer
+    from policy.model_files import load_tokenizer
     from trainer.sft import build_trainer, load_trainable_model, sft_config
 
     _, ids = add_block(sqlite_db, [0.3, 0.8])

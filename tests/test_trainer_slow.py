@@ -6,7 +6,7 @@ import pytest
 from trainer_fixtures import add_block
 
 from agent.config import AgentConfig
-from agent.model_files import load_tokenizer
+from policy.model_files import load_tokenizer
 from rewards.config import RewardsConfig
 from store.db import session_scope
 from trainer.config import TrainerConfig

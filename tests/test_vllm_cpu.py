@@ -21,8 +21,8 @@ import httpx
 import pytest
 from pydantic import BaseModel, Field
 
-from agent.openai_policy import OpenAIPolicy
-from agent.policy import PolicyError
+from policy.openai_client import OpenAIPolicy
+from policy.protocol import PolicyError
 
 VLLM_PYTHON = os.environ.get("SCORELOOP_VLLM_PYTHON", "")
 STARTUP_TIMEOUT_S = float(os.environ.get("SCORELOOP_VLLM_STARTUP_S", "900"))
@@ -88,7 +88,7 @@ def vllm_server(smollm2_dir, tmp_path_factory, figures):
         "--host", "127.0.0.1", "--port", str(port),
         "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-model-len", "2048",
         # the same flags docker-compose.yml passes, so a renamed flag fails here first
-        "--chat-template", str(Path(__file__).parents[1] / "agent" / "templates" / "chatml_generation.jinja"),
+        "--chat-template", str(Path(__file__).parents[1] / "policy" / "templates" / "chatml_generation.jinja"),
         "--structured-outputs-config.backend", "auto",
     ]
     started = time.perf_counter()

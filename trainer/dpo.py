@@ -20,8 +20,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from transformers import TrainerCallback
 
-from agent.config import AgentConfig
-from agent.model_files import load_tokenizer, resolve_model
+from policy.config import PolicyConfig
+from policy.model_files import load_tokenizer, resolve_model
 from rewards.config import RewardsConfig
 from store.db import session_scope
 from store.training import (
@@ -93,7 +93,7 @@ def dpo_config(cfg: TrainerConfig, output_dir: str, device: str, **overrides: An
     return DPOConfig(**kwargs)
 
 
-def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, agent_cfg: AgentConfig, *,
+def dpo_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, agent_cfg: PolicyConfig, *,
               base_model_dir: str | None = None, callbacks: Sequence[TrainerCallback] = ()):
     """A DPO round on pairs touching blocks no finished DPO run used; None when there is no new pair."""
     from pathlib import Path

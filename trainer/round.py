@@ -18,8 +18,8 @@ from pathlib import Path
 from sqlalchemy import Engine
 from transformers import TrainerCallback
 
-from agent.config import AgentConfig
-from agent.model_files import resolve_model
+from policy.config import PolicyConfig
+from policy.model_files import resolve_model
 from rewards.config import RewardsConfig
 from store.db import session_scope
 from store.training import (
@@ -70,7 +70,7 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, agent_cfg: AgentConfig,
+def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, agent_cfg: PolicyConfig,
                 *, base_model_dir: str | None = None,
                 callbacks: Sequence[TrainerCallback] = ()) -> RoundResult | None:
     """Train one round; None when fewer than `min_new_episodes` new scored episodes are waiting."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from agent.model_files import load_tokenizer
+from policy.model_files import load_tokenizer
 from trainer.config import TrainerConfig
 from trainer.errors import TrainerError, TrainingStopped
 from trainer.registry import check_adapter

@@ -3,7 +3,7 @@
 The block runner runs episodes in a thread pool; each `complete` call queues a request and one
 worker thread gathers up to `max_batch_size` of them (waiting at most `batch_wait_ms` for the batch
 to fill), left-pads them and runs ONE `model.generate` for all. Each row keeps its own schema,
-temperature, seed and token budget (agent/structured.py), so a row's text does not depend on
+temperature, seed and token budget (policy/structured.py), so a row's text does not depend on
 which requests it was batched with.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
-from agent.policy import Completion, PolicyError
+from policy.protocol import Completion, PolicyError
 
 _STOP = object()  # queue sentinel: the worker exits
 
@@ -73,8 +73,8 @@ class LocalPolicy:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from agent.model_files import ModelError, load_tokenizer, resolve_model
-        from agent.structured import grammar_tokenizer, stop_token_ids
+        from policy.model_files import ModelError, load_tokenizer, resolve_model
+        from policy.structured import grammar_tokenizer, stop_token_ids
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -269,7 +269,7 @@ class LocalPolicy:
                 item.future.set_exception(PolicyError("the local policy was closed"))
 
     def _run_batch(self, batch: list[_Request]) -> None:
-        from agent.structured import json_matcher
+        from policy.structured import json_matcher
 
         ready = []
         for request in batch:
@@ -310,7 +310,7 @@ class LocalPolicy:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        from agent.structured import RowBudget, RowSampler
+        from policy.structured import RowBudget, RowSampler
 
         width = max(len(r.prompt_ids) for r in batch)
         input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)

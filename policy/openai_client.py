@@ -1,4 +1,4 @@
-"""Policy backed by an OpenAI-compatible server (vLLM in production, agent/openai_server.py offline).
+"""Policy backed by an OpenAI-compatible server (vLLM in production, policy/openai_server.py offline).
 
 The adapter is chosen by model name: `load_adapter` registers the published LoRA folder with the
 server (`POST /v1/load_lora_adapter`, vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) as
@@ -21,7 +21,7 @@ from typing import Any, Literal, Self
 
 import httpx
 
-from agent.policy import Completion, PolicyError
+from policy.protocol import Completion, PolicyError
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,16 @@
-"""Pick the policy backend named in `[agent]`: in-process transformers or an OpenAI-compatible server."""
+"""Pick the policy backend named in `[agent] backend`: in-process transformers or an OpenAI-compatible server."""
 
 from __future__ import annotations
 
-from agent.config import AgentConfig
-from agent.policy import Policy
+from policy.config import PolicyConfig
+from policy.protocol import Policy
 
 
-def build_policy(agent_cfg: AgentConfig, serving: tuple[str, int] | None) -> Policy:
+def build_policy(agent_cfg: PolicyConfig, serving: tuple[str, int] | None) -> Policy:
     """A policy serving `serving` = (adapter path, version) from the registry, or the base model."""
     adapter_path, adapter_version = serving if serving is not None else (None, None)
     if agent_cfg.backend == "local":
-        from agent.local_policy import LocalPolicy
+        from policy.local import LocalPolicy
 
         return LocalPolicy(
             agent_cfg.model,
@@ -22,7 +22,7 @@ def build_policy(agent_cfg: AgentConfig, serving: tuple[str, int] | None) -> Pol
             cache_dir=agent_cfg.model_cache_dir,
         )
     # Imported lazily: the server backend needs neither torch nor the model files here.
-    from agent.openai_policy import OpenAIPolicy
+    from policy.openai_client import OpenAIPolicy
 
     policy = OpenAIPolicy(agent_cfg.base_url, agent_cfg.model, api_key=agent_cfg.api_key)
     if serving is not None:

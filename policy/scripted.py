@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.policy import Completion, Policy
+from policy.protocol import Completion, Policy
 
 Entry = str | BaseException
 _STOCK = re.compile(r"^Stock: (\S+)", re.MULTILINE)

@@ -1,7 +1,7 @@
 """The Policy protocol: what the episode graph needs from a model, whatever serves it.
 
-Backends: agent/local_policy.py (transformers + PEFT in-process, micro-batched across the
-concurrent episodes) and agent/openai_policy.py (an OpenAI-compatible server such as vLLM,
+Backends: policy/local.py (transformers + PEFT in-process, micro-batched across the
+concurrent episodes) and policy/openai_client.py (an OpenAI-compatible server such as vLLM,
 adapter chosen by model name). Calls are blocking and thread-safe: the block runner runs
 episodes in threads and a backend may batch their requests together.
 """

@@ -1,6 +1,6 @@
 """A small OpenAI-compatible server for a local transformers model: the offline stand-in for vLLM.
 
-    python -m agent.openai_server --model DIR --port 8000
+    python -m policy.openai_server --model DIR --port 8000
 
 Serves the endpoints OpenAIPolicy uses, with vLLM's shapes: POST /v1/chat/completions
 (response_format json_schema -> constrained decoding, seed, usage), GET /v1/models,
@@ -25,7 +25,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agent.policy import Policy, PolicyError
+from policy.protocol import Policy, PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
 
-    from agent.local_policy import LocalPolicy
+    from policy.local import LocalPolicy
 
     policy = LocalPolicy(args.model, device=args.device, max_batch_size=args.max_batch_size,
                          batch_wait_ms=args.batch_wait_ms)

@@ -28,8 +28,8 @@ from store.db import session_scope
 from store.status import block_summary
 
 if TYPE_CHECKING:
-    from agent.policy import Policy
     from market.sources import Market
+    from policy.protocol import Policy
 
 DEFAULT_TARGETS = (0.2, 0.4, 0.6, 0.8, 1.0)
 MIN_HISTORY_SESSIONS = 30  # the agent's price tool needs some history before the first eval day
@@ -106,7 +106,7 @@ def run_eval(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCon
              progress: bool = True, stop: threading.Event | None = None) -> EvalResult:
     """Run the held-out items at each target with `policy`, resolve them, store and return the eval run."""
     from agent.runner import run_block
-    from scheduler.resolution import resolve_pending
+    from scoring.resolve import resolve_pending
 
     targets = list(targets)
     plan = held_out_plan(market, n_items, horizon)
