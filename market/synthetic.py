@@ -7,7 +7,8 @@ and/or a neutral noise headline; plus market-wide noise headlines. Headlines are
 the session's trading hours, so `replay_as_of(day)` sees that day's headlines.
 
 Because the market knows its own generating process, it reports p* (`bayes_accuracy`), the
-direction accuracy of the Bayes-optimal predictor that reads every headline before `as_of`.
+direction accuracy of the Bayes-optimal predictor that reads every headline before `as_of`, and
+the band-aware p* (`bayes_accuracy_band`) for rewards that score small moves as `flat`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class SyntheticMarket:
         self.tickers = [f"SYN{i:02d}" for i in range(self.cfg.n_tickers)]
         self._future_cache: dict[int, tuple[tuple[int, float], ...]] = {}
         self._p_star: dict[int, float] = {}
+        self._p_star_band: dict[tuple[int, float], float] = {}
         self._generate()
 
     # -- generation ---------------------------------------------------------------------------
@@ -242,7 +244,8 @@ class SyntheticMarket:
             self._p_star[horizon] = self._bayes_accuracy(horizon)
         return self._p_star[horizon]
 
-    def _bayes_accuracy(self, horizon: int) -> float:
+    def _visible_mu(self, horizon: int) -> np.ndarray:
+        """mu[t, b]: expected horizon log return of every (ticker, session b) item given headlines up to b."""
         n_d, k = len(self.days), self.cfg.signal_days
         if horizon < 1 or horizon >= n_d:
             raise ValueError(f"horizon must be in 1..{n_d - 1}")
@@ -250,10 +253,50 @@ class SyntheticMarket:
         units = np.zeros(self.signs.shape, dtype=np.int64)
         for d in range(k):
             units[:, d:] += self.signs[:, : n_d - d] * min(k - d, horizon)
-        mu = self.base_drift * horizon + self.cfg.signal_strength * units[:, : n_d - horizon]
+        return self.base_drift * horizon + self.cfg.signal_strength * units[:, : n_d - horizon]
+
+    def _bayes_accuracy(self, horizon: int) -> float:
+        mu = self._visible_mu(horizon)
         values, counts = np.unique(mu, return_counts=True)
         acc = sum(c * self.item_accuracy(float(v), horizon) for v, c in zip(values, counts, strict=True))
         return float(acc / counts.sum())
+
+    def item_class_probs(self, mu: float, horizon: int, band_pct: float) -> tuple[float, float, float]:
+        """(P(up), P(flat), P(down)) of the realized return for an item whose visible drift is `mu`.
+
+        The return counts as flat when |100 * (exp(L) - 1)| < band_pct (rewards.outcomes.realized_direction),
+        i.e. when the horizon log return L lies in (log(1 - band/100), log(1 + band/100)).
+        """
+        sd = self.sd_daily * math.sqrt(horizon)
+        s = self.cfg.signal_strength
+        hi = math.log1p(band_pct / 100.0)
+        lo = math.log1p(-band_pct / 100.0) if band_pct < 100.0 else -math.inf
+        up = down = 0.0
+        for u, p in self._future_units(horizon):
+            m = mu + u * s
+            up += p * (1.0 - _normal_cdf((hi - m) / sd))
+            down += p * (_normal_cdf((lo - m) / sd) if lo > -math.inf else 0.0)
+        return up, max(0.0, 1.0 - up - down), down
+
+    def bayes_accuracy_band(self, horizon: int, band_pct: float) -> float:
+        """p* under a flat band: mean over the history's items of max(P(up), P(flat), P(down)).
+
+        `bayes_accuracy` counts the sign only, but the rewards score `flat` whenever |return| <
+        `rewards.flat_band_pct`, so an up/down call on a small move is wrong there. The Bayes-optimal
+        forecaster picks the likeliest of the three classes given every headline before as_of; its
+        accuracy is exact from the generating process (Gaussian noise and the future-signal mixture).
+        With band_pct = 0 this equals `bayes_accuracy`.
+        """
+        if band_pct < 0 or not math.isfinite(band_pct):
+            raise ValueError(f"band_pct must be a finite number >= 0, got {band_pct!r}")
+        key = (horizon, float(band_pct))
+        if key not in self._p_star_band:
+            mu = self._visible_mu(horizon)
+            values, counts = np.unique(mu, return_counts=True)
+            acc = sum(c * max(self.item_class_probs(float(v), horizon, band_pct))
+                      for v, c in zip(values, counts, strict=True))
+            self._p_star_band[key] = float(acc / counts.sum())
+        return self._p_star_band[key]
 
     @property
     def span(self) -> tuple[date, date]:

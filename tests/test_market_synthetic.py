@@ -143,3 +143,32 @@ def test_p_star_matches_an_oracle_reading_the_news(market):
     assert n > 10_000
     # ~12k overlapping items with a shared market factor: a couple of points of sampling noise.
     assert acc == pytest.approx(market.bayes_accuracy(5), abs=0.02)
+
+
+def test_band_aware_p_star_is_exact_and_reduces_to_p_star_without_a_band(market):
+    assert market.bayes_accuracy_band(5, 0.0) == pytest.approx(market.bayes_accuracy(5), abs=1e-12)
+    with_band = market.bayes_accuracy_band(5, 0.5)
+    # Moves inside +-0.5% score `flat`, so an up/down call on them is wrong: p* drops.
+    assert 0.55 < with_band < market.bayes_accuracy(5)
+    # A band wider than almost every 5-day move makes `flat` the answer nearly always.
+    assert market.bayes_accuracy_band(5, 40.0) > 0.99
+    with pytest.raises(ValueError, match="band_pct"):
+        market.bayes_accuracy_band(5, -1.0)
+
+
+def test_band_aware_p_star_matches_a_three_class_oracle_on_realized_closes(market):
+    """Pick the likeliest of up/flat/down from the visible drift; score it as the rewards do."""
+    from rewards.outcomes import realized_direction, realized_return_pct
+
+    horizon, band = 5, 0.5
+    hits = n = 0
+    for t, ticker in enumerate(market.tickers):
+        for b in range(len(market.days) - horizon):
+            up, flat, down = market.item_class_probs(market.visible_drift(t, b, horizon), horizon, band)
+            call = max((up, "up"), (flat, "flat"), (down, "down"))[1]
+            ret = realized_return_pct(market.close_on(ticker, market.days[b]),
+                                      market.close_on(ticker, market.days[b + horizon]))
+            hits += call == realized_direction(ret, band)
+            n += 1
+    assert n > 10_000
+    assert hits / n == pytest.approx(market.bayes_accuracy_band(horizon, band), abs=0.02)
