@@ -392,3 +392,32 @@ class EvalRun(Base):
     results: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class GateDecision(Base):
+    """One promotion gate: candidate vs serving on the same gate-region items, the paired statistic and the call."""
+
+    __tablename__ = "gate_decisions"
+    __table_args__ = (Index("ix_gate_decisions_candidate", "candidate_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    candidate_version: Mapped[int] = mapped_column(Integer)
+    serving_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None = the base model served
+    candidate_block_id: Mapped[int | None] = mapped_column(ForeignKey("blocks.id", ondelete="SET NULL"),
+                                                           nullable=True)
+    serving_block_id: Mapped[int | None] = mapped_column(ForeignKey("blocks.id", ondelete="SET NULL"),
+                                                         nullable=True)
+    decision: Mapped[str] = mapped_column(String(16))  # accept | keep (no evidence either way) | reject
+    passed: Mapped[bool] = mapped_column(Boolean)  # True = the candidate was published
+    rule: Mapped[str] = mapped_column(String(64))  # e.g. paired_bootstrap_mean
+    level: Mapped[float] = mapped_column(Float)  # two-sided confidence level of the interval
+    margin: Mapped[float] = mapped_column(Float)  # improvement in mean reward the candidate must also show
+    n_pairs: Mapped[int] = mapped_column(Integer)
+    mean_diff: Mapped[float | None] = mapped_column(Float, nullable=True)  # mean(candidate - serving)
+    ci_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p_value: Mapped[float | None] = mapped_column(Float, nullable=True)  # sign test, two-sided
+    statistic: Mapped[dict] = mapped_column(JSON, default=dict)  # every figure of the rule, for the report
+    items: Mapped[list] = mapped_column(JSON, default=list)  # [[ticker, as_of iso, serving r, candidate r], ...]
+    region: Mapped[dict] = mapped_column(JSON, default=dict)  # the gate region the items were drawn from
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,7 +7,7 @@ from store.views import VIEWS
 TABLES = {
     "blocks", "episodes", "steps", "tool_calls", "snippets", "tool_call_snippets", "price_bars",
     "predictions", "outcomes", "rewards", "block_metrics", "training_runs", "adapters", "triggers",
-    "daemon_lock", "eval_runs",
+    "daemon_lock", "eval_runs", "gate_decisions",
 }
 
 
