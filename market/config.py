@@ -43,6 +43,25 @@ class CsvConfig(BaseModel):
     dir: str = Field("data/replay", description="Folder holding prices.csv and news.csv.")
 
 
+class SplitConfig(BaseModel):
+    """How market.split cuts the timeline into train, gate and eval regions (embargoed from each other)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gate_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the replay history's usable sessions "
+                                 "the gate draws its items from.")
+    eval_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of the usable sessions held out for "
+                                 "`scoreloop eval` (the last ones).")
+    embargo_sessions: int | None = Field(
+        None, ge=1, description="Sessions between regions (None = the horizon; less than the horizon is refused, "
+        "since an outcome window would then reach into the next region)."
+    )
+    warmup_sessions: int = Field(30, ge=0, description="Sessions at the start of the history left out so the "
+                                 "price tool has bars to show.")
+    live_sessions: int = Field(60, ge=1, description="Live mode: resolved, never-trained sessions the gate and "
+                               "eval draw from (the most recent ones).")
+
+
 class MarketConfig(BaseModel):
     """Data sources behind the price and news protocols."""
 
@@ -65,3 +84,4 @@ class MarketConfig(BaseModel):
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     csv: CsvConfig = Field(default_factory=CsvConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)

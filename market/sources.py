@@ -9,7 +9,7 @@ from datetime import date
 from sqlalchemy import Engine
 
 from market.calendar import TradingCalendar
-from market.config import MarketConfig
+from market.config import MarketConfig, SplitConfig
 from market.protocols import NewsSource, PriceSource
 
 
@@ -24,6 +24,7 @@ class Market:
     tickers: list[str]
     span: tuple[date, date] | None = None
     p_star: Callable[[int], float] | None = field(default=None, repr=False)
+    split: SplitConfig = field(default_factory=SplitConfig)  # how market.split cuts this timeline
 
     def bayes_accuracy(self, horizon: int) -> float | None:
         """p* of the synthetic market's planted signal at `horizon`; None for real sources (unknown)."""
@@ -59,4 +60,5 @@ def build_market(cfg: MarketConfig, engine: Engine | None = None) -> Market:
 
         market.prices = CachedPrices(market.prices, engine, market.calendar)
         market.news = CachedNews(market.news, engine)
+    market.split = cfg.split
     return market
