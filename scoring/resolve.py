@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
+from market.last_price import last_price
 from market.protocols import MarketError
 from rewards.composite import RewardBreakdown, parse_failure_reward, reward_version, score_prediction
 from rewards.config import RewardsConfig
@@ -131,9 +132,12 @@ def _fetch_outcome(
         raise _Pending("not_due", f"waiting for the close of {resolve_day}")
     try:
         # Resolve day first: a fresh fetch re-adjusts the cached history (splits, dividends),
-        # so the base close read afterwards is on the same adjustment basis.
+        # so the base price read afterwards is on the same adjustment basis. The base is the last
+        # price visible at as_of (market.last_price): for a live block inside a session that is
+        # today's price, not the previous close, so the overnight move the agent saw is not scored.
         c1 = market.prices.close_on(p.ticker, resolve_day)
-        c0 = market.prices.close_on(p.ticker, base)
+        visible = last_price(market.prices, cal, p.ticker, p.as_of)
+        c0, base = visible.price, visible.session
     except MarketError as err:
         raise _Pending("no_price", f"no close for {p.ticker} ({base} -> {resolve_day}): {err}") from None
     try:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, text
 
 from market.config import MarketConfig, SyntheticConfig
+from market.last_price import last_price
 from market.sources import build_market
 from rewards.composite import reward_version
 from rewards.config import RewardsConfig, RewardWeights
@@ -67,6 +68,7 @@ class Item:
     parse_error: str | None = None
     retrieved: tuple[int, ...] = ()  # snippet keys retrieved in the current attempt
     old_attempt: tuple[int, ...] = ()  # snippet keys retrieved only in an earlier attempt
+    as_of: datetime | None = None  # default: one minute after the close of day_idx (replay)
 
 
 def add_block(engine, market, items: list[Item], *, mode="replay", status="complete",
@@ -84,8 +86,8 @@ def add_block(engine, market, items: list[Item], *, mode="replay", status="compl
         s.flush()
         pred_ids, snip_ids = [], {}
         for idx, it in enumerate(items):
-            as_of = cal.replay_as_of(days[it.day_idx]) if it.day_idx < len(days) else \
-                cal.replay_as_of(cal.add_sessions(days[-1], it.day_idx - len(days) + 1))
+            as_of = it.as_of or (cal.replay_as_of(days[it.day_idx]) if it.day_idx < len(days) else
+                                 cal.replay_as_of(cal.add_sessions(days[-1], it.day_idx - len(days) + 1)))
             ep = Episode(block_id=block.id, idx=idx, ticker=it.ticker, as_of=as_of, horizon=H, status="done",
                          attempt=1)
             s.add(ep)
@@ -270,3 +272,30 @@ def test_cli_resolve_prints_the_report(sqlite_url, market, monkeypatch):
     assert "1 unscored, 0 scored" in again.output
     bad = CliRunner().invoke(app, ["--db", sqlite_url, "resolve", "--now", "yesterday"])
     assert bad.exit_code == 1 and "--now 'yesterday' is not an ISO 8601 time" in bad.output
+
+
+def test_live_return_is_measured_from_the_price_visible_at_as_of(fresh_db, market):
+    """A 10:00 live block starts from that session's price, not the previous close (overnight news is known)."""
+    cal, s, d = market.calendar, syn(market), 80
+    t = s.tickers.index("SYN01")
+    day, prev = s.days[d], s.days[d - 1]
+    ten_am = cal.open_of(day) + timedelta(minutes=30)
+    before_open = cal.open_of(day) - timedelta(hours=1)
+    evening = cal.close_of(day) + timedelta(hours=3)
+    _, ids, _ = add_block(fresh_db, market, [Item("SYN01", d, as_of=ten_am), Item("SYN01", d, as_of=before_open),
+                                             Item("SYN01", d, as_of=evening)], mode="live")
+    rep = resolve_pending(fresh_db, market, CFG, now=cal.close_of(s.days[d + H]) + timedelta(hours=1))
+    assert rep.resolved == 3
+    with session_scope(fresh_db) as ses:
+        got = {o.prediction_id: o for o in ses.scalars(select(Outcome))}
+    open_d, close = float(s.open[t, d]), [float(c) for c in s.close[t]]
+    during, early, late = got[ids[0]], got[ids[1]], got[ids[2]]
+    # inside the session: the session's open (the latest price a daily bar holds that was public at 10:00)
+    assert (during.close_as_of, during.as_of_date, during.resolve_date) == (open_d, day, s.days[d - 1 + H])
+    assert during.realized_return_pct == pytest.approx(100 * (close[d - 1 + H] / open_d - 1))
+    assert open_d != close[d - 1]  # the old base: the previous close, gap included
+    # before the open and after the close nothing new trades: the last close is the last price
+    assert (early.close_as_of, early.as_of_date) == (close[d - 1], prev)
+    assert (late.close_as_of, late.as_of_date, late.resolve_date) == (close[d], day, s.days[d + H])
+    assert last_price(market.prices, cal, "SYN01", ten_am).kind == "open"
+    assert last_price(market.prices, cal, "SYN01", cal.open_of(day)).kind == "close"  # strictly before as_of
