@@ -1,6 +1,7 @@
 """`[agent]` settings: the serving model (fields of policy.config.PolicyConfig), conditioning target and
 block shape. One `[agent]` section for users; the policy package owns what it needs to serve."""
 
+from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -22,6 +23,19 @@ class AgentConfig(PolicyConfig):
     explore_rate: float = Field(
         0.0, ge=0, le=1, description="Share of train-block episodes whose prediction direction is drawn at random "
         "(the model writes the rest): exploration for a model that always says `up`. Gate/eval blocks never explore.")
+    research_plan: list[Literal["get_prices", "search_news", "get_market_context"]] = Field(
+        default_factory=lambda: ["search_news"], description="Tool calls the graph makes first, in order, before the "
+        "model chooses: the default puts the item's recent headlines in context (a small model left to choose "
+        "mostly read prices, where the synthetic market plants no signal); [] = the model chooses every call.")
+    news_days: int = Field(
+        7, ge=1, description="search_news shows news from the last N calendar days: older headlines no longer move "
+        "the price over the horizon, and a small model cannot tell a stale headline from a fresh one.")
+    explore_flat_rate: float = Field(
+        0.1, ge=0, le=1, description="Share of explored directions that are `flat`: about how often flat is right "
+        "(|5-day move| inside the 0.5% band at 30% annual volatility); the rest split evenly between up and down.")
+    explore_tool_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of train-block episodes whose research plan is one uniformly drawn tool "
+        "(or none), so scored data shows which research earns reward. Gate/eval blocks never explore.")
     max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")
@@ -30,6 +44,8 @@ class AgentConfig(PolicyConfig):
 
     @model_validator(mode="after")
     def _research_fits_budget(self) -> "AgentConfig":
+        if len(self.research_plan) > self.max_steps:
+            raise ValueError(f"research_plan has {len(self.research_plan)} calls, more than max_steps ({self.max_steps})")
         if self.min_tool_calls > self.max_steps:
             raise ValueError(f"min_tool_calls ({self.min_tool_calls}) must not exceed max_steps ({self.max_steps})")
         return self

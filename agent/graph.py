@@ -1,4 +1,10 @@
-"""The episode graph (LangGraph): policy -> tool -> policy ... -> finalize.
+"""The episode graph (LangGraph): plan -> policy -> tool -> policy ... -> finalize.
+
+The research plan (`AgentConfig.research_plan`, default: search_news) runs first, written by the
+graph as the assistant's tool calls, so every episode reads the item's recent headlines before it
+predicts: a 135M model left to choose mostly called get_prices, repeatedly, and never saw the
+news that moves the synthetic market (issue #13). An identical repeat of an earlier tool call is
+answered from the episode's earlier result instead of running the source again.
 
 Only validated JSON actions drive control flow, so text inside tool results (a news snippet
 saying "ignore your instructions") is never obeyed. Once `max_steps` tools have run, the model is
@@ -22,11 +28,14 @@ from agent.recorder import EpisodeRecorder
 from agent.schema import (
     ACTION_SCHEMA,
     FINAL_SCHEMA,
+    TOOL_NAMES,
     TOOL_SCHEMA,
     ActionError,
     Final,
     PredictionBody,
+    ToolAction,
     parse_action,
+    planned_call,
     with_direction,
 )
 from agent.tools import EpisodeTools
@@ -68,11 +77,17 @@ def _seed(base: int, episode_id: int, attempt: int, turn: int) -> int:
 
 
 def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
-                seed: int = 0, stop: threading.Event | None = None, explore_direction: str | None = None):
+                seed: int = 0, stop: threading.Event | None = None, explore_direction: str | None = None,
+                plan: list[str] | None = None, ticker: str = ""):
     """Compile the graph for one episode attempt (nodes close over its tools and recorder).
 
-    With `explore_direction` the prediction schemas allow only that direction (exploration).
+    With `explore_direction` the prediction schemas allow only that direction (exploration);
+    `plan` overrides `cfg.research_plan` (tool exploration draws it per item).
     """
+    research = list(cfg.research_plan if plan is None else plan)
+    unknown = [t for t in research if t not in TOOL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown tool(s) in the research plan: {unknown}; use {', '.join(TOOL_NAMES)}")
     final_schema, action_schema = FINAL_SCHEMA, ACTION_SCHEMA
     if explore_direction is not None:
         final_schema = with_direction(FINAL_SCHEMA, explore_direction)
@@ -85,10 +100,10 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
     def policy_node(state: State) -> State:
         check_stop()
         forced = state.get("forced", False)
-        research = not forced and state.get("tool_calls", 0) < cfg.min_tool_calls
+        must_research = not forced and state.get("tool_calls", 0) < cfg.min_tool_calls
         turn = state.get("turns", 0)
         out = policy.complete(
-            state["messages"], json_schema=final_schema if forced else TOOL_SCHEMA if research else action_schema,
+            state["messages"], json_schema=final_schema if forced else TOOL_SCHEMA if must_research else action_schema,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             seed=_seed(seed, recorder.episode_id, recorder.attempt, turn),
         )
@@ -96,7 +111,7 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
                       completion_tokens=out.completion_tokens, latency_ms=out.latency_ms)
         messages = [*state["messages"], {"role": "assistant", "content": out.text}]
         try:
-            action = parse_action(out.text, final_only=forced, tools_only=research)
+            action = parse_action(out.text, final_only=forced, tools_only=must_research)
             error = None
         except ActionError as err:
             action, error = None, str(err)
@@ -111,10 +126,9 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
             return "repair"
         return "fail" if state.get("forced", False) else "force"
 
-    def tool_node(state: State) -> State:
-        check_stop()
-        text = tools.run(state["action"])
-        messages = [*state["messages"], {"role": "tool", "content": text}]
+    def call_tool(state: State, action: ToolAction, messages: list[dict[str, str]]) -> State:
+        text = tools.run(action)
+        messages = [*messages, {"role": "tool", "content": text}]
         n = state.get("tool_calls", 0) + 1
         update: State = {"messages": messages, "tool_calls": n, "repairs": 0, "action": None}
         if n >= cfg.max_steps:
@@ -122,6 +136,19 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
             update["messages"] = [*messages, {"role": "user", "content": BUDGET_MESSAGE}]
             update["forced"] = True
         return update
+
+    def tool_node(state: State) -> State:
+        check_stop()
+        return call_tool(state, state["action"], state["messages"])
+
+    def plan_node(state: State) -> State:
+        """The research plan's calls, written as the assistant's turns (no decoding: nothing to choose)."""
+        for name in research[: cfg.max_steps]:
+            check_stop()
+            action, text = planned_call(name, ticker)
+            recorder.step("assistant", text)  # no token counts: written by the graph, not decoded
+            state = {**state, **call_tool(state, action, [*state["messages"], {"role": "assistant", "content": text}])}
+        return state
 
     def repair_node(state: State) -> State:
         msg = REPAIR_TEMPLATE.format(error=state["error"])
@@ -141,13 +168,15 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
         return {"prediction": None, "parse_error": state["error"]}
 
     g = StateGraph(State)
+    g.add_node("plan", plan_node)
     g.add_node("policy", policy_node)
     g.add_node("tool", tool_node)
     g.add_node("repair", repair_node)
     g.add_node("force", force_node)
     g.add_node("finalize", finalize_node)
     g.add_node("fail", fail_node)
-    g.add_edge(START, "policy")
+    g.add_edge(START, "plan")
+    g.add_edge("plan", "policy")
     g.add_conditional_edges("policy", route)
     g.add_edge("tool", "policy")
     g.add_edge("repair", "policy")
@@ -159,15 +188,17 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
 
 def run_episode(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
                 ticker: str, as_of, horizon: int, label: str, seed: int = 0,
-                stop: threading.Event | None = None, explore_direction: str | None = None) -> EpisodeResult:
+                stop: threading.Event | None = None, explore_direction: str | None = None,
+                plan: list[str] | None = None) -> EpisodeResult:
     """Commit the system and user turns, then run the graph to a prediction or a recorded failure."""
-    system = system_prompt(label)
-    user = user_prompt(ticker, as_of, horizon)
+    system = system_prompt()
+    user = user_prompt(ticker, as_of, horizon, label)
     recorder.step("system", system)
     recorder.step("user", user)
-    graph = build_graph(policy, tools, recorder, cfg, seed=seed, stop=stop, explore_direction=explore_direction)
+    graph = build_graph(policy, tools, recorder, cfg, seed=seed, stop=stop, explore_direction=explore_direction,
+                        plan=plan, ticker=ticker)
     # Each turn visits at most 2 nodes; turns are bounded by tools + repairs + forcing.
-    limit = 4 * (cfg.max_steps + 2) * (cfg.max_repairs + 2) + 10
+    limit = 4 * (cfg.max_steps + 2) * (cfg.max_repairs + 2) + 12
     final = graph.invoke(
         {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
          "tool_calls": 0, "repairs": 0, "forced": False, "turns": 0},

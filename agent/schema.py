@@ -27,7 +27,7 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 CONFIDENCE_STEPS = [round(0.05 * i, 2) for i in range(21)]
 MAGNITUDE_STEPS = [round(0.1 * i, 1) for i in range(101)] + [12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0]
 LOOKBACK_STEPS = [1, 2, 3, 5, 10, 15, 20, 30, 40, 60, 90, 120, 250]
-DECODE_RATIONALE_CHARS = 160  # shorter when decoding, so a whole prediction fits max_new_tokens
+DECODE_RATIONALE_CHARS = 80  # bounded when decoding: a whole prediction stays ~50 tokens (decode cost, issue #13)
 
 
 class PredictionBody(BaseModel):
@@ -124,6 +124,20 @@ TOOL_SCHEMA: dict[str, Any] = _inline_refs(_TOOL.json_schema())  # research firs
 
 
 DIRECTIONS = ("up", "down", "flat")
+
+# What a planned research call asks (AgentConfig.research_plan): the ticker as the news query (it
+# matches every item tagged with the ticker), and a month of prices or market context.
+_PLANNED_ARGS: dict[str, Any] = {"get_prices": {"lookback_days": 20}, "get_market_context": {"lookback_days": 20}}
+
+
+def planned_call(tool: str, ticker: str) -> tuple[ToolAction, str]:
+    """The validated action and its JSON text for a research-plan call, as if the model had written it."""
+    args = _PLANNED_ARGS.get(tool, {"query": ticker.lower() or "latest"})
+    text = json.dumps({"tool": tool, "args": args})
+    action = parse_action(text, tools_only=True)
+    if isinstance(action, Final):
+        raise TypeError(f"a research plan step must be a tool call, got {text}")
+    return action, text
 
 
 def with_direction(schema: dict[str, Any], direction: str) -> dict[str, Any]:

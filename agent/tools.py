@@ -7,10 +7,12 @@ recorded tool error that the model sees as the tool message; the episode goes on
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from agent.prompts import defuse, format_market, format_news, format_prices
@@ -60,20 +62,29 @@ class EpisodeTools:
     """get_prices / search_news / get_market_context for one episode attempt."""
 
     def __init__(self, market: Market, recorder: EpisodeRecorder, episode: ClaimedEpisode, *,
-                 news_max_results: int = 8, timeout_s: float = 20.0) -> None:
+                 news_max_results: int = 8, timeout_s: float = 20.0, news_days: int | None = None) -> None:
         self.market = market
         self.recorder = recorder
         self.episode = episode
         self.news_max_results = news_max_results
         self.timeout_s = timeout_s
+        self.news_days = news_days
+        self._seen: dict[str, ToolOutput] = {}  # identical calls of this episode -> their first result
 
     def run(self, action: ToolAction) -> str:
         """Execute one tool call, commit the tool step and its tool_calls row; returns the tool text."""
         args = action.args.model_dump()
+        key = json.dumps([action.tool, args], sort_keys=True)
         t0 = time.perf_counter()
         error: str | None = None
         try:
-            out = _with_timeout(lambda: self._dispatch(action), self.timeout_s)
+            if key in self._seen:  # a repeat learns nothing new: answer it from the first result
+                first = self._seen[key]
+                out = ToolOutput(text=f"(same call as before, same result) {first.text}", cache_hit=True,
+                                 snippet_ids=list(first.snippet_ids))
+            else:
+                out = _with_timeout(lambda: self._dispatch(action), self.timeout_s)
+                self._seen[key] = out
         except MarketError as err:
             error = f"{type(err).__name__}: {err}"
             out = ToolOutput(text="")
@@ -126,9 +137,13 @@ class EpisodeTools:
     def search_news(self, query: str) -> ToolOutput:
         ep = self.episode
         got = self.market.news.search(query, ep.as_of, ticker=ep.ticker, max_results=self.news_max_results)
-        ids = self._save_news(got)
-        text = format_news([(sid, it.published_at, it.title, it.snippet) for sid, it in zip(ids, got.items)])
-        return ToolOutput(text=text, dropped_future=got.dropped_future, cache_hit=got.cache_hit, snippet_ids=ids)
+        pairs = list(zip(self._save_news(got), got.items))
+        if self.news_days is not None:  # the recency window: older headlines are out of the horizon's reach
+            since = ep.as_of - timedelta(days=self.news_days)
+            pairs = [(sid, it) for sid, it in pairs if it.published_at >= since]
+        text = format_news([(sid, it.published_at, it.title, it.snippet) for sid, it in pairs])
+        return ToolOutput(text=text, dropped_future=got.dropped_future, cache_hit=got.cache_hit,
+                          snippet_ids=[sid for sid, _ in pairs])
 
     def get_market_context(self, lookback_days: int) -> ToolOutput:
         ep = self.episode

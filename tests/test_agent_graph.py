@@ -40,7 +40,8 @@ def market():
 
 
 def run(engine, policy, market, size=1, **cfg):
-    agent_cfg = AgentConfig(concurrency=cfg.pop("concurrency", 2), **cfg)
+    # research_plan=[]: these scenarios script every tool call the model makes (the plan has its own tests)
+    agent_cfg = AgentConfig(concurrency=cfg.pop("concurrency", 2), research_plan=cfg.pop("research_plan", []), **cfg)
     return run_block(engine, policy, market, agent_cfg, RewardsConfig(), size=size, progress=False)
 
 
@@ -56,7 +57,8 @@ def test_valid_run_traces_every_message_and_tool_call(sqlite_db, market):
     tr = only_episode(sqlite_db, block_id)
     assert [s.role for s in tr.steps] == ["system", "user", "assistant", "tool", "assistant", "tool",
                                           "assistant", "tool", "assistant"]
-    assert tr.steps[0].content.splitlines()[0] == "Score: 0.95"
+    assert tr.steps[1].content.splitlines()[-1] == "Score: 0.95"  # the task turn ends with the label
+    assert "Score" not in tr.steps[0].content.splitlines()[0]  # the system prompt is the same for every label
     assert [s.tool_name for s in tr.steps if s.role == "tool"] == ["get_prices", "search_news", "get_market_context"]
     assert all(s.tool_error is None for s in tr.steps)
     assert "closes" in tr.steps[3].content
@@ -263,7 +265,7 @@ def test_steps_are_unique_per_attempt_and_in_order(sqlite_db, market):
 def test_exploration_episode_constrains_only_the_direction(sqlite_db, market):
     """An explored episode's prediction schemas allow one direction; research and everything else are free."""
     policy = ScriptedPolicy([NEWS, pred("down")])
-    agent_cfg = AgentConfig(concurrency=1, max_steps=1, explore_rate=1.0)
+    agent_cfg = AgentConfig(concurrency=1, max_steps=1, explore_rate=1.0, research_plan=[])
     block_id = run_block(sqlite_db, policy, market, agent_cfg, RewardsConfig(), size=1, progress=False)
     tr = only_episode(sqlite_db, block_id)
     drawn = tr.episode.explore_direction
