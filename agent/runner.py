@@ -27,6 +27,7 @@ from agent.recorder import EpisodeRecorder, WriteClock
 from agent.schema import DIRECTIONS
 from agent.tools import EpisodeTools
 from market.protocols import MarketError, UnknownTickerError
+from market.split import draw_items, timeline_split, train_days
 from policy.protocol import Policy
 from rewards.config import RewardsConfig
 from rewards.labels import target_label
@@ -36,9 +37,6 @@ from store.training import adapter_label_edges
 
 if TYPE_CHECKING:
     from market.sources import Market
-
-WARMUP_SESSIONS = 30  # replay starts this far into the history so get_prices has bars to show
-
 
 class BlockError(RuntimeError):
     """A block cannot be planned or run as asked; the message says what to change."""
@@ -93,8 +91,16 @@ def _check_tickers(market: Market, tickers: Sequence[str], probe_as_of: datetime
 
 
 def plan_items(session, market: Market, *, mode: str, size: int, horizon: int, kind: str,
-               as_of: datetime | None = None, tickers: Sequence[str] | None = None) -> list[traces.PlannedItem]:
-    """The block's (ticker, as_of) items: live = one as_of; replay = consecutive sessions after the last block."""
+               as_of: datetime | None = None, tickers: Sequence[str] | None = None,
+               items: Sequence[tuple[str, datetime]] | None = None, seed: int | str = 0) -> list[traces.PlannedItem]:
+    """The block's (ticker, as_of) items, inside the region market.split gives `kind` (replay of a bounded history).
+
+    live = one as_of. replay: `items` as given; train = consecutive train-region sessions after the
+    last train block; gate / eval = `size` (ticker, session) draws from their region with `seed`,
+    or consecutive sessions from an explicit `as_of` (checked to lie in the region).
+    """
+    if items is not None:
+        return _given_items(market, items, mode=mode, kind=kind, horizon=horizon)
     if size < 1:
         raise BlockError(f"block size must be >= 1, got {size}")
     if tickers is None and not market.tickers:
@@ -106,22 +112,26 @@ def plan_items(session, market: Market, *, mode: str, size: int, horizon: int, k
         return [traces.PlannedItem(names[i % len(names)], when) for i in range(size)]
     if mode != "replay":
         raise BlockError(f"unknown mode {mode!r}: use replay or live")
-    first, last = market.span if market.span else (None, None)
+    last = market.span[1] if market.span else None
     try:
-        if as_of is not None:
-            day = cal.previous_session(_utc(as_of).date())
-        else:
-            latest = traces.next_replay_start(session, market.name, kind)
-            if latest is not None:
-                day = cal.add_sessions(cal.base_session(latest), 1)
-            elif first is not None:
-                day = cal.add_sessions(cal.sessions(first, last)[0], WARMUP_SESSIONS)
-            else:
-                raise BlockError(f"the {market.name} market has no bounded history: pass --as-of to replay it")
-        names = (_check_tickers(market, tickers, cal.replay_as_of(day)) if tickers is not None
-                 else list(market.tickers))
+        split = timeline_split(market, horizon) if market.span else None
+        start = cal.previous_session(_utc(as_of).date()) if as_of is not None else None
+        if split is None and start is None:
+            raise BlockError(f"the {market.name} market has no bounded history: pass --as-of to replay it")
+        probe = cal.replay_as_of(start or split.region(kind).first)
+        names = _check_tickers(market, tickers, probe) if tickers is not None else list(market.tickers)
         n_days = math.ceil(size / len(names))
-        days = [day] + [cal.add_sessions(day, k) for k in range(1, n_days)]
+        if split is not None and kind == "train":
+            latest = traces.next_replay_start(session, market.name, kind) if start is None else None
+            days = train_days(split, after=cal.base_session(latest) if latest else None, n_days=n_days, start=start)
+        elif split is not None and start is None:  # gate / eval: independent draws across the region
+            drawn = draw_items(split.region(kind), names, size, seed)
+            return [traces.PlannedItem(t, cal.replay_as_of(d)) for t, d in drawn]
+        else:
+            days = [start] + [cal.add_sessions(start, k) for k in range(1, n_days)]
+            if split is not None:
+                split.check(kind, days)
+        day = days[0]
         end = cal.add_sessions(days[-1], horizon)
     except MarketError as err:
         raise BlockError(f"cannot plan a replay block: {err}") from None
@@ -129,6 +139,22 @@ def plan_items(session, market: Market, *, mode: str, size: int, horizon: int, k
         raise BlockError(f"replay reached the end of the {market.name} history ({last}): a block from {day} "
                          f"needs outcomes up to {end}; pass an earlier --as-of")
     return [traces.PlannedItem(names[i % len(names)], cal.replay_as_of(days[i // len(names)])) for i in range(size)]
+
+
+def _given_items(market: Market, items: Sequence[tuple[str, datetime]], *, mode: str, kind: str,
+                 horizon: int) -> list[traces.PlannedItem]:
+    """Exactly these items (the other side of a paired gate, a drawn eval set), checked against the split."""
+    if not items:
+        raise BlockError("no items given")
+    planned = [traces.PlannedItem(t.strip().upper(), _utc(a)) for t, a in items]
+    _check_tickers(market, sorted({p.ticker for p in planned}), planned[0].as_of)
+    if mode == "replay" and market.span is not None:
+        cal = market.calendar
+        try:
+            timeline_split(market, horizon).check(kind, [cal.base_session(p.as_of) for p in planned])
+        except MarketError as err:
+            raise BlockError(f"cannot plan a replay block: {err}") from None
+    return planned
 
 
 def explore(items: Sequence[traces.PlannedItem], rate: float) -> list[traces.PlannedItem]:
@@ -149,8 +175,9 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
               as_of: datetime | None = None, tickers: Sequence[str] | None = None,
               target_score: float | None = None, kind: str = "train", trigger_id: int | None = None,
               progress: bool = True, stop: threading.Event | None = None, horizon: int = 5,
-              clock: WriteClock | None = None) -> int:
-    """Plan a block, run it, return its id (complete, or left `running` if stopped)."""
+              clock: WriteClock | None = None, items: Sequence[tuple[str, datetime]] | None = None,
+              seed: int | str = 0) -> int:
+    """Plan a block (or take `items`), run it, return its id (complete, or left `running` if stopped)."""
     target = agent_cfg.target_score if target_score is None else target_score
     factory = session_factory(engine)
     with session_scope(factory) as s:
@@ -158,12 +185,12 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
         edges = (adapter_label_edges(s, policy.adapter_version) if rewards_cfg.label_format == "quantile"
                  else None)
         label = target_label(target, rewards_cfg, edges)
-        items = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
-                           as_of=as_of, tickers=tickers)
+        planned = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
+                             as_of=as_of, tickers=tickers, items=items, seed=seed)
         if kind == "train" and agent_cfg.explore_rate > 0:
-            items = explore(items, agent_cfg.explore_rate)
+            planned = explore(planned, agent_cfg.explore_rate)
         block_id = traces.create_block_with_items(
-            s, items=items, market=market.name, mode=mode, kind=kind, horizon=horizon,
+            s, items=planned, market=market.name, mode=mode, kind=kind, horizon=horizon,
             adapter_version=policy.adapter_version, target_score=target, conditioning=label,
             trigger_id=trigger_id, config={"agent": agent_cfg.model_dump(), "label_format": rewards_cfg.label_format},
         )

@@ -58,7 +58,7 @@ class SplitConfig(BaseModel):
     )
     warmup_sessions: int = Field(30, ge=0, description="Sessions at the start of the history left out so the "
                                  "price tool has bars to show.")
-    live_sessions: int = Field(60, ge=1, description="Live mode: resolved, never-trained sessions the gate and "
+    live_sessions: int = Field(60, ge=2, description="Live mode: resolved, never-trained sessions the gate and "
                                "eval draw from (the most recent ones).")
 
 

@@ -109,10 +109,20 @@ class TimelineSplit:
         region = self.region(kind)
         for d in days:
             if d not in region:
-                where = self.region_of(d) or "an embargo or warmup gap"
+                where = self._where(d)
                 raise SplitError(f"a {kind} item on {d} lies outside the {kind} region "
                                  f"({region.first}..{region.last}; {d} is in {where}), so it could share an outcome "
                                  f"window with {'training' if kind != 'train' else 'held-out'} items")
+
+    def _where(self, day: date) -> str:
+        region = self.region_of(day)
+        if region is not None:
+            return f"the {region} region"
+        if self.mode == "replay" and day < self.train.first:
+            return "the warmup before the train region"
+        if self.mode == "replay" and day > self.eval.last:
+            return f"the last sessions of the history, kept for the held-out items' outcomes (horizon {self.horizon})"
+        return f"an embargo ({self.embargo} sessions between regions)"
 
     def record(self) -> dict[str, Any]:
         return {"mode": self.mode, "horizon": self.horizon, "embargo": self.embargo,
@@ -185,8 +195,8 @@ def live_split(calendar_sessions: Sequence[date], *, today: date, trained: Itera
         return sorted(out)
 
     total = cfg.live_sessions
-    n_eval = max(1, round(total * cfg.eval_fraction / (cfg.eval_fraction + cfg.gate_fraction)))
-    n_gate = max(1, total - n_eval)
+    n_eval = min(total - 1, max(1, round(total * cfg.eval_fraction / (cfg.eval_fraction + cfg.gate_fraction))))
+    n_gate = total - n_eval
     eval_i = collect(now_i - embargo - 1, n_eval)  # resolved before today's train items' as_of
     gate_i = collect(eval_i[0] - embargo - 1, n_gate) if eval_i else []
     if not eval_i or not gate_i:

@@ -145,7 +145,7 @@ def test_empty_universe_and_unknown_tickers_fail_before_anything_is_written(sqli
     with pytest.raises(BlockError, match="unknown tickers NOPE, ZZZ"):
         run_block(sqlite_db, ScriptedPolicy([PRED]), market, cfg(), RewardsConfig(), size=2,
                   tickers=["SYN01", "nope", "ZZZ"], progress=False)
-    with pytest.raises(BlockError, match="end of the synthetic history"):
+    with pytest.raises(BlockError, match="outside the train region .* the last sessions of the history"):
         run_block(sqlite_db, ScriptedPolicy([PRED]), market, cfg(), RewardsConfig(), size=2,
                   as_of=datetime.combine(market.span[1], datetime.min.time(), tzinfo=UTC), progress=False)
     with session_scope(sqlite_db) as s:
