@@ -427,6 +427,20 @@ def report(
 
 @app.command()
 @user_errors
+def browse(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8001, "--port", min=1, max=65535, help="Port to listen on."),
+    immutable: bool = typer.Option(False, "--immutable", help="Open the file immutable (a copy nothing writes)."),
+) -> None:
+    """Browse the store read-only in a web browser (datasette); on PostgreSQL, how to connect a SQL client."""
+    from store.browse import browse_store
+
+    browse_store(settings().database_url, host=host, port=port, immutable=immutable,
+                 echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
+
+
+@app.command()
+@user_errors
 def export(out: Path = typer.Option(..., "--out", help="JSONL file to write.")) -> None:
     """Write the offline training set as JSONL in chat `messages` format."""
     from store.db import open_store
