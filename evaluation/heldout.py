@@ -1,26 +1,26 @@
 """`scoreloop eval`: held-out items run once per conditioning target, resolved, and summarised as an eval run.
 
-Held-out rule: the eval items are the LAST sessions of the replayable history whose outcomes are
-still inside it (the tail ending `horizon` sessions before the history ends), every ticker of the
-market on each of those days. Replay training blocks walk forward from the start of the history,
-so they reach the tail only after (history length / days per block) blocks; an eval refuses to run
-once any `train` block has an item on or after the tail's first day, so its items are never ones
-the adapter was trained on. Every target runs the very same items (checked), in blocks of kind
-`eval` linked to the eval run through blocks.eval_run_id; the trainer never reads eval blocks.
+Held-out rule: the eval items are `--items` independent (ticker, session) draws, seeded, from the
+eval region of market.split (the last usable sessions of the replay history, an embargo of at least
+the horizon after the gate region, which itself sits an embargo after the train region). Train
+blocks never plan items outside the train region, and an eval still refuses to run if any `train`
+item's outcome window reaches the eval region (a block planned by hand, an older database). Every
+target runs the very same items (checked), in blocks of kind `eval` linked to the eval run through
+blocks.eval_run_id; the trainer never reads eval blocks.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
 from agent.config import AgentConfig
+from market.split import SplitError, draw_items, timeline_split
 from rewards.config import RewardsConfig
 from rewards.evaluation import TargetResult, controllability, pearson
 from store import eval_runs
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from policy.protocol import Policy
 
 DEFAULT_TARGETS = (0.2, 0.4, 0.6, 0.8, 1.0)
-MIN_HISTORY_SESSIONS = 30  # the agent's price tool needs some history before the first eval day
 
 
 class EvalError(RuntimeError):
@@ -57,20 +56,23 @@ def parse_targets(text: str) -> list[float]:
 
 @dataclass(frozen=True)
 class HeldOutPlan:
-    """The eval items: every ticker on each of `days` consecutive sessions at the end of the history."""
+    """The eval items: seeded (ticker, session) draws from the eval region of the timeline split."""
 
-    first_day: date
+    first_day: date  # the eval region's first and last sessions
     last_day: date
-    as_of: datetime  # replay as_of of first_day: what run_block plans from
+    items: list[tuple[str, datetime]]  # (ticker, replay as_of), in session order
     tickers: list[str]
     n_items: int
+    seed: int
+    leak_since: datetime  # a train item at or after this as_of would share an outcome window with an eval item
 
     def record(self) -> dict[str, Any]:
-        return {"rule": "tail of the replay history", "first_day": self.first_day.isoformat(),
-                "last_day": self.last_day.isoformat(), "tickers": self.tickers, "n_items": self.n_items}
+        return {"rule": "seeded draws from the eval region of market.split", "first_day": self.first_day.isoformat(),
+                "last_day": self.last_day.isoformat(), "tickers": self.tickers, "n_items": self.n_items,
+                "seed": self.seed, "sessions": len({a for _, a in self.items})}
 
 
-def held_out_plan(market: Market, n_items: int, horizon: int) -> HeldOutPlan:
+def held_out_plan(market: Market, n_items: int, horizon: int, seed: int = 0) -> HeldOutPlan:
     if n_items < 1:
         raise EvalError(f"--items must be >= 1, got {n_items}")
     if market.span is None:
@@ -79,16 +81,15 @@ def held_out_plan(market: Market, n_items: int, horizon: int) -> HeldOutPlan:
     if not market.tickers:
         raise EvalError(f"the {market.name} market has no tickers")
     cal = market.calendar
-    sessions = cal.sessions(*market.span)
     tickers = list(market.tickers)
-    days = math.ceil(n_items / len(tickers))
-    last_idx = len(sessions) - 1 - horizon  # the last day whose outcome is inside the history
-    first_idx = last_idx - days + 1
-    if first_idx < MIN_HISTORY_SESSIONS:
-        raise EvalError(f"{n_items} eval items need {days} sessions plus {horizon} for outcomes and "
-                        f"{MIN_HISTORY_SESSIONS} of history; the {market.name} history has {len(sessions)}")
-    first = sessions[first_idx]
-    return HeldOutPlan(first, sessions[last_idx], cal.replay_as_of(first), tickers, n_items)
+    try:
+        split = timeline_split(market, horizon)
+        drawn = draw_items(split.eval, tickers, n_items, seed)
+    except SplitError as err:
+        raise EvalError(f"cannot hold {n_items} eval items out of the {market.name} history: {err}") from None
+    first_bad = split.timeline[split.timeline.index(split.eval.first) - split.embargo]
+    return HeldOutPlan(split.eval.first, split.eval.last, [(t, cal.replay_as_of(d)) for t, d in drawn], tickers,
+                       n_items, seed, cal.close_of(first_bad) + timedelta(microseconds=1))
 
 
 @dataclass(frozen=True)
@@ -103,20 +104,21 @@ class EvalResult:
 
 def run_eval(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig, rewards_cfg: RewardsConfig,
              *, targets: Sequence[float] = DEFAULT_TARGETS, n_items: int = 24, horizon: int = 5,
-             progress: bool = True, stop: threading.Event | None = None) -> EvalResult:
+             progress: bool = True, stop: threading.Event | None = None, seed: int = 0) -> EvalResult:
     """Run the held-out items at each target with `policy`, resolve them, store and return the eval run."""
     from agent.runner import run_block
     from scoring.resolve import resolve_pending
 
     targets = list(targets)
-    plan = held_out_plan(market, n_items, horizon)
+    plan = held_out_plan(market, n_items, horizon, seed)
     with session_scope(engine) as s:
-        leaked = eval_runs.trained_items_from(s, market.name, plan.as_of.replace(hour=0, minute=0))
+        leaked = eval_runs.trained_items_from(s, market.name, plan.leak_since)
         if leaked:
             raise EvalError(
-                f"{leaked} items of train blocks lie on or after {plan.first_day}, inside the held-out tail of the "
-                f"{market.name} history, so these eval items would not be held out: evaluate with a fresh "
-                "database, fewer --items, or a longer history (market.synthetic.n_days)")
+                f"{leaked} items of train blocks lie after {plan.leak_since.date()}, so their outcome windows reach "
+                f"the eval region ({plan.first_day}..{plan.last_day}) of the {market.name} history and these eval "
+                "items would not be held out: evaluate with a fresh database or a longer history "
+                "(market.synthetic.n_days)")
         run_id = eval_runs.create_eval_run(s, adapter_version=policy.adapter_version, targets=targets,
                                            market=market.name, n_items=n_items, held_out=plan.record())
     block_ids: list[int] = []
@@ -126,7 +128,7 @@ def run_eval(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCon
             if stop is not None and stop.is_set():
                 raise EvalError("stopped before every target ran")
             bid = run_block(engine, policy, market, agent_cfg, rewards_cfg, mode="replay", size=n_items,
-                            as_of=plan.as_of, tickers=plan.tickers, target_score=t, kind="eval",
+                            items=plan.items, target_score=t, kind="eval",
                             progress=progress, stop=stop, horizon=horizon)
             with session_scope(engine) as s:
                 eval_runs.link_block(s, run_id, bid)

@@ -119,7 +119,8 @@ class TargetFollowingPolicy:
         self.n = n_tickers
 
     def complete(self, messages, *, json_schema=None, max_new_tokens=160, temperature=0.7, seed=None):
-        target = float(_SCORE.search(messages[0]["content"]).group(1))
+        # The label may sit in the system prompt or next to the decision (#13): take the last one shown.
+        target = float(_SCORE.findall(" ".join(m["content"] for m in messages))[-1])
         ticker = int(_STOCK.search(next(m["content"] for m in messages if m["role"] == "user")).group(1))
         text = json.dumps({"prediction": PRED}) if ticker < target * self.n else "I am not sure."
         return Completion(text, 10, 5, 1.0)
@@ -136,13 +137,19 @@ def small_market():
     return build_market(MarketConfig(synthetic=SyntheticConfig(n_days=120, n_tickers=6)))
 
 
-def test_held_out_plan_is_the_tail_of_the_history(small_market):
-    plan = held_out_plan(small_market, 10, horizon=5)
+def test_held_out_plan_draws_from_the_eval_region(small_market):
+    from market.split import timeline_split
+
+    split = timeline_split(small_market, 5)
     cal = small_market.calendar
-    days = cal.sessions(*small_market.span)
-    assert plan.last_day == days[-1 - 5] and plan.first_day == days[-1 - 5 - 1]  # 10 items / 6 tickers = 2 days
-    assert plan.tickers == small_market.tickers
-    with pytest.raises(EvalError, match="history has 120"):
+    plan = held_out_plan(small_market, 30, horizon=5, seed=3)
+    days = [cal.base_session(a) for _, a in plan.items]
+    assert len(set(plan.items)) == 30 and all(d in split.eval for d in days)
+    assert len(set(days)) > 30 // len(small_market.tickers)  # spread over the region, not consecutive days
+    assert (plan.first_day, plan.last_day) == (split.eval.first, split.eval.last)
+    assert held_out_plan(small_market, 30, horizon=5, seed=3).items == plan.items
+    assert held_out_plan(small_market, 30, horizon=5, seed=4).items != plan.items
+    with pytest.raises(EvalError, match="holds"):
         held_out_plan(small_market, 6 * 100, horizon=5)
     live = build_market(MarketConfig(source="yahoo"))
     with pytest.raises(EvalError, match="no bounded history"):
@@ -154,8 +161,10 @@ def test_eval_run_measures_a_controllable_policy(fresh_db, small_market):
     res = run_eval(fresh_db, TargetFollowingPolicy(6), small_market, AgentConfig(concurrency=2, max_repairs=0),
                    RewardsConfig(), targets=targets, n_items=6, progress=False)
     assert res.status == "done" and len(res.block_ids) == 3
+    drawn = [int(t[3:]) for t, _ in held_out_plan(small_market, 6, horizon=5).items]
     valid = [r.n_valid for r in res.per_target]
-    assert valid == [2, 3, 6]  # tickers below 0.2*6, 0.5*6, 1.0*6
+    assert valid == [sum(i < t * 6 for i in drawn) for t in targets]  # answers only below target * 6 tickers
+    assert valid[-1] == 6 and valid[0] < 6
     assert [r.n for r in res.per_target] == [6, 6, 6]
     means = [r.mean_reward for r in res.per_target]
     assert means[0] < means[1] < means[2]
@@ -173,13 +182,20 @@ def test_eval_run_measures_a_controllable_policy(fresh_db, small_market):
         assert items[0] == items[1] == items[2]  # every target runs the same items
 
 
-def test_eval_refuses_when_training_reached_the_held_out_tail(sqlite_db, small_market):
-    from agent.runner import run_block
+def test_eval_refuses_when_a_train_item_reaches_the_eval_region(sqlite_db, small_market):
+    from agent.runner import BlockError, run_block
     from policy.scripted import ScriptedPolicy
+    from store import traces
 
     plan = held_out_plan(small_market, 6, horizon=5)
-    run_block(sqlite_db, ScriptedPolicy([json.dumps({"prediction": PRED})]), small_market, AgentConfig(),
-              RewardsConfig(), size=6, as_of=plan.as_of, kind="train", progress=False)
+    with pytest.raises(BlockError, match="outside the train region"):  # the runner never plans one there
+        run_block(sqlite_db, ScriptedPolicy([json.dumps({"prediction": PRED})]), small_market, AgentConfig(),
+                  RewardsConfig(), size=6, as_of=plan.items[0][1], kind="train", progress=False)
+    # ... but a database from before the split, or a block written by hand, may hold one: eval refuses.
+    with session_scope(sqlite_db) as s:
+        traces.create_block_with_items(s, items=[traces.PlannedItem("SYN01", plan.leak_since)], market="synthetic",
+                                       mode="replay", kind="train", horizon=5, adapter_version=None,
+                                       target_score=1.0, conditioning="Score: 1.00")
     with pytest.raises(EvalError, match="would not be held out"):
         run_eval(sqlite_db, TargetFollowingPolicy(6), small_market, AgentConfig(), RewardsConfig(),
                  targets=[0.2, 1.0], n_items=6, progress=False)
