@@ -148,7 +148,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workd
         adapters_dir=str(home / "adapters"), runs_dir=str(home / "runs"), learning_rate=args.lr,
         epochs=args.epochs / spec["top"],  # equal optimizer steps: the filtered arm sees 1/4 of the data
         batch_size=args.batch_size, max_length=args.max_length, replay_size=args.replay, min_new_episodes=1,
-        gate_items=0, heldout_every=10_000, save_steps=10_000, seed=seed, filter_top_fraction=spec["top"],
+        gate_items=0, save_steps=10_000, seed=seed, filter_top_fraction=spec["top"],
     )
     out = ArmRun(arm, seed, market.bayes_accuracy(horizon))
     t_arm = time.monotonic()

@@ -13,15 +13,13 @@ from store.db import session_scope
 from trainer.config import TrainerConfig
 from trainer.dataset import (
     build_examples,
-    heldout_block_ids,
     offline_set,
     plan_round,
     replay_sample,
-    split_blocks,
 )
 from trainer.errors import TrainerError
 
-CFG = TrainerConfig(heldout_every=5, replay_size=3, min_new_episodes=1)
+CFG = TrainerConfig(replay_size=3, min_new_episodes=1)
 
 
 def examples(engine, rewards_cfg: RewardsConfig | None = None, cfg=CFG):
@@ -70,23 +68,15 @@ def test_empty_offline_set_is_a_clear_error(sqlite_db):
         plan_round(s, CFG, RewardsConfig())
 
 
-def test_heldout_eval_gate_and_unfinished_blocks_are_never_trained_on(sqlite_db):
-    train_blocks = [add_block(sqlite_db, [0.5])[0] for _ in range(4)]
+def test_eval_gate_and_unfinished_blocks_are_never_trained_on(sqlite_db):
+    train_blocks = [add_block(sqlite_db, [0.5])[0] for _ in range(5)]
     eval_block, _ = add_block(sqlite_db, [0.5], kind="eval")
     gate_block, _ = add_block(sqlite_db, [0.5], kind="gate")
-    fifth, _ = add_block(sqlite_db, [0.5])  # 5th train block: held out with heldout_every=5
     running, _ = add_block(sqlite_db, [0.5], status="running")
     with session_scope(sqlite_db) as s:
-        assert heldout_block_ids(s, CFG) == [fifth]
         blocks = {e.block_id for e in offline_set(s, CFG)}
-    assert blocks == set(train_blocks)
-    assert not blocks & {eval_block, gate_block, fifth, running}
-
-
-def test_split_is_by_position_and_stable_as_blocks_are_appended():
-    train, held = split_blocks([3, 7, 8, 11, 12, 15], 3)
-    assert (train, held) == ([3, 7, 11, 12], [8, 15])
-    assert split_blocks([3, 7, 8, 11, 12, 15, 16, 20, 21], 3)[1] == [8, 15, 21]
+    assert blocks == set(train_blocks)  # held-out items come from market.split's regions, not train blocks
+    assert not blocks & {eval_block, gate_block, running}
 
 
 def test_replay_sample_is_fixed_size_and_deterministic(sqlite_db):
@@ -118,7 +108,7 @@ def test_export_writes_jsonl_that_datasets_loads(sqlite_url, sqlite_db, tmp_path
     assert res.exit_code == 0, res.output
     ds = load_dataset("json", data_files=str(out), split="train")
     assert ds.num_rows == 3
-    assert {"messages", "score", "label", "episode_id", "block_id", "prediction_id", "split"} <= set(ds.column_names)
+    assert {"messages", "score", "label", "episode_id", "block_id", "prediction_id"} <= set(ds.column_names)
     rows = {r["episode_id"]: r for r in ds}
     assert rows[ids[1]]["label"] == "Score: 0.90" and rows[ids[1]]["score"] == pytest.approx(0.9)
     assert rows[ids[2]]["score"] == 0.0

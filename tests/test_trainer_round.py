@@ -28,7 +28,7 @@ REWARDS = RewardsConfig()
 
 def tcfg(tmp_path: Path, **kw) -> TrainerConfig:
     base = {"adapters_dir": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs"), "lora_r": 4, "lora_alpha": 8,
-                "batch_size": 2, "max_length": 384, "save_steps": 2, "min_new_episodes": 1, "replay_size": 3, "heldout_every": 5}
+                "batch_size": 2, "max_length": 384, "save_steps": 2, "min_new_episodes": 1, "replay_size": 3}
     return TrainerConfig(**{**base, **kw})
 
 

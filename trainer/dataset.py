@@ -5,9 +5,9 @@ Choices, so they are written down once:
 - Parse failures are kept, with the score the reward module gave them (0 when it wrote no reward
   row): the model sees its own malformed output under a low label, which is what reward
   conditioning is for.
-- Held-out split: every `heldout_every`-th `train` block (by position, oldest first) is held out
-  for evaluation and never trained on; `eval` and `gate` blocks are never trained on either.
-  Positions of existing blocks never change as blocks are appended, so the split is stable.
+- Held-out items are not carved out of train blocks: they live in the gate and eval regions of
+  the timeline (market.split), embargoed from the train region, where the runner never plans a
+  train item; `eval` and `gate` blocks are never trained on. Every train block is trainable.
 - Quantile labels use edges over every scored episode of the offline set.
 """
 
@@ -17,7 +17,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -55,30 +55,15 @@ class RoundPlan:
     replay: list[ScoredEpisode]
     edges: list[float] | None = None
     offline_size: int = 0
-    heldout_block_ids: list[int] = field(default_factory=list)
 
     @property
     def episodes(self) -> list[ScoredEpisode]:
         return self.new + self.replay
 
 
-def split_blocks(block_ids: Sequence[int], every: int) -> tuple[list[int], list[int]]:
-    """(train, held-out): every `every`-th block by position is held out."""
-    ordered = sorted(block_ids)
-    heldout = [b for i, b in enumerate(ordered) if (i + 1) % every == 0]
-    held = set(heldout)
-    return [b for b in ordered if b not in held], heldout
-
-
-def heldout_block_ids(session: Session, cfg: TrainerConfig) -> list[int]:
-    """Blocks whose items the gate and evaluation may use (never trained on)."""
-    return split_blocks(train_block_ids(session), cfg.heldout_every)[1]
-
-
 def offline_set(session: Session, cfg: TrainerConfig) -> list[ScoredEpisode]:
-    """Every trainable scored episode: `train` blocks, not held out."""
-    train, _ = split_blocks(train_block_ids(session), cfg.heldout_every)
-    trainable = set(train)
+    """Every trainable scored episode: those of complete `train` blocks."""
+    trainable = set(train_block_ids(session))
     return [e for e in scored_episodes(session) if e.block_id in trainable and e.block_kind == "train"]
 
 
@@ -156,7 +141,6 @@ def plan_round(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig,
     if not pool:
         raise TrainerError("no scored episodes in the offline set: run a block (`scoreloop block run`) and "
                            "resolve it (`scoreloop resolve`) before training")
-    heldout = heldout_block_ids(session, cfg)
     if block_ids is None:
         used = used_block_ids(session, cfg.objective)
         new_blocks = sorted({e.block_id for e in pool} - used)
@@ -170,25 +154,21 @@ def plan_round(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig,
     else:
         wanted = set(replay_episode_ids)
         replay = [e for e in older if e.episode_id in wanted]
-    return RoundPlan(new_blocks, new, replay, label_edges(pool, rewards_cfg), len(pool), heldout)
+    return RoundPlan(new_blocks, new, replay, label_edges(pool, rewards_cfg), len(pool))
 
 
 def export_jsonl(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, out: str | Path) -> int:
-    """Write the whole offline set (held-out blocks marked) as JSONL in chat `messages` format."""
+    """Write the whole offline set as JSONL in chat `messages` format."""
     out = Path(out)
     with session_scope(engine) as s:
-        train, heldout = split_blocks(train_block_ids(s), trainer_cfg.heldout_every)
-        keep = set(train) | set(heldout)
-        pool = [e for e in scored_episodes(s) if e.block_id in keep]
+        pool = offline_set(s, trainer_cfg)
         if not pool:
             raise TrainerError("no scored episodes to export: run and resolve a block first")
-        edges = label_edges([e for e in pool if e.block_id in set(train)], rewards_cfg)
-        examples = build_examples(s, pool, rewards_cfg, edges)
-    held = set(heldout)
+        examples = build_examples(s, pool, rewards_cfg, label_edges(pool, rewards_cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps({**ex.record(), "split": "heldout" if ex.block_id in held else "train"}) + "\n")
+            f.write(json.dumps(ex.record()) + "\n")
     tmp.replace(out)
     return len(examples)
