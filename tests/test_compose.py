@@ -1,5 +1,7 @@
 """The production setup: docker-compose.yml validates, its scoreloop env loads as real Settings,
-and the postgres init script gives a role that reads every table and view and writes nothing."""
+and the postgres init script, run against the real PostgreSQL in a fresh database, gives the daemon
+a schema-owner role that is not a superuser and the psql readers a role that reads every table
+and view and writes nothing (proven by its grants, with read-only transactions switched off)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 ROOT = Path(__file__).parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-INIT_SCRIPT = ROOT / "docker" / "initdb" / "10-readonly-role.sh"
+INIT_SCRIPT = ROOT / "docker" / "initdb" / "10-roles.sh"
 
 
 def _env_example() -> dict[str, str]:
@@ -93,7 +96,10 @@ def test_the_daemon_env_is_valid_settings(monkeypatch):
     s = load_settings()
     assert s.agent.backend == "openai"
     assert s.agent.base_url == "http://vllm:8000/v1"
-    assert s.database_url.startswith("postgresql+psycopg://scoreloop:change-me@postgres:5432/")
+    # the daemon logs in as the schema owner, not as the superuser whose password is POSTGRES_PASSWORD
+    assert s.database_url.startswith("postgresql+psycopg://scoreloop:change-me-daemon@postgres:5432/")
+    assert services["postgres"]["environment"]["POSTGRES_USER"] == "postgres"
+    assert f":{env['POSTGRES_PASSWORD']}@" not in s.database_url
     assert s.trainer.adapters_dir == "/adapters"
     assert s.trainer.gradient_checkpointing is True
 
@@ -106,6 +112,15 @@ def test_the_daemon_env_is_valid_settings(monkeypatch):
     rank = int(next(a for a in args if a.startswith("--max-lora-rank=")).split("=")[1])
     assert rank >= s.trainer.lora_r
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # the runtime adapter endpoint is guarded by the key, and the daemon holds the same key
+    assert f"--api-key={env['VLLM_API_KEY']}" in args and s.agent.api_key == env["VLLM_API_KEY"]
+    assert "/health" in " ".join(vllm["healthcheck"]["test"])  # outside /v1: no key needed
+    # every host folder a service mounts exists in the repo (the chat template moved to policy/)
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0]
+            if host.startswith("."):
+                assert (ROOT / host).is_dir(), volume
     assert "adapters:/adapters:ro" in vllm["volumes"] and "adapters:/adapters" in services["scoreloop"]["volumes"]
     # only loopback ports are published
     for name, service in services.items():
@@ -114,9 +129,15 @@ def test_the_daemon_env_is_valid_settings(monkeypatch):
     assert services["scoreloop"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def _run_init(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(check=False, args=["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
+
+
 @pytest.mark.postgres
-def test_readonly_role_reads_tables_and_views_created_later(pg_url):
-    """The init script runs on an empty database; the schema comes later from `scoreloop init`."""
+def test_init_script_roles_least_privilege(pg_url):
+    """On a fresh database: the daemon's role migrates and owns the schema without being a superuser;
+    the reader reads every table and view created later, and its INSERT, UPDATE and DELETE fail on
+    the grants alone (read-only transactions switched off in the session)."""
     if shutil.which("psql") is None:
         pytest.skip("psql is not installed")
     from sqlalchemy.engine import make_url
@@ -124,42 +145,78 @@ def test_readonly_role_reads_tables_and_views_created_later(pg_url):
     from store.db import open_store
 
     url = make_url(pg_url)
-    role = f"ro_{uuid.uuid4().hex[:10]}"
+    tag = uuid.uuid4().hex[:10]
+    owner, reader_role = f"sl_{tag}", f"ro_{tag}"  # roles are cluster-wide: unique per run
     env = {**os.environ, "POSTGRES_USER": url.username, "POSTGRES_DB": url.database,
            "PGHOST": url.host or "127.0.0.1", "PGPORT": str(url.port or 5432),
-           "SCORELOOP_READONLY_USER": role, "SCORELOOP_READONLY_PASSWORD": "pw"}
+           "SCORELOOP_DB_USER": owner, "SCORELOOP_DB_PASSWORD": "pw-owner",
+           "SCORELOOP_READONLY_USER": reader_role, "SCORELOOP_READONLY_PASSWORD": "pw"}
     admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
     try:
-        run = subprocess.run(check=False, args=["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
+        run = _run_init(env)
         assert run.returncode == 0, run.stderr
-        # idempotent: a second run (e.g. by hand) neither fails nor duplicates the role
-        assert subprocess.run(check=False, args=["bash", str(INIT_SCRIPT)], env=env, capture_output=True).returncode == 0
+        assert _run_init(env).returncode == 0  # idempotent: a second run by hand neither fails nor duplicates
 
-        engine = open_store(pg_url)  # migrations create every table and view after the grant
-        engine.dispose()
+        with admin.connect() as conn:
+            attrs = conn.execute(text(
+                "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolcanlogin "
+                "FROM pg_roles WHERE rolname IN (:a, :b) ORDER BY rolname"), {"a": owner, "b": reader_role}).all()
+            assert [tuple(r[1:]) for r in attrs] == [(False, False, False, False, False, True)] * 2
+            assert conn.scalar(text("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'public'")) \
+                == owner
 
-        reader = create_engine(url.set(username=role, password="pw"))
+        # the daemon's migrations, as the daemon's role: every table and view is its own
+        daemon_url = url.set(username=owner, password="pw-owner")
+        open_store(daemon_url.render_as_string(hide_password=False)).dispose()
+        daemon = create_engine(daemon_url)
+        with daemon.connect() as conn:
+            assert conn.scalar(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")) is False
+            foreign = conn.scalar(text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' "
+                                       "AND tableowner <> current_user"))
+            assert foreign == 0
+            assert conn.scalar(text("SELECT count(*) FROM alembic_version")) == 1  # it wrote its migration mark
+        for ddl in ("CREATE DATABASE sl_nope", f"CREATE ROLE nope_{tag}"):
+            with (daemon.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
+                  pytest.raises(DBAPIError, match="permission denied")):
+                conn.execute(text(ddl))
+        daemon.dispose()
+
+        reader = create_engine(url.set(username=reader_role, password="pw"), poolclass=NullPool)  # fresh sessions
         with reader.connect() as conn:
             tables = conn.execute(text(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
             )).scalars().all()
-            assert "v_block_summary" in tables and "episodes" in tables
+            assert "v_block_summary" in tables and "episodes" in tables and "blocks" in tables
             for name in tables:
                 conn.execute(text(f'SELECT * FROM "{name}" LIMIT 1')).all()
-        with reader.connect() as conn, pytest.raises(DBAPIError, match="read-only transaction|permission denied"):
-            conn.execute(text("INSERT INTO alembic_version VALUES ('x')"))
-        with reader.connect() as conn, pytest.raises(DBAPIError, match="read-only transaction|permission denied"):
-            conn.execute(text("CREATE TABLE scratch (x int)"))
+        writes = ["INSERT INTO alembic_version VALUES ('x')", "UPDATE alembic_version SET version_num = 'x'",
+                  "DELETE FROM alembic_version", "TRUNCATE alembic_version", "CREATE TABLE scratch (x int)"]
+        for sql in writes:
+            with reader.connect() as conn:
+                # a normal read-write session: the role's read-only default is switched off here
+                conn.execute(text("SET default_transaction_read_only = off"))
+                conn.commit()
+                assert conn.scalar(text("SHOW transaction_read_only")) == "off"
+                with pytest.raises(DBAPIError, match="permission denied"):
+                    conn.execute(text(sql))
+        with reader.connect() as conn:  # and with the default left on, a second fence
+            assert conn.scalar(text("SHOW default_transaction_read_only")) == "on"
+            assert conn.scalar(text("SELECT count(*) FROM alembic_version")) == 1  # nothing was written
         reader.dispose()
     finally:
         with admin.connect() as conn:
-            conn.execute(text(f'DROP OWNED BY "{role}"'))  # its grants and default privileges
-            conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+            for role in (reader_role, owner):
+                conn.execute(text(f'DROP OWNED BY "{role}" CASCADE'))  # objects, grants, default privileges
+                conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
         admin.dispose()
 
 
-def test_missing_readonly_password_fails_clearly():
-    env = {k: v for k, v in os.environ.items() if k != "SCORELOOP_READONLY_PASSWORD"}
-    run = subprocess.run(check=False, args=["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True)
+@pytest.mark.parametrize("missing", ["SCORELOOP_DB_PASSWORD", "SCORELOOP_READONLY_PASSWORD"])
+def test_missing_password_fails_clearly(missing):
+    env = {k: v for k, v in os.environ.items() if k != missing}
+    env.update({"POSTGRES_USER": "postgres", "POSTGRES_DB": "scoreloop", "SCORELOOP_DB_PASSWORD": "a",
+                "SCORELOOP_READONLY_PASSWORD": "b"})
+    del env[missing]
+    run = _run_init(env)
     assert run.returncode != 0
-    assert "set SCORELOOP_READONLY_PASSWORD" in run.stderr
+    assert f"set {missing}" in run.stderr
