@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from store.errors import ScoreloopError
 
-class PolicyError(RuntimeError):
+
+class PolicyError(ScoreloopError, RuntimeError):
     """The model backend cannot answer (server down, adapter failed to load, out of memory)."""
 
 
@@ -22,6 +24,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    # Prompt tokens served from a key/value cache instead of being prefilled again (the local backend's
+    # reuse across turns and shared prefixes; OpenAI's usage.prompt_tokens_details.cached_tokens). 0 = unknown.
+    cached_tokens: int = 0
 
 
 @runtime_checkable
@@ -49,3 +54,14 @@ class Policy(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def release_cache(policy: Policy, messages: list[dict[str, str]]) -> None:
+    """Tell `policy` that this chat is over, so a backend holding its key/value cache can drop it now.
+
+    Optional on purpose: a backend without a `release(messages)` method (OpenAI client, scripted) has
+    nothing to drop, and a backend that has one also bounds what it holds without this hint.
+    """
+    release = getattr(policy, "release", None)
+    if release is not None:
+        release(messages)
