@@ -39,7 +39,7 @@ from agent.schema import (
     with_direction,
 )
 from agent.tools import EpisodeTools
-from policy.protocol import Policy
+from policy.protocol import Policy, release_cache
 
 
 class EpisodeStopped(Exception):
@@ -204,6 +204,7 @@ def run_episode(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
          "tool_calls": 0, "repairs": 0, "forced": False, "turns": 0},
         config={"recursion_limit": limit},
     )
+    release_cache(policy, final["messages"])  # the episode is over: a caching backend drops its KV cache
     return EpisodeResult(prediction=final.get("prediction"), parse_error=final.get("parse_error"),
                          raw_output=final.get("raw"), tool_calls=final.get("tool_calls", 0),
                          turns=final.get("turns", 0))
