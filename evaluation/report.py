@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from rewards.evaluation import ece_from_bins, reliability_bins
 from store.db import session_scope
-from store.report_data import AdapterRow, BlockRow, ReportData, report_data
+from store.report_data import AdapterRow, BlockRow, GateRow, ReportData, report_data
 
 BASELINE_STYLE = {
     "always_up": ("always up", "tab:orange"),
@@ -250,10 +250,23 @@ def render_html(data: ReportData, plots: Sequence[Plot], *, bayes_accuracy: floa
                 [[r.id, r.status, version_label(r.parent_version), version_label(r.adapter_version),
                   r.n_examples, len(r.loss_curve), _first_loss(r.loss_curve), _last_loss(r.loss_curve)]
                  for r in data.training_runs]))
+    parts.append("<h2>Promotion gates</h2><p>Candidate and serving adapter on the same gate-region items; "
+                 "accept needs the paired bootstrap interval of mean(candidate - serving) above 0 and a mean "
+                 "gain of at least the margin, reject an interval below 0, anything else keeps serving.</p>")
+    parts.append(_gate_table(data.gates) if data.gates else _empty("no gate decisions yet"))
     parts.append("<h2>Per block</h2>")
     parts.append(_block_table(data.blocks) if data.blocks else _empty("no blocks yet"))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _gate_table(rows: Sequence[GateRow]) -> str:
+    head = ["candidate", "serving", "decision", "pairs", "serving mean", "candidate mean", "mean diff", "interval",
+            "level", "margin", "sign test p", "gate region"]
+    return _table(head, [[version_label(g.candidate_version), version_label(g.serving_version), g.decision,
+                          g.n_pairs, g.serving_mean, g.candidate_mean, g.mean_diff,
+                          "–" if g.ci_low is None else f"[{g.ci_low:+.3f}, {g.ci_high:+.3f}]", g.level, g.margin,
+                          g.p_value, f"{g.region.get('first', '?')}..{g.region.get('last', '?')}"] for g in rows])
 
 
 def _adapter_table(rows: Sequence[AdapterRow]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from store.models import EvalRun, TrainingRun
+from store.models import EvalRun, GateDecision, TrainingRun
 
 BASELINES = ("always_up", "momentum_20d", "coin_flip")
 
@@ -85,6 +85,25 @@ class TrainingRunRow:
     loss_curve: list[dict[str, float]]
 
 
+@dataclass(frozen=True)
+class GateRow:
+    """One promotion gate (table gate_decisions): the paired comparison and the call."""
+
+    candidate_version: int
+    serving_version: int | None
+    decision: str
+    n_pairs: int
+    mean_diff: float | None
+    ci_low: float | None
+    ci_high: float | None
+    level: float
+    margin: float
+    p_value: float | None
+    serving_mean: float | None
+    candidate_mean: float | None
+    region: dict[str, Any]
+
+
 @dataclass
 class ReportData:
     blocks: list[BlockRow]
@@ -92,6 +111,7 @@ class ReportData:
     confidences: list[ScoredConfidence]
     eval_runs: list[EvalRunRow]
     training_runs: list[TrainingRunRow]
+    gates: list[GateRow] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -158,9 +178,18 @@ def training_run_rows(session: Session) -> list[TrainingRunRow]:
                            [dict(p) for p in (r.loss_curve or [])]) for r in runs]
 
 
+def gate_rows(session: Session) -> list[GateRow]:
+    """Every recorded gate decision, oldest first."""
+    rows = session.scalars(select(GateDecision).order_by(GateDecision.id))
+    return [GateRow(g.candidate_version, g.serving_version, g.decision, g.n_pairs, g.mean_diff, g.ci_low, g.ci_high,
+                    g.level, g.margin, g.p_value, (g.statistic or {}).get("serving_mean"),
+                    (g.statistic or {}).get("candidate_mean"), g.region or {}) for g in rows]
+
+
 def report_data(session: Session) -> ReportData:
     return ReportData(block_rows(session), adapter_rows(session), scored_confidences(session),
-                      eval_run_rows(session), training_run_rows(session))
+                      eval_run_rows(session), training_run_rows(session),
+                      gates=gate_rows(session))
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:

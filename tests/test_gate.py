@@ -126,3 +126,22 @@ def test_the_decision_its_statistic_and_items_are_stored(fresh_db, tmp_path, shi
         assert row.statistic["reason"] == v.reason
         adapter = s.scalar(select(Adapter).where(Adapter.version == 1))
         assert adapter.status == status and adapter.metrics["gate"]["decision"] == decision
+
+
+def test_the_report_shows_each_gate_decision(fresh_db, tmp_path):
+    from evaluation.report import render_html
+    from store.report_data import report_data
+
+    _candidate(fresh_db, 1, tmp_path)
+    serving = [0.2, 0.6] * 10
+    v = decide(serving, [r + 0.15 for r in serving], margin=0.02)
+    apply_verdict(fresh_db, 1, v, serving_version=None, serving_block_id=None, candidate_block_id=None,
+                  items=[["SYN01", "2023-01-03T21:01:00+00:00", 0.2, 0.35]],
+                  region={"region": "gate", "first": "2022-10-18", "last": "2023-05-12"})
+    with session_scope(fresh_db) as s:
+        data = report_data(s)
+    (g,) = data.gates
+    assert (g.candidate_version, g.decision, g.n_pairs) == (1, "accept", 20)
+    page = render_html(data, [])
+    assert "Promotion gates" in page and "accept" in page and "2022-10-18..2023-05-12" in page
+    assert f"[{g.ci_low:+.3f}, {g.ci_high:+.3f}]" in page
