@@ -3,17 +3,21 @@
 prices.csv: date,ticker,open,high,low,close,adj_close,volume (one row per ticker and session; outcomes
 use adj_close, so splits and dividends inside a window are already accounted for). A row with an
 empty or NaN price is skipped and counted (`nan_rows`), as data exports often carry such gaps.
-news.csv (optional): published_at,ticker,title,snippet,url,source; published_at is ISO 8601, a date
-alone means 00:00 UTC of that day, a time without offset is read as UTC; an empty ticker is market-wide.
+news.csv (optional): published_at,ticker,title,snippet,url,source; published_at is ISO 8601, a time
+without offset is read as UTC; an empty ticker is market-wide. A date alone counts as published at
+that day's close (exchange calendar; the end of the day, UTC, on a weekend or holiday): the item may
+have come out any time that day, and midnight would show the evening's news to that day's 10:00.
+Files must be UTF-8 (a BOM is fine); anything else is a CsvFormatError naming the line.
 """
 
 from __future__ import annotations
 
 import bisect
 import csv
+import io
 import math
 from collections import defaultdict
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 from market.calendar import TradingCalendar, require_utc
@@ -25,28 +29,48 @@ PRICE_COLUMNS = ["date", "ticker", "open", "high", "low", "close", "adj_close", 
 NEWS_COLUMNS = ["published_at", "ticker", "title", "snippet", "url", "source"]
 
 
-def parse_published_at(text: str) -> datetime:
-    """ISO 8601 to aware UTC; a bare date is midnight UTC, a naive time is UTC."""
-    value = datetime.fromisoformat(text.strip())
+def parse_published_at(text: str, calendar: TradingCalendar | None = None) -> datetime:
+    """ISO 8601 to aware UTC; a naive time is UTC; a bare date is that day's close (with a calendar;
+    the end of the day, UTC, on a non-session day or without one)."""
+    text = text.strip()
+    if _is_iso_date(text):
+        day = date.fromisoformat(text)
+        if calendar is not None and calendar.is_session(day):
+            return calendar.close_of(day)
+        return datetime.combine(day + timedelta(days=1), time(0), tzinfo=UTC) - timedelta(microseconds=1)
+    value = datetime.fromisoformat(text)
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
 
 
-def _rows(path: Path, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
+def _read_text(path: Path) -> str:
+    """The file as text; not UTF-8 is a typed error naming the line (spreadsheets export cp1252)."""
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as err:
         raise CsvFormatError(f"{path}: cannot open ({err.strerror})") from None
-    with handle:
-        reader = csv.DictReader(handle)
+    try:
+        return raw.decode("utf-8-sig")  # a UTF-8 BOM (Excel's "CSV UTF-8") is not part of the header
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise CsvFormatError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                             "save the file as UTF-8") from None
+
+
+def _rows(path: Path, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in columns if c not in header]
         if missing:
             raise CsvFormatError(f"{path}:1: missing columns {', '.join(missing)} (expected {','.join(columns)})")
         reader.fieldnames = header
         # Line numbers count the header as line 1; quoted newlines are not expected in these files.
-        return [(i, {k: (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader, start=2)]
+        return [(i, {k: (v or "").strip() for k, v in row.items() if isinstance(k, str) and k})
+                for i, row in enumerate(reader, start=2)]
+    except csv.Error as err:  # a NUL byte, a field over the size limit
+        raise CsvFormatError(f"{path}:{reader.line_num}: unreadable CSV ({err})") from None
 
 
 def load_prices(path: Path, calendar: TradingCalendar) -> tuple[dict[str, list[Bar]], int]:
@@ -84,14 +108,15 @@ def load_prices(path: Path, calendar: TradingCalendar) -> tuple[dict[str, list[B
     return dict(bars), nan_rows
 
 
-def load_news(path: Path) -> list[NewsItem]:
-    """News items sorted by published_at; missing columns, bad dates and duplicates are errors."""
+def load_news(path: Path, calendar: TradingCalendar | None = None) -> list[NewsItem]:
+    """News items sorted by published_at; missing columns, bad dates and duplicates are errors.
+    `calendar` places date-only items at that day's close."""
     items: list[NewsItem] = []
     seen: dict[tuple[str, ...], int] = {}
     for line, row in _rows(path, NEWS_COLUMNS):
         where = f"{path}:{line}"
         try:
-            published = parse_published_at(row["published_at"])
+            published = parse_published_at(row["published_at"], calendar)
         except ValueError:
             raise CsvFormatError(f"{where}: unparsable published_at {row['published_at']!r} (ISO 8601)") from None
         if not row["title"]:
@@ -125,7 +150,7 @@ class CsvReplay:
         self._bars, self.nan_rows = load_prices(prices, calendar)
         self._dates = {t: [b.date for b in series] for t, series in self._bars.items()}
         news = self.folder / "news.csv"
-        all_news = load_news(news) if news.exists() else []
+        all_news = load_news(news, calendar) if news.exists() else []
         self._news: dict[str | None, list[NewsItem]] = defaultdict(list)
         self._news[None] = all_news
         for item in all_news:

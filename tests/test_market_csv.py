@@ -60,7 +60,7 @@ def test_loads_the_documented_format(replay_dir):
         1.002 ** 5, rel=1e-3)
     news = r.search("split", CAL.replay_as_of(date(2024, 6, 7)), ticker="NVDA")
     assert [n.title for n in news.items] == ["NVIDIA announces 10-for-1 stock split"]
-    assert news.items[0].published_at == datetime(2024, 6, 7, tzinfo=UTC)  # a bare date is 00:00 UTC
+    assert news.items[0].published_at == CAL.close_of(date(2024, 6, 7))  # a bare date is that day's close
     market_wide = r.search("stocks", datetime(2024, 6, 21, tzinfo=UTC))
     assert market_wide.items[0].tickers == () and market_wide.items[0].source == "AP"
     assert r.search("", datetime(2024, 7, 6, tzinfo=UTC), ticker="OLD").items[0].source == "csv"
@@ -105,7 +105,8 @@ def test_malformed_prices_name_file_and_line(tmp_path, content, message):
 @pytest.mark.parametrize("content,message", [
     ("published_at,ticker,title\n", r"news.csv:1: missing columns snippet, url, source"),
     ("published_at,ticker,title,snippet,url,source\nyesterday,A,t,s,u,x\n", r"news.csv:2: unparsable published_at"),
-    ("published_at,ticker,title,snippet,url,source\n2024-06-03,A,t,s,u,x\n2024-06-03T00:00:00Z,A,t,s2,u,y\n",
+    # a date alone is that day's close: 16:00 New York = 20:00 UTC in June
+    ("published_at,ticker,title,snippet,url,source\n2024-06-03,A,t,s,u,x\n2024-06-03T20:00:00Z,A,t,s2,u,y\n",
      r"news.csv:3: duplicate news row \(first on line 2\)"),
 ])
 def test_malformed_news_name_file_and_line(tmp_path, content, message):
@@ -139,10 +140,46 @@ def test_point_in_time_for_random_as_of(replay_dir, minutes, lookback, query):
 def _published(line: str) -> datetime:
     from market.csv_replay import parse_published_at
 
-    return parse_published_at(line.split(",")[0])
+    return parse_published_at(line.split(",")[0], CAL)
 
 
 def test_build_market_from_csv(replay_dir):
     m = build_market(MarketConfig(source="csv", universe=["NVDA", "AAPL"], csv=CsvConfig(dir=str(replay_dir))))
     assert m.name == "csv" and m.tickers == ["NVDA"] and m.bayes_accuracy(5) is None
     assert m.prices.close_on("NVDA", date(2024, 7, 5)) > 0
+
+
+@pytest.mark.parametrize("name,content,message", [
+    # a spreadsheet's cp1252 export: é is 0xe9, which no UTF-8 sequence starts with
+    ("news.csv", "published_at,ticker,title,snippet,url,source\n2024-06-03,A,ok,s,u,x\n2024-06-04,A,Soci\xe9t\xe9,s,u,x\n",
+     r"news.csv:3: not UTF-8 \(byte 0xe9 at offset \d+\); save the file as UTF-8"),
+    ("prices.csv", "date,ticker,open,high,low,close,adj_close,volume\n2024-06-03,\xff\xfe,1,1,1,1,1,1\n",
+     r"prices.csv:2: not UTF-8 \(byte 0xff"),
+    # a runaway quote swallows the rest of the file into one field past the csv module's size limit
+    ("news.csv", "published_at,ticker,title,snippet,url,source\n2024-06-03,A,\"t" + "x" * 200_000 + "\n",
+     r"news.csv:\d+: unreadable CSV \(field larger than field limit"),
+])
+def test_undecodable_or_unreadable_files_are_typed_errors(tmp_path, name, content, message):
+    (tmp_path / "prices.csv").write_text("date,ticker,open,high,low,close,adj_close,volume\n")
+    (tmp_path / name).write_bytes(content.encode("latin-1"))
+    with pytest.raises(CsvFormatError, match=message):
+        CsvReplay(tmp_path, CAL)
+
+
+def test_a_utf8_bom_is_not_part_of_the_header(replay_dir):
+    (replay_dir / "prices.csv").write_bytes(b"\xef\xbb\xbf" + example_prices().encode())
+    assert CsvReplay(replay_dir, CAL).tickers == {"NVDA", "OLD"}
+
+
+def test_date_only_news_counts_as_published_at_that_days_close(replay_dir):
+    """2024-06-07 (a Friday session) is visible from its close on, not from midnight: the 10:00 replay
+    of that day must not see news that may have come out in the evening."""
+    r = CsvReplay(replay_dir, CAL)
+    close = CAL.close_of(date(2024, 6, 7))
+    split = [n for n in r.search("split", CAL.replay_as_of(date(2024, 6, 7)), "NVDA").items]
+    assert [n.published_at for n in split] == [close]
+    assert r.search("split", close - timedelta(hours=6), "NVDA").items == []  # 10:00 New York that day
+    assert r.search("split", close, "NVDA").items == []  # strictly before as_of
+    from market.csv_replay import parse_published_at
+
+    assert parse_published_at("2024-07-04", CAL) == datetime(2024, 7, 4, 23, 59, 59, 999999, tzinfo=UTC)  # holiday
