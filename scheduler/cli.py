@@ -406,19 +406,14 @@ def trace(episode_id: int = typer.Argument(..., help="Episode id (see v_episode_
 def report(
     out: Path = typer.Option(Path("report"), "--out", help="Folder for the PNG plots and index.html."),
 ) -> None:
-    """Write plots and an index.html of blocks, adapters, calibration and controllability."""
-    from evaluation.report import ReportError, write_report
+    """Write plots and an index.html: blocks, learning by version, tool usage, calibration, controllability."""
+    from evaluation.report import ReportError, market_p_star, write_report
     from store.db import open_store
 
     register_user_error(ReportError)
     s = settings()
     engine = open_store(s.database_url, s.store)
-    p_star = None
-    if s.market.source == "synthetic":
-        from market.sources import build_market
-
-        p_star = build_market(s.market).bayes_accuracy(s.market.horizon_days)
-    res = write_report(engine, out, bayes_accuracy=p_star,
+    res = write_report(engine, out, p_star=market_p_star(s.market, s.rewards),
                        source=engine.url.render_as_string(hide_password=True))
     console.print(f"wrote {len(res.images)} plots and {res.index}", highlight=False)
     for name in res.empty_plots:

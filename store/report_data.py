@@ -1,5 +1,6 @@
 """Reads behind `scoreloop report`: block and adapter summaries with baselines, reliability inputs,
-eval runs and training loss curves. Read-only; works the same on SQLite and PostgreSQL.
+eval runs with their scored items, tool usage per adapter version and training loss curves.
+Read-only; works the same on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from store.browse import TOOL_USAGE_SQL
 from store.models import EvalRun, GateDecision, TrainingRun
 
 BASELINES = ("always_up", "momentum_20d", "coin_flip")
@@ -86,6 +88,35 @@ class TrainingRunRow:
 
 
 @dataclass(frozen=True)
+class EvalItemRow:
+    """One scored prediction of an eval block: which run, version and target, and how it did."""
+
+    eval_run_id: int
+    adapter_version: int | None
+    target: float | None
+    block_id: int
+    ticker: str
+    as_of: Any  # datetime on PostgreSQL, text on SQLite: only compared within one store
+    valid: bool
+    correct: int | None  # None for an invalid prediction
+    confidence: float | None
+    reward: float
+
+
+@dataclass(frozen=True)
+class ToolUsageRow:
+    """One (adapter version, tool): how many of the version's finished episodes called it."""
+
+    adapter_version: int | None
+    tool: str | None  # None: the version has finished episodes but none called a tool
+    episodes: int
+    episodes_calling: int
+    share_of_episodes: float
+    calls: int
+    calls_per_episode: float
+
+
+@dataclass(frozen=True)
 class GateRow:
     """One promotion gate (table gate_decisions): the paired comparison and the call."""
 
@@ -111,6 +142,8 @@ class ReportData:
     confidences: list[ScoredConfidence]
     eval_runs: list[EvalRunRow]
     training_runs: list[TrainingRunRow]
+    eval_items: list[EvalItemRow] = field(default_factory=list)
+    tool_usage: list[ToolUsageRow] = field(default_factory=list)
     gates: list[GateRow] = field(default_factory=list)
 
     @property
@@ -178,6 +211,27 @@ def training_run_rows(session: Session) -> list[TrainingRunRow]:
                            [dict(p) for p in (r.loss_curve or [])]) for r in runs]
 
 
+def eval_item_rows(session: Session) -> list[EvalItemRow]:
+    """Every scored prediction of the eval blocks of eval runs (invalid ones score their reward, 0)."""
+    rows = session.execute(text(
+        "SELECT b.eval_run_id, b.adapter_version, b.target_score, p.block_id, p.ticker, p.as_of, p.valid, "
+        "p.correct, p.confidence, p.reward FROM v_predictions p JOIN blocks b ON b.id = p.block_id "
+        "WHERE b.kind = 'eval' AND b.eval_run_id IS NOT NULL AND p.state = 'scored' "
+        "ORDER BY b.eval_run_id, p.block_id, p.prediction_id"
+    )).all()
+    return [EvalItemRow(int(run), v, None if t is None else float(t), int(b), tk, a, bool(valid),
+                        None if ok is None else int(ok), None if c is None else float(c), float(r or 0.0))
+            for run, v, t, b, tk, a, valid, ok, c, r in rows]
+
+
+def tool_usage_rows(session: Session) -> list[ToolUsageRow]:
+    """Per adapter version and tool: the share of finished episodes that called it (final attempts)."""
+    rows = session.execute(text(TOOL_USAGE_SQL)).mappings().all()
+    return [ToolUsageRow(r["adapter_version"], r["tool"], int(r["episodes"]), int(r["episodes_calling"]),
+                         float(r["share_of_episodes"]), int(r["calls"]), float(r["calls_per_episode"]))
+            for r in rows]
+
+
 def gate_rows(session: Session) -> list[GateRow]:
     """Every recorded gate decision, oldest first."""
     rows = session.scalars(select(GateDecision).order_by(GateDecision.id))
@@ -188,7 +242,8 @@ def gate_rows(session: Session) -> list[GateRow]:
 
 def report_data(session: Session) -> ReportData:
     return ReportData(block_rows(session), adapter_rows(session), scored_confidences(session),
-                      eval_run_rows(session), training_run_rows(session),
+                      eval_run_rows(session), training_run_rows(session), eval_item_rows(session),
+                      tool_usage_rows(session),
                       gates=gate_rows(session))
 
 

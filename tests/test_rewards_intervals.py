@@ -1,0 +1,52 @@
+"""Intervals for per-version figures: Wilson against published values, the bootstrap against theory."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rewards.intervals import bootstrap_interval, wilson_interval
+from rewards.metrics import expected_calibration_error
+
+
+@pytest.mark.parametrize("k, n, low, high", [
+    (8, 10, 0.4902, 0.9433),   # Newcombe (1998), table I
+    (0, 10, 0.0, 0.2775),      # not zero-width at 0%
+    (10, 10, 0.7225, 1.0),     # nor at 100%
+    (15, 148, 0.0624, 0.1605),
+])
+def test_wilson_matches_published_intervals(k, n, low, high):
+    e = wilson_interval(k, n, 0.95)
+    assert e.value == pytest.approx(k / n)
+    assert (e.low, e.high) == (pytest.approx(low, abs=5e-4), pytest.approx(high, abs=5e-4))
+
+
+def test_wilson_bad_input_and_empty():
+    assert wilson_interval(0, 0).value is None
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(5, 3)
+    with pytest.raises(ValueError, match="level"):
+        wilson_interval(1, 3, level=1.5)
+
+
+def test_bootstrap_of_a_mean_is_close_to_the_normal_interval():
+    rng = random.Random(3)
+    xs = [rng.gauss(0.5, 0.2) for _ in range(400)]
+    e = bootstrap_interval(xs, lambda v: sum(v) / len(v), n_boot=1000, seed=1)
+    half = 1.96 * 0.2 / 400 ** 0.5
+    assert e.low == pytest.approx(e.value - half, abs=0.006) and e.high == pytest.approx(e.value + half, abs=0.006)
+    assert bootstrap_interval(xs, lambda v: sum(v) / len(v), n_boot=1000, seed=1) == e  # seeded: repeatable
+
+
+def test_bootstrap_of_ece_on_few_items_is_wide_and_undefined_cases_say_so():
+    items = [(0.7, 1), (0.7, 0), (0.9, 1), (0.6, 1), (0.8, 0), (0.7, 1)]
+
+    def ece(rows):
+        return expected_calibration_error([c for c, _ in rows], [bool(k) for _, k in rows])
+
+    e = bootstrap_interval(items, ece, seed=0)
+    assert e.low < e.value < e.high and e.high - e.low > 0.2
+    assert bootstrap_interval([], ece).value is None
+    one = bootstrap_interval(items[:1], ece)
+    assert one.value == pytest.approx(0.3) and one.low is None and one.high is None
