@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store.models import Episode, GateDecision, Prediction, Reward
+from store.models import Block, Episode, GateDecision, Prediction, Reward
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,11 @@ def latest(session: Session, candidate_version: int | None = None) -> GateDecisi
 def recent(session: Session, limit: int = 20) -> list[GateDecision]:
     """The newest gate decisions, newest first."""
     return list(session.scalars(select(GateDecision).order_by(GateDecision.id.desc()).limit(limit)))
+
+
+def train_as_ofs(session: Session, market: str) -> list[datetime]:
+    """Distinct as_of of every train item planned on this market (live gates keep clear of their windows)."""
+    return list(session.scalars(
+        select(Episode.as_of).distinct().join(Block, Block.id == Episode.block_id)
+        .where(Block.market == market, Block.kind == "train")
+    ))
