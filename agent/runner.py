@@ -33,12 +33,13 @@ from rewards.config import RewardsConfig
 from rewards.labels import target_label
 from store import traces
 from store.db import session_factory, session_scope
+from store.errors import ScoreloopError
 from store.training import adapter_label_edges
 
 if TYPE_CHECKING:
     from market.sources import Market
 
-class BlockError(RuntimeError):
+class BlockError(ScoreloopError, RuntimeError):
     """A block cannot be planned or run as asked; the message says what to change."""
 
 

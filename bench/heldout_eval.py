@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run_eval(engine, policy, market, agent_cfg, RewardsConfig(label_format=LABELS[arm]),
                            targets=[args.target], n_items=args.items, progress=False)
             with session_scope(engine) as s:
-                m = block_summary(s, res.block_ids[0]) or {}
+                m = block_summary(s, res.block_ids[0]).pick(
+                    ("n", "accuracy", "mean_composite", "brier", "ece", "always_up_accuracy", "momentum_accuracy"))
         finally:
             policy.close()
             engine.dispose()

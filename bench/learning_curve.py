@@ -128,7 +128,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workd
     from store.db import open_store, session_scope
     from store.status import block_summary
     from trainer.registry import publish
-    from trainer.round import train_round
+    from trainer.round import RoundResult, train_round
 
     spec = ARMS[arm]
     home = workdir / f"{arm}-s{seed}"
@@ -161,16 +161,15 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workd
             resolve_pending(engine, market, rewards_cfg)
             block_s = time.monotonic() - t0
             with session_scope(engine) as s:
-                m = block_summary(s, bid) or {}
+                m = block_summary(s, bid)
                 own = s.execute(text(OWN_ITEMS_SQL), {"b": bid}).one()
-            row = RoundRow(r, bid, policy.adapter_version, m.get("n") or 0, m.get("accuracy"),
-                           m.get("mean_composite"), m.get("brier"), m.get("ece"), m.get("coverage"),
-                           m.get("always_up_accuracy"), m.get("momentum_accuracy"), block_s, 0.0,
+            row = RoundRow(r, bid, policy.adapter_version, m.n or 0, m.accuracy, m.mean_composite, m.brier, m.ece,
+                           m.coverage, m.always_up_accuracy, m.momentum_accuracy, block_s, 0.0,
                            own_n=int(own[0] or 0), own_accuracy=own[1], own_reward=own[2])
             if spec["train"]:
                 t1 = time.monotonic()
-                res = train_round(engine, trainer_cfg, rewards_cfg, agent_cfg, base_model_dir=model_dir)
-                if res is not None:
+                res = train_round(engine, trainer_cfg, rewards_cfg, model_dir, device=agent_cfg.device)
+                if isinstance(res, RoundResult):
                     publish(engine, res.adapter_version)
                     policy.load_adapter(res.path, res.adapter_version)
                     row.train_loss = statistics.fmean(p["loss"] for p in res.loss_curve) if res.loss_curve else None
@@ -188,11 +187,10 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workd
         out.per_target = [asdict(t) for t in res.per_target]
         top = max(range(len(targets)), key=lambda i: targets[i])
         with session_scope(engine) as s:
-            m = block_summary(s, res.block_ids[top]) or {}
-        out.heldout = {"target": targets[top], "accuracy": m.get("accuracy"), "mean_reward": m.get("mean_composite"),
-                       "brier": m.get("brier"), "ece": m.get("ece"), "valid": m.get("coverage"),
-                       "always_up_accuracy": m.get("always_up_accuracy"),
-                       "momentum_accuracy": m.get("momentum_accuracy")}
+            m = block_summary(s, res.block_ids[top])
+        out.heldout = {"target": targets[top], "accuracy": m.accuracy, "mean_reward": m.mean_composite,
+                       "brier": m.brier, "ece": m.ece, "valid": m.coverage,
+                       "always_up_accuracy": m.always_up_accuracy, "momentum_accuracy": m.momentum_accuracy}
         print(f"  {arm:8s} seed {seed} held-out: acc {_f(out.heldout['accuracy'])} reward "
               f"{_f(out.heldout['mean_reward'])} Spearman {_f(out.controllability)}", flush=True)
     finally:

@@ -24,7 +24,6 @@ from datetime import UTC
 import torch
 from transformers import TrainerCallback
 
-from agent.config import AgentConfig
 from policy.model_files import load_tokenizer, make_tiny_model, resolve_model
 from trainer.config import TrainerConfig
 from trainer.sft import build_trainer, load_trainable_model, sft_config
@@ -154,7 +153,7 @@ def round_bench(model_dir: str, rounds: int, block_size: int, replay: int) -> No
     for k in range(1, rounds + 1):
         add_block(engine, [((i * 37 + k * 11) % 100) / 100 for i in range(block_size)])
         t = clocks()
-        r = train_round(engine, cfg, RewardsConfig(), AgentConfig(device="cpu"), base_model_dir=model_dir)
+        r = train_round(engine, cfg, RewardsConfig(), model_dir, device="cpu")
         w, c = clocks()
         times.append((w - t[0], c - t[1]))
         publish(engine, r.adapter_version)

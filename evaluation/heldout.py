@@ -25,6 +25,7 @@ from rewards.config import RewardsConfig
 from rewards.evaluation import TargetResult, controllability, pearson
 from store import eval_runs
 from store.db import session_scope
+from store.errors import ScoreloopError
 from store.status import block_summary
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 DEFAULT_TARGETS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-class EvalError(RuntimeError):
+class EvalError(ScoreloopError, RuntimeError):
     """An evaluation cannot run as asked; the message says what to change."""
 
 
@@ -170,11 +171,10 @@ def _target_results(engine: Engine, targets: Sequence[float], block_ids: Sequenc
     baselines: dict[str, float | None] = {}
     with session_scope(engine) as s:
         for t, bid in zip(targets, block_ids, strict=True):
-            m = block_summary(s, bid) or {}
-            out.append(TargetResult(target=t, n=m.get("n") or 0, n_valid=m.get("n_valid") or 0,
-                                    mean_reward=m.get("mean_composite"), accuracy=m.get("accuracy"),
-                                    brier=m.get("brier")))
-            if not baselines and m.get("always_up_accuracy") is not None:
+            m = block_summary(s, bid)  # the block was just run, so its row exists
+            out.append(TargetResult(target=t, n=m.n or 0, n_valid=m.n_valid or 0, mean_reward=m.mean_composite,
+                                    accuracy=m.accuracy, brier=m.brier))
+            if not baselines and m.always_up_accuracy is not None:
                 # Baselines forecast from prices only; shown for the first target's valid items.
-                baselines = {k: m.get(k) for k in ("always_up_accuracy", "momentum_accuracy", "coin_flip_accuracy")}
+                baselines = m.pick(("always_up_accuracy", "momentum_accuracy", "coin_flip_accuracy"))
     return out, baselines

@@ -24,6 +24,7 @@ from rewards.evaluation import ece_from_bins, reliability_bins
 from rewards.intervals import Estimate, bootstrap_interval, wilson_interval
 from rewards.metrics import expected_calibration_error
 from store.db import session_scope
+from store.errors import ScoreloopError
 from store.report_data import AdapterRow, BlockRow, EvalItemRow, GateRow, ReportData, report_data
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ PLOT_SENTENCES = {
 }
 
 
-class ReportError(RuntimeError):
+class ReportError(ScoreloopError, RuntimeError):
     """The report cannot be written where asked (e.g. the output path is a file)."""
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
+from store.errors import ScoreloopError
+
 T = TypeVar("T")
 
 
-class MarketError(RuntimeError):
+class MarketError(ScoreloopError, RuntimeError):
     """Base of market errors: the message is shown to the user or to the agent as a tool error."""
 
 

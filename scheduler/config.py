@@ -16,9 +16,6 @@ class SchedulerConfig(BaseModel):
     block_interval_s: float = Field(
         60.0, gt=0, description="Replay mode: seconds between scheduled blocks."
     )
-    block_size: int | None = Field(
-        None, ge=1, description="Items per daemon/loop block (unset = agent.block_size)."
-    )
     block_cron: str = Field(
         "0 10 * * mon-fri", description="Live mode: crontab (America/New_York) for scheduled blocks."
     )

@@ -22,9 +22,12 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Engine
 
 from scheduler import jobs
-from scheduler.logs import log_event, setup_logging
+from scheduler.logs import log_event, setup_daemon_output
+from scheduler.recovery import recover
+from scheduler.runtime import Runtime, Stopped, scheduled_block_size
 from scheduler.settings import Settings
 from store.db import open_store
+from store.errors import ScoreloopError
 from store.lock import LockHolder, new_owner_id, release_lock, take_over, try_acquire_lock
 from store.lock import heartbeat as write_heartbeat
 
@@ -35,7 +38,7 @@ EXIT_OK = 0
 EXIT_LOCK_LOST = 4
 
 
-class DaemonLockHeld(RuntimeError):
+class DaemonLockHeld(ScoreloopError, RuntimeError):
     """Another live daemon (or `scoreloop loop`) owns this database."""
 
 
@@ -140,9 +143,9 @@ def _progress_lines(engine: Engine, every_s: float, quit: threading.Event) -> No
             continue
         if p is None:
             continue
-        age = (datetime.now(UTC) - p["created_at"]).total_seconds()
-        log_event("block_progress", block=p["id"], kind=p["kind"], episodes_done=f"{p['done']}/{p['size']}",
-                  steps=p["steps"], elapsed_s=round(age))
+        age = (datetime.now(UTC) - p.created_at).total_seconds()
+        log_event("block_progress", block=p.id, kind=p.kind, episodes_done=f"{p.done}/{p.size}",
+                  steps=p.steps, elapsed_s=round(age))
 
 
 def _triggers(settings: Settings) -> dict[str, object]:
@@ -183,7 +186,7 @@ def _scheduler_class():
     return DrainingScheduler
 
 
-def build_scheduler(rt: jobs.Runtime, key: str):
+def build_scheduler(rt: Runtime, key: str):
     """A BackgroundScheduler with its jobs in the store's own database and one worker thread."""
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -212,7 +215,7 @@ def build_scheduler(rt: jobs.Runtime, key: str):
     return sched
 
 
-def drain(sched, rt: jobs.Runtime) -> None:
+def drain(sched, rt: Runtime) -> None:
     """Stop the scheduler after the job in flight returns (see _scheduler_class for the race).
 
     Pause, wake the thread once so it parks without a timer, wait for the running job (jobs hold
@@ -242,7 +245,7 @@ def _install_signals(stop: threading.Event) -> None:
 def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False,
                stop: threading.Event | None = None) -> int:
     """Run until a signal (or max_blocks); returns the process exit code. Raises DaemonLockHeld."""
-    setup_logging()
+    setup_daemon_output()
     stop = stop or threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
@@ -252,9 +255,9 @@ def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False
     key = engine.url.render_as_string(hide_password=True)
     keeper = LockKeeper(engine, heartbeat_s=sc.heartbeat_s, ttl_s=sc.lock_ttl_s, stop=stop)
     keeper.acquire(wait=wait)
-    rt = jobs.Runtime(settings=settings, engine=engine, stop=stop, owner=keeper.owner, progress=progress)
+    rt = Runtime(settings=settings, engine=engine, stop=stop, owner=keeper.owner, progress=progress)
     sched = None
-    log_event("daemon_start", db=key, mode=sc.mode, pid=os.getpid(), block_size=jobs.scheduled_block_size(settings),
+    log_event("daemon_start", db=key, mode=sc.mode, pid=os.getpid(), block_size=scheduled_block_size(settings),
               model=settings.agent.model, market=settings.market.source)
     if sc.progress_log_s > 0:
         threading.Thread(target=_progress_lines, args=(engine, sc.progress_log_s, stop), daemon=True,
@@ -265,8 +268,8 @@ def run_daemon(settings: Settings, *, wait: bool = False, progress: bool = False
         jobs.register_runtime(key, rt)
         rt.set_job("recovering")
         try:
-            jobs.recover(rt)
-        except jobs.Stopped:
+            recover(rt)
+        except Stopped:
             log_event("recover_stopped", hint="the interrupted work resumes at the next start")
         except Exception as err:  # noqa: BLE001 - keep serving; the interrupted work is retried next start
             log_event("recover_failed", logging.ERROR, error=f"{type(err).__name__}: {err}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +48,33 @@ def setup_logging(level: int = logging.INFO, stream=None) -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]
         lg.setLevel(lvl)
+        lg.propagate = False
+
+
+# Libraries whose own log lines (and Python warnings) a daemon turns into logfmt `event=log` lines.
+LIBRARY_LOGGERS = ("py.warnings", "transformers", "datasets", "peft", "trl", "accelerate", "huggingface_hub",
+                   "httpx", "urllib3", "alembic", "langgraph")
+
+
+def setup_daemon_output(level: int = logging.INFO, stream=None) -> None:
+    """Daemon mode: every line on stderr is logfmt. Libraries log through our formatter at WARNING,
+    Python warnings become log lines, and the tqdm bars of transformers and datasets are off."""
+    import datasets
+    import transformers
+
+    setup_logging(level, stream)
+    handler = logging.getLogger("scoreloop").handlers[0]
+    logging.captureWarnings(True)
+    # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps; a
+    # library-internal rename that no setting of ours can avoid or fix.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()
+    datasets.disable_progress_bars()
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(logging.WARNING)
         lg.propagate = False
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
 
-from scheduler import jobs
 from scheduler.daemon import LockKeeper, _install_signals
 from scheduler.logs import log_event, setup_logging
+from scheduler.recovery import recover
+from scheduler.runtime import Runtime, Stopped, scheduled_block_size, version_label
 from scheduler.settings import Settings
+from scheduler.steps import cycle
 from store.db import open_store
 
 
@@ -34,16 +36,16 @@ class RoundSummary:
     adapter_version: int | None  # serving after the round
     trained: bool
     seconds: float
+    skipped: list[str] = field(default_factory=list)  # why a step did not run, in words
 
     def line(self, total: int) -> str:
         def f(v: float | None) -> str:
             return "-" if v is None else f"{v:.3f}"
 
-        adapter = "base" if self.adapter_version is None else f"v{self.adapter_version}"
+        why = f" ({'; '.join(self.skipped)})" if self.skipped else ""
         return (f"round {self.round}/{total}  block {self.block_id}  n {self.n if self.n is not None else '-'}  "
                 f"accuracy {f(self.accuracy)}  mean reward {f(self.mean_reward)}  Brier {f(self.brier)}  "
-                f"ECE {f(self.ece)}  serving {adapter}{'' if self.trained else ' (no new adapter)'}  "
-                f"{self.seconds:.0f}s")
+                f"ECE {f(self.ece)}  serving {version_label(self.adapter_version)}{why}  {self.seconds:.0f}s")
 
 
 def run_loop(settings: Settings, rounds: int, *, size: int | None = None, console: Console | None = None,
@@ -60,39 +62,39 @@ def run_loop(settings: Settings, rounds: int, *, size: int | None = None, consol
     engine = open_store(settings.database_url, settings.store)
     keeper = LockKeeper(engine, heartbeat_s=sc.heartbeat_s, ttl_s=sc.lock_ttl_s, stop=stop, role="loop")
     keeper.acquire(wait=False)
-    rt = jobs.Runtime(settings=settings, engine=engine, stop=stop, owner=keeper.owner, progress=True)
+    rt = Runtime(settings=settings, engine=engine, stop=stop, owner=keeper.owner, progress=True)
     out: list[RoundSummary] = []
     try:
         with console.status(f"loading {settings.agent.model} ..."):
             rt.open()
         rt.set_job("recovering")
-        jobs.recover(rt)
-        n = size or jobs.scheduled_block_size(settings)
+        recover(rt)
+        n = size or scheduled_block_size(settings)
         console.print(f"[bold]scoreloop loop[/bold]: {rounds} rounds of {n} items, market "
                       f"{settings.market.source}, model {settings.agent.model}, serving "
-                      f"{'base' if rt.policy.adapter_version is None else 'v' + str(rt.policy.adapter_version)}")
+                      f"{version_label(rt.serving_version)}")
         for r in range(1, rounds + 1):
             if stop.is_set():
                 break
             console.rule(f"round {r}/{rounds}")
             t0 = time.monotonic()
             try:
-                res = jobs.cycle_step(rt, size=n)
-            except jobs.Stopped:
+                res = cycle(rt, size=n)
+            except Stopped:
                 break
-            if stop.is_set() and "summary" not in res:
+            if not res.block.complete:
                 console.print(f"[yellow]stopped during round {r}; `scoreloop daemon` or the next loop resumes "
-                              f"block {res['block_id']}[/yellow]")
+                              f"block {res.block.block_id}[/yellow]")
                 break
-            m = res.get("summary") or {}
-            s = RoundSummary(round=r, block_id=res["block_id"], n=m.get("n"), accuracy=m.get("accuracy"),
-                             mean_reward=m.get("mean_composite"), brier=m.get("brier"), ece=m.get("ece"),
-                             adapter_version=res.get("adapter_version"), trained=bool(res.get("trained")),
-                             seconds=time.monotonic() - t0)
+            m = res.summary
+            s = RoundSummary(round=r, block_id=res.block.block_id, n=m and m.n, accuracy=m and m.accuracy,
+                             mean_reward=m and m.mean_composite, brier=m and m.brier, ece=m and m.ece,
+                             adapter_version=res.serving_version, trained=res.trained,
+                             seconds=time.monotonic() - t0, skipped=res.skipped)
             out.append(s)
             console.print(s.line(rounds), highlight=False)
             log_event("round_done", round=r, block=s.block_id, accuracy=s.accuracy, mean_reward=s.mean_reward,
-                      brier=s.brier, ece=s.ece, adapter=s.adapter_version)
+                      brier=s.brier, ece=s.ece, adapter=s.adapter_version, skipped="; ".join(s.skipped) or None)
     finally:
         rt.close()
         keeper.release()

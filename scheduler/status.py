@@ -53,7 +53,7 @@ def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) ->
     return {
         "database": engine.url.render_as_string(hide_password=True),
         "daemon": daemon_state(engine, ttl_s, now),
-        "last_block": None if summ is None else {k: _iso(summ.get(k)) for k in SUMMARY_KEYS},
+        "last_block": None if summ is None else {k: _iso(v) for k, v in summ.pick(SUMMARY_KEYS).items()},
         "serving_adapter": None if serving is None else {
             "version": serving.version, "path": serving.path, "parent_version": serving.parent_version,
             "published_at": _iso(serving.published_at)},

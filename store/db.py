@@ -16,11 +16,12 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, S
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.config import StoreConfig
+from store.errors import ScoreloopError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-class StoreError(RuntimeError):
+class StoreError(ScoreloopError, RuntimeError):
     """The database cannot be used as asked; the message says what to do."""
 
 

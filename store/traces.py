@@ -16,6 +16,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from store.errors import ScoreloopError
 from store.models import (
     Block,
     Episode,
@@ -27,7 +28,7 @@ from store.models import (
 )
 
 
-class TraceError(LookupError):
+class TraceError(ScoreloopError, LookupError):
     """A block or episode asked for does not exist."""
 
 

@@ -30,6 +30,7 @@ max_steps = 1
 max_repairs = 0
 concurrency = {concurrency}
 temperature = 0.0
+block_size = {block_size}
 
 [trainer]
 adapters_dir = "{tmp_path / 'adapters'}"
@@ -39,7 +40,6 @@ gate_items = 0
 
 [scheduler]
 mode = "replay"
-block_size = {block_size}
 block_interval_s = 3600
 resolve_interval_s = 3600
 trigger_poll_s = 0.3

@@ -14,6 +14,7 @@ from sqlalchemy import inspect, text
 from scheduler import jobs
 from scheduler.daemon import build_scheduler, drain
 from scheduler.logs import format_event
+from scheduler.runtime import Runtime
 from scheduler.settings import load_settings
 
 _SPANS: list[tuple[str, float, float]] = []
@@ -33,7 +34,7 @@ def _settings(url: str, **scheduler):
 
 def test_jobs_persist_in_the_same_database_and_survive_a_restart(fresh_db):
     url = fresh_db.url.render_as_string(hide_password=False)
-    rt = jobs.Runtime(settings=_settings(url, mode="live"), engine=fresh_db)
+    rt = Runtime(settings=_settings(url, mode="live"), engine=fresh_db)
     sched = build_scheduler(rt, "k")
     try:
         assert {j.id for j in sched.get_jobs()} == {"block", "resolve", "triggers"}
@@ -55,7 +56,7 @@ def test_jobs_persist_in_the_same_database_and_survive_a_restart(fresh_db):
     finally:
         sched.shutdown(wait=False)
     # changed settings replace the stored job
-    rt2 = jobs.Runtime(settings=_settings(url, mode="live", block_cron="15 11 * * mon-fri"), engine=fresh_db)
+    rt2 = Runtime(settings=_settings(url, mode="live", block_cron="15 11 * * mon-fri"), engine=fresh_db)
     sched = build_scheduler(rt2, "k")
     try:
         nxt = sched.get_job("block").next_run_time.astimezone(ZoneInfo("America/New_York"))
@@ -66,7 +67,7 @@ def test_jobs_persist_in_the_same_database_and_survive_a_restart(fresh_db):
 
 def test_replay_block_job_starts_at_once_and_jobs_never_overlap(sqlite_db):
     url = sqlite_db.url.render_as_string(hide_password=False)
-    rt = jobs.Runtime(settings=_settings(url, mode="replay", block_interval_s=3600, trigger_poll_s=0.05),
+    rt = Runtime(settings=_settings(url, mode="replay", block_interval_s=3600, trigger_poll_s=0.05),
                       engine=sqlite_db)
     sched = build_scheduler(rt, "k")
     try:
@@ -100,7 +101,7 @@ def _poll(key: str) -> None:
 def test_stopping_during_a_job_drains_it_without_a_scheduler_error(sqlite_db, caplog):
     """Ctrl-C while a block runs: the block returns, no due job is submitted to the closed executor."""
     url = sqlite_db.url.render_as_string(hide_password=False)
-    rt = jobs.Runtime(settings=_settings(url, mode="replay", block_interval_s=3600, trigger_poll_s=0.02),
+    rt = Runtime(settings=_settings(url, mode="replay", block_interval_s=3600, trigger_poll_s=0.02),
                       engine=sqlite_db, stop=threading.Event())
     jobs.register_runtime("drain", rt)
     sched = build_scheduler(rt, "drain")

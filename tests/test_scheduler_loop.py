@@ -9,9 +9,11 @@ from daemon_process import db_url, write_config
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from scheduler import jobs
 from scheduler.cli import app
+from scheduler.recovery import recover, triggers_step
+from scheduler.runtime import Runtime, Stopped
 from scheduler.settings import load_settings
+from scheduler.steps import resolve_step, run_block_step, train_step
 from store.db import open_store, session_scope
 from store.lock import read_lock
 from store.models import Adapter, Block, Episode, Prediction, TrainingRun
@@ -60,23 +62,23 @@ def test_recovery_requeues_an_unstarted_trigger_and_closes_a_finished_one(tmp_pa
     cfg = write_config(tmp_path, tiny_model_dir, block_size=2)
     settings = load_settings(cfg)
     engine = open_store(settings.database_url)
-    rt = jobs.Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
+    rt = Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
     try:
         first = enqueue_trigger(engine, "block", {"size": 2})
         second = enqueue_trigger(engine, "block", {"size": 2})
         claim_next_trigger(engine)  # a daemon claimed it and died before planning the block
-        jobs.recover(rt)
+        recover(rt)
         assert get_trigger(engine, first).status == "queued"
-        assert jobs.triggers_step(rt) == 2  # both run now, oldest first, each once
+        assert triggers_step(rt) == 2  # both run now, oldest first, each once
         t1, t2 = get_trigger(engine, first), get_trigger(engine, second)
         assert (t1.status, t2.status) == ("done", "done")
         assert t1.result["block_id"] < t2.result["block_id"]
         # a trigger whose block completed but which the killed daemon never marked done
         third = enqueue_trigger(engine, "block", {"size": 2})
         claim_next_trigger(engine)
-        bid = jobs.block_step(rt, size=2, trigger_id=third)
+        bid = run_block_step(rt, size=2, trigger_id=third).block_id
         assert get_trigger(engine, third).status == "running"
-        jobs.recover(rt)
+        recover(rt)
         assert get_trigger(engine, third).status == "done" and get_trigger(engine, third).result == {"block_id": bid}
         with session_scope(engine) as s:
             assert s.scalar(select(func.count()).select_from(Block).where(Block.trigger_id.is_not(None))) == 3
@@ -91,10 +93,10 @@ def test_stop_during_training_checkpoints_and_the_next_start_resumes(tmp_path, t
     cfg.write_text(cfg.read_text().replace("min_new_episodes = 100000", "min_new_episodes = 4\nbatch_size = 1"))
     settings = load_settings(cfg)
     engine = open_store(settings.database_url)
-    rt = jobs.Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
+    rt = Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
     try:
-        jobs.block_step(rt, size=4)
-        jobs.resolve_step(rt)
+        run_block_step(rt, size=4)
+        resolve_step(rt)
 
         def stop_when_training() -> None:
             while rt.current_job != "train":
@@ -104,9 +106,9 @@ def test_stop_during_training_checkpoints_and_the_next_start_resumes(tmp_path, t
         watcher = threading.Thread(target=stop_when_training)
         watcher.start()
         try:
-            jobs.train_step(rt)
+            train_step(rt)
             raise AssertionError("train_step returned although the stop flag was set mid-round")
-        except jobs.Stopped:
+        except Stopped:
             pass
         watcher.join()
         with session_scope(engine) as s:
@@ -115,9 +117,9 @@ def test_stop_during_training_checkpoints_and_the_next_start_resumes(tmp_path, t
             assert s.scalar(select(func.count()).select_from(Adapter)) == 0
     finally:
         rt.close()
-    rt = jobs.Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
+    rt = Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
     try:
-        jobs.recover(rt)  # what the next daemon start does: finish the round from its checkpoint
+        recover(rt)  # what the next daemon start does: finish the round from its checkpoint
         with session_scope(engine) as s:
             (run,) = s.scalars(select(TrainingRun)).all()
             assert run.status == "done" and [p["step"] for p in run.loss_curve] == [1, 2, 3, 4]

@@ -6,13 +6,12 @@ from datetime import UTC, datetime
 
 from trainer_fixtures import add_block
 
-from agent.config import AgentConfig
 from rewards.config import RewardsConfig
 from store.db import session_scope
 from trainer.config import TrainerConfig
 from trainer.dataset import offline_set
 from trainer.dpo import preference_pairs
-from trainer.round import train_round
+from trainer.round import NothingToTrain, train_round
 
 T0 = datetime(2024, 4, 1, 21, 1, tzinfo=UTC)
 
@@ -34,7 +33,7 @@ def test_dpo_round_trains_a_candidate(sqlite_db, tiny_model_dir, tmp_path):
     add_block(sqlite_db, [0.1, 0.9, 0.2, 0.8], start=T0)
     cfg = TrainerConfig(objective="dpo", adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"),
                         lora_r=4, lora_alpha=8, batch_size=2, max_length=384, min_new_episodes=1)
-    r = train_round(sqlite_db, cfg, RewardsConfig(), AgentConfig(device="cpu"), base_model_dir=tiny_model_dir)
+    r = train_round(sqlite_db, cfg, RewardsConfig(), tiny_model_dir, device="cpu")
     assert r.adapter_version == 1 and r.n_examples == 4 and len(r.loss_curve) == 2
     assert all(p["loss"] > 0 for p in r.loss_curve)
-    assert train_round(sqlite_db, cfg, RewardsConfig(), AgentConfig(device="cpu"), base_model_dir=tiny_model_dir) is None
+    assert isinstance(train_round(sqlite_db, cfg, RewardsConfig(), tiny_model_dir, device="cpu"), NothingToTrain)

@@ -12,17 +12,15 @@ from trainer_fixtures import add_block
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from agent.config import AgentConfig
 from rewards.config import RewardsConfig
 from store.db import session_scope
 from store.models import Adapter, TrainingRun
 from trainer.config import TrainerConfig
 from trainer.errors import TrainerError, TrainingStopped
 from trainer.registry import publish, serving_adapter
-from trainer.round import train_round
+from trainer.round import NothingToTrain, train_round
 from trainer.sft import StopOnEvent, last_complete_checkpoint
 
-AGENT = AgentConfig(device="cpu")
 REWARDS = RewardsConfig()
 
 
@@ -64,7 +62,7 @@ class Steps(TrainerCallback):
 def test_two_rounds_make_a_lineage_and_round_two_trains_on_block_two_plus_replay(sqlite_db, tiny_model_dir, tmp_path):
     cfg = tcfg(tmp_path)
     b1, eps1 = add_block(sqlite_db, [0.2, 0.4, 0.6, 0.8, 0.3])
-    r1 = train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir)
+    r1 = train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu")
     assert (r1.adapter_version, r1.parent_version) == (1, None)
     assert r1.block_ids == [b1] and r1.replay_episode_ids == [] and r1.episode_ids == eps1
     assert Path(r1.path) == tmp_path / "adapters" / "v1" and (Path(r1.path) / "adapter_model.safetensors").exists()
@@ -73,8 +71,8 @@ def test_two_rounds_make_a_lineage_and_round_two_trains_on_block_two_plus_replay
 
     b2, eps2 = add_block(sqlite_db, [0.9, 0.1, 0.5, 0.7])
     # A vanishing learning rate makes "round 2 starts from v1's weights" visible: v2 == v1 (a fresh LoRA has B == 0).
-    r2 = train_round(sqlite_db, cfg.model_copy(update={"learning_rate": 1e-12}), REWARDS, AGENT,
-                     base_model_dir=tiny_model_dir)
+    r2 = train_round(sqlite_db, cfg.model_copy(update={"learning_rate": 1e-12}), REWARDS, tiny_model_dir,
+                     device="cpu")
     assert (r2.adapter_version, r2.parent_version) == (2, 1)
     assert r2.block_ids == [b2]
     assert len(r2.replay_episode_ids) == 3 and set(r2.replay_episode_ids) < set(eps1)
@@ -97,14 +95,14 @@ def test_two_rounds_make_a_lineage_and_round_two_trains_on_block_two_plus_replay
     assert any("lora_B" in k and w1[k].abs().max() > 0 for k in w1)  # round 1 moved B away from its zero init
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
     # Nothing new: no round.
-    assert train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir) is None
+    assert isinstance(train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu"), NothingToTrain)
 
 
 def test_interrupted_round_resumes_from_its_last_checkpoint(sqlite_db, tiny_model_dir, tmp_path):
     cfg = tcfg(tmp_path, save_steps=2)
     b1, eps = add_block(sqlite_db, [0.1 * i for i in range(1, 9)])  # 8 examples / batch 2 = 4 steps
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir, callbacks=[Crash(at=3)])
+        train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu", callbacks=[Crash(at=3)])
     (run,) = runs(sqlite_db)
     assert run.status == "running" and "simulated crash" in run.error
     assert (Path(run.checkpoint_dir) / "checkpoint-2").is_dir()
@@ -117,7 +115,7 @@ def test_interrupted_round_resumes_from_its_last_checkpoint(sqlite_db, tiny_mode
     (half / "adapter_config.json").write_text("{}")
     assert last_complete_checkpoint(run.checkpoint_dir).endswith("checkpoint-2") and not half.exists()
     steps = Steps()
-    result = train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir, callbacks=[steps])
+    result = train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu", callbacks=[steps])
     assert result.run_id == run.id and result.resumed_from_step == 2
     assert steps.seen == [3, 4]  # steps 1-2 came from the checkpoint
     assert result.block_ids == [b1] and sorted(result.episode_ids) == eps
@@ -144,20 +142,20 @@ def test_stop_flag_checkpoints_at_the_next_step_and_the_round_resumes(sqlite_db,
     add_block(sqlite_db, [0.1 * i for i in range(1, 9)])  # 8 examples / batch 2 = 4 steps
     stop = threading.Event()
     with pytest.raises(TrainingStopped, match="stopped at step 2 of 4"):
-        train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir,
+        train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu",
                     callbacks=[StopOnEvent(stop), StopAt(stop, at=2)])
     (run,) = runs(sqlite_db)
     assert run.status == "running" and "TrainingStopped" in run.error
     assert (Path(run.checkpoint_dir) / "checkpoint-2").is_dir()
     assert adapters(sqlite_db) == {}  # a half-trained adapter is never published
     steps = Steps()
-    result = train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir,
+    result = train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu",
                          callbacks=[StopOnEvent(threading.Event()), steps])
     assert result.run_id == run.id and result.resumed_from_step == 2 and steps.seen == [3, 4]
 
 def _serving_v1(engine, tiny_model_dir, cfg):
     add_block(engine, [0.3, 0.6, 0.9, 0.2])
-    r1 = train_round(engine, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir)
+    r1 = train_round(engine, cfg, REWARDS, tiny_model_dir, device="cpu")
     publish(engine, r1.adapter_version)
     add_block(engine, [0.4, 0.8, 0.5, 0.7])
     return r1
@@ -168,14 +166,14 @@ def test_nan_loss_fails_the_round_and_serving_is_untouched(sqlite_db, tiny_model
     _serving_v1(sqlite_db, tiny_model_dir, cfg)
     diverging = cfg.model_copy(update={"learning_rate": 1e36})
     with pytest.raises(TrainerError, match="loss became"):
-        train_round(sqlite_db, diverging, REWARDS, AGENT, base_model_dir=tiny_model_dir)
+        train_round(sqlite_db, diverging, REWARDS, tiny_model_dir, device="cpu")
     failed = runs(sqlite_db)[-1]
     assert failed.status == "failed" and "loss became" in failed.error
     assert set(adapters(sqlite_db)) == {1}
     with session_scope(sqlite_db) as s:
         assert serving_adapter(s)[1] == 1
     # The failed run did not consume its blocks: a sane retry trains on them.
-    retry = train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir)
+    retry = train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu")
     assert retry.adapter_version == 2 and retry.block_ids == failed.block_ids
 
 
@@ -185,7 +183,7 @@ def test_corrupted_serving_adapter_is_a_clear_error(sqlite_db, tiny_model_dir, t
     weights = Path(r1.path) / "adapter_model.safetensors"
     weights.write_bytes(b"\0" * 64)
     with pytest.raises(TrainerError, match=r"adapter .*v1 is corrupted"):
-        train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir)
+        train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu")
     assert runs(sqlite_db)[-1].status == "failed"
     with session_scope(sqlite_db) as s:
         assert serving_adapter(s)[1] == 1
@@ -196,7 +194,7 @@ def test_out_of_memory_is_caught_and_recorded(sqlite_db, tiny_model_dir, tmp_pat
     add_block(sqlite_db, [0.3, 0.6, 0.9, 0.2])
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(TrainerError, match="out of memory.*batch_size"):
-        train_round(sqlite_db, cfg, REWARDS, AGENT, base_model_dir=tiny_model_dir, callbacks=[Crash(1, oom)])
+        train_round(sqlite_db, cfg, REWARDS, tiny_model_dir, device="cpu", callbacks=[Crash(1, oom)])
     run = runs(sqlite_db)[-1]
     assert run.status == "failed" and "out of memory" in run.error
     assert adapters(sqlite_db) == {}
@@ -204,10 +202,10 @@ def test_out_of_memory_is_caught_and_recorded(sqlite_db, tiny_model_dir, tmp_pat
 
 def test_too_few_new_episodes_waits_and_empty_store_errors(sqlite_db, tiny_model_dir, tmp_path):
     with pytest.raises(TrainerError, match="no scored episodes"):
-        train_round(sqlite_db, tcfg(tmp_path), REWARDS, AGENT, base_model_dir=tiny_model_dir)
+        train_round(sqlite_db, tcfg(tmp_path), REWARDS, tiny_model_dir, device="cpu")
     add_block(sqlite_db, [0.3, 0.6])
-    assert train_round(sqlite_db, tcfg(tmp_path, min_new_episodes=3), REWARDS, AGENT,
-                       base_model_dir=tiny_model_dir) is None
+    assert isinstance(train_round(sqlite_db, tcfg(tmp_path, min_new_episodes=3), REWARDS, tiny_model_dir,
+                                  device="cpu"), NothingToTrain)
     assert runs(sqlite_db) == []
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from trainer_fixtures import add_block
 
-from agent.config import AgentConfig
 from policy.model_files import load_tokenizer
 from rewards.config import RewardsConfig
 from store.db import session_scope
@@ -32,7 +31,7 @@ def test_one_round_lowers_training_loss_on_smollm2(sqlite_db, smollm2_dir, tmp_p
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     before = assistant_loss(base, tok, chats, cfg.max_length)
 
-    result = train_round(sqlite_db, cfg, RewardsConfig(), AgentConfig(device="cpu"), base_model_dir=smollm2_dir)
+    result = train_round(sqlite_db, cfg, RewardsConfig(), smollm2_dir, device="cpu")
     assert result.n_examples == 4 and len(result.loss_curve) == 3
 
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), result.path)

@@ -1,4 +1,8 @@
-"""`[trainer]` settings: LoRA SFT hyperparameters, replay size, gate and adapters folder."""
+"""`[trainer]` settings: LoRA SFT hyperparameters, replay size, gate and adapters folder.
+
+Every field has a one-line help, as TRL's configs do; where a default differs from TRL's, the
+help says why.
+"""
 
 from typing import Literal
 
@@ -6,25 +10,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TrainerConfig(BaseModel):
-    """Score-conditioned LoRA SFT that resumes from the serving adapter each round."""
+    """Score-conditioned LoRA SFT (or DPO) that resumes from the serving adapter each round."""
 
     model_config = ConfigDict(extra="forbid")
 
-    objective: Literal["sft", "dpo"] = Field("sft", description="sft = reward-conditioned SFT; dpo = optional.")
-    adapters_dir: str = Field("adapters", description="Folder of published adapter versions.")
-    runs_dir: str = Field("runs", description="Folder of per-round checkpoints.")
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft = reward-conditioned SFT; dpo = preference pairs of the same item (optional).")
+    adapters_dir: str = Field("adapters", description="Folder of adapter versions (one v{N} folder each).")
+    runs_dir: str = Field("runs", description="Folder of per-round checkpoints (removed when a round ends).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Modules that get a LoRA (the attention projections of Llama-style models).")
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Constant learning rate (no decay: each round continues the adapter).")
+    epochs: float = Field(1.0, gt=0, description="Passes over each round's examples.")
+    batch_size: int = Field(4, ge=1, description="Examples per device per optimizer step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     max_length: int = Field(1024, ge=64, description="Examples are truncated to this many tokens.")
     replay_size: int = Field(100, ge=0, description="Older episodes mixed into each round (fixed size).")
-    min_new_episodes: int = Field(100, ge=1, description="Scored episodes needed before a round starts.")
-    save_steps: int = Field(20, ge=1, description="Checkpoint every N optimizer steps.")
+    min_new_episodes: int | None = Field(
+        None, ge=1, description="New scored episodes needed before a round starts (unset = one block's worth: "
+        "the size of the block that just finished, else agent.block_size).")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every N optimizer steps (a killed round resumes there).")
     gate_margin: float = Field(
         0.02, ge=0, description="Mean reward gain over the serving adapter a candidate must also show to serve "
         "(on top of a gate_level interval above 0; trainer/gate.py).")
@@ -34,8 +44,9 @@ class TrainerConfig(BaseModel):
     gate_items: int = Field(
         100, ge=0, description="Gate items drawn from the gate region, answered by both adapters (0 = no gate). "
         "100 pairs detect a ~0.05 mean gain at a per-pair spread of 0.2; 20 only ~0.11.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (on for big GPU models).")
-    seed: int = Field(0)
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory (off by default, unlike TRL: on a CPU it only costs time).")
+    seed: int = Field(0, description="Seed for the LoRA init and the data order.")
     filter_top_fraction: float = Field(
         1.0, gt=0, le=1, description="Train only on each block's best-scoring fraction of episodes "
         "(0.25 = RAFT-style top quartile; 1.0 = all episodes)."

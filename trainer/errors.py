@@ -1,7 +1,9 @@
 """The trainer's typed error: a round, an adapter or the offline set cannot be used as asked."""
 
+from store.errors import ScoreloopError
 
-class TrainerError(RuntimeError):
+
+class TrainerError(ScoreloopError, RuntimeError):
     """Training or publishing cannot go on; the message says why and what to do. Serving is untouched."""
 
 

@@ -1,9 +1,13 @@
-"""One semi-online training round: new scored blocks + a replay sample -> a candidate adapter.
+"""One semi-online training round, SFT or DPO, in one run lifecycle:
+
+    plan (which blocks, which replay episodes) -> training_runs row `running` -> fit LoRA in the
+    run's checkpoint folder -> save the candidate adapter atomically -> row `done`.
 
 The round resumes from the serving adapter (first round: a fresh LoRA), so its cost is
-O(new + replay). Its training_runs row stays `running` until the candidate is written; a crash
-or Ctrl-C leaves it so, and the next call picks the same data up from the last checkpoint.
-NaN loss and out-of-memory end the round as `failed`; serving is never touched here.
+O(new + replay). The objective (trainer/sft.py or trainer/dpo.py) only says what to train on and
+how to fit. A crash or Ctrl-C leaves the row `running`, and the next call picks the same data up
+from the last checkpoint. NaN loss, out-of-memory and an unloadable model end the round as
+`failed`; serving is never touched here.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from sqlalchemy import Engine
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
-from policy.config import PolicyConfig
-from policy.model_files import resolve_model
 from rewards.config import RewardsConfig
 from store.db import session_scope
 from store.training import (
@@ -34,10 +38,8 @@ from store.training import (
     serving_adapter_row,
 )
 from trainer.config import TrainerConfig
-from trainer.dataset import build_examples, plan_round
 from trainer.errors import TrainerError
 from trainer.registry import save_adapter
-from trainer.sft import NonFiniteLoss, OutOfMemory, run_sft
 
 
 @dataclass
@@ -57,6 +59,45 @@ class RoundResult:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class NothingToTrain:
+    """No round ran; `reason` says why in words a user can act on."""
+
+    reason: str
+    new_episodes: int = 0
+    needed: int = 0
+
+
+@dataclass
+class RoundData:
+    """What an objective trains on this round, decided before any model is loaded."""
+
+    block_ids: list[int]
+    replay_episode_ids: list[int]
+    episode_ids: list[int]
+    rows: list[Any]  # chat examples (SFT: lists of messages) or preference pairs (DPO)
+    n_new: int  # new scored episodes behind the rows (what min_new_episodes counts)
+    hyperparams: dict[str, Any] = field(default_factory=dict)  # objective-specific, kept on the run row
+
+
+@dataclass
+class FitOutcome:
+    """A fitted LoRA and its training curve."""
+
+    model: Any
+    loss_curve: list[dict[str, float]]
+    global_step: int
+    resumed_from_step: int | None
+
+
+ModelRef = str | PreTrainedModel
+
+
+def model_name(model: ModelRef) -> str:
+    """The folder or hub id a model was loaded from (what the adapter row records as its base)."""
+    return model if isinstance(model, str) else str(model.name_or_path)
+
+
 def hyperparams(cfg: TrainerConfig, device: str) -> dict:
     keep = ("objective", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "epochs",
             "batch_size", "grad_accum", "max_length", "replay_size", "save_steps", "gradient_checkpointing", "seed",
@@ -64,71 +105,71 @@ def hyperparams(cfg: TrainerConfig, device: str) -> dict:
     return {**{k: getattr(cfg, k) for k in keep}, "device": device}
 
 
-def _is_main_process() -> bool:
+def _objective(name: str) -> ModuleType:
+    """The module with plan() and fit() for this objective."""
+    if name == "dpo":
+        from trainer import dpo
+
+        return dpo
+    from trainer import sft
+
+    return sft
+
+
+def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, model: ModelRef, *,
+                device: str = "auto", min_new_episodes: int | None = None,
+                callbacks: Sequence[TrainerCallback] = ()) -> RoundResult | NothingToTrain:
+    """Train one round on `model` (a folder or hub id, or a loaded model, which gets the LoRA in place).
+
+    NothingToTrain when fewer than `min_new_episodes` (default trainer_cfg.min_new_episodes, unset
+    = any) new scored episodes wait and no interrupted round is pending.
+    """
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    from trainer.sft import is_oom, pick_device
 
-
-def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, agent_cfg: PolicyConfig,
-                *, base_model_dir: str | None = None,
-                callbacks: Sequence[TrainerCallback] = ()) -> RoundResult | None:
-    """Train one round; None when fewer than `min_new_episodes` new scored episodes are waiting."""
-    from accelerate import PartialState
-
-    from trainer.sft import pick_device
-
-    if trainer_cfg.objective == "dpo":
-        from trainer.dpo import dpo_round
-
-        return dpo_round(engine, trainer_cfg, rewards_cfg, agent_cfg, base_model_dir=base_model_dir,
-                         callbacks=callbacks)
+    objective = _objective(trainer_cfg.objective)
     started = time.perf_counter()
-    base = base_model_dir or resolve_model(agent_cfg.model, agent_cfg.model_cache_dir)
-    device = pick_device(agent_cfg.device)
+    device = pick_device(device)
+    need = min_new_episodes or trainer_cfg.min_new_episodes or 1
     state = PartialState()
     # The main process creates (or finds) the run row first; other DDP ranks then find it running.
     with state.main_process_first(), session_scope(engine) as s:
         run = running_training_run(s, trainer_cfg.objective)
-        if run is not None:
-            plan = plan_round(s, trainer_cfg, rewards_cfg, block_ids=run.block_ids,
-                              replay_episode_ids=run.replay_episode_ids)
-            parent = None if run.parent_version is None else adapter_row(s, run.parent_version)
-        else:
-            plan = plan_round(s, trainer_cfg, rewards_cfg)
-            if len(plan.new) < trainer_cfg.min_new_episodes:
-                return None
-            parent = serving_adapter_row(s)
-        examples = build_examples(s, plan.episodes, rewards_cfg, plan.edges)
-        if not examples:
-            raise TrainerError("the new scored episodes have no assistant turns to train on")
+        data = objective.plan(s, trainer_cfg, rewards_cfg, run=run, need=need)
+        if isinstance(data, NothingToTrain):
+            return data
         if run is None:
             if not state.is_main_process:
                 raise TrainerError("DDP rank started before the main process created the training run")
+            parent = serving_adapter_row(s)
             run = create_training_run(
                 s, objective=trainer_cfg.objective, parent_version=None if parent is None else parent.version,
-                block_ids=plan.new_block_ids, replay_episode_ids=[e.episode_id for e in plan.replay],
-                n_examples=len(examples),
-                hyperparams={**hyperparams(trainer_cfg, device), "label_format": rewards_cfg.label_format,
-                             "label_edges": plan.edges, "n_new": len(plan.new), "n_replay": len(plan.replay),
-                             "base_model": base},
+                block_ids=data.block_ids, replay_episode_ids=data.replay_episode_ids, n_examples=len(data.rows),
+                hyperparams={**hyperparams(trainer_cfg, device), **data.hyperparams, "base_model": model_name(model)},
             )
             run.checkpoint_dir = str(Path(trainer_cfg.runs_dir) / f"run-{run.id}")
+        else:
+            parent = None if run.parent_version is None else adapter_row(s, run.parent_version)
         run_id, run_dir = run.id, run.checkpoint_dir or str(Path(trainer_cfg.runs_dir) / f"run-{run.id}")
         parent_version = None if parent is None else parent.version
         parent_path = None if parent is None else parent.path
         block_ids, replay_ids = list(run.block_ids), list(run.replay_episode_ids)
 
     try:
-        outcome = run_sft(base, parent_path, [e.messages for e in examples], trainer_cfg, run_dir,
-                          device=device, callbacks=callbacks)
-    except (NonFiniteLoss, OutOfMemory) as err:
-        _fail(engine, run_id, str(err))
-        raise
-    except TrainerError as err:  # the parent adapter or base model cannot be loaded: retrying will not help
+        outcome = objective.fit(model, parent_path, data.rows, trainer_cfg, run_dir, device=device,
+                                callbacks=callbacks)
+    except TrainerError as err:  # NaN loss, or a model/adapter that cannot load: retrying will not help
         _fail(engine, run_id, str(err))
         raise
     except BaseException as err:
+        if isinstance(err, Exception) and is_oom(err):
+            from trainer.sft import OutOfMemory
+
+            msg = (f"out of memory while training ({type(err).__name__}: {str(err)[:200]}); lower "
+                   "trainer.batch_size or trainer.max_length, or set trainer.gradient_checkpointing = true")
+            _fail(engine, run_id, msg)
+            raise OutOfMemory(msg) from None
         # An interruption (crash, Ctrl-C, killed job): keep `running` so the next call resumes it.
         if state.is_main_process:
             with session_scope(engine) as s:
@@ -137,21 +178,22 @@ def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: Rewards
         raise
 
     if not state.is_main_process:
-        return None
+        return NothingToTrain("this DDP rank trained; the main process writes the adapter")
     with session_scope(engine) as s:
         version = next_adapter_version(s)
     path = save_adapter(outcome.model, trainer_cfg.adapters_dir, version)
+    final = outcome.loss_curve[-1]["loss"] if outcome.loss_curve else None
     with session_scope(engine) as s:
-        add_adapter(s, version=version, parent_version=parent_version, path=str(path), base_model=base,
+        add_adapter(s, version=version, parent_version=parent_version, path=str(path), base_model=model_name(model),
                     training_run_id=run_id,
-                    metrics={"final_loss": outcome.loss_curve[-1]["loss"] if outcome.loss_curve else None,
-                             "n_examples": len(examples), "steps": outcome.global_step})
+                    metrics={"objective": trainer_cfg.objective, "final_loss": final, "n_examples": len(data.rows),
+                             "steps": outcome.global_step})
         finish_training_run(s, run_id, adapter_version=version, loss_curve=outcome.loss_curve)
     # Checkpoints only exist to resume this round; the adapter folder is the result.
     shutil.rmtree(run_dir, ignore_errors=True)
     return RoundResult(run_id=run_id, adapter_version=version, parent_version=parent_version, path=str(path),
-                       n_examples=len(examples), block_ids=block_ids, replay_episode_ids=replay_ids,
-                       episode_ids=[e.episode_id for e in examples], loss_curve=outcome.loss_curve,
+                       n_examples=len(data.rows), block_ids=block_ids, replay_episode_ids=replay_ids,
+                       episode_ids=data.episode_ids, loss_curve=outcome.loss_curve,
                        resumed_from_step=outcome.resumed_from_step, seconds=time.perf_counter() - started)
 
 

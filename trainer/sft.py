@@ -14,18 +14,21 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy.orm import Session
 from transformers import TrainerCallback
 
 from policy.model_files import load_tokenizer
+from rewards.config import RewardsConfig
+from store.models import TrainingRun
 from trainer.config import TrainerConfig
 from trainer.errors import TrainerError, TrainingStopped
 from trainer.registry import check_adapter
+from trainer.round import FitOutcome, ModelRef, NothingToTrain, RoundData, model_name
 
 
 class NonFiniteLoss(TrainerError):
@@ -55,18 +58,24 @@ def lora_config(cfg: TrainerConfig):
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
 
 
-def load_trainable_model(base_model_dir: str, adapter_path: str | None, cfg: TrainerConfig, device: str):
-    """The base model with a trainable LoRA: the given adapter (resume) or a fresh one (first round)."""
+def load_trainable_model(model: ModelRef, adapter_path: str | None, cfg: TrainerConfig, device: str):
+    """The base model with a trainable LoRA: the given adapter (resume) or a fresh one (first round).
+
+    `model` is a folder or hub id, or a loaded model (which gets the LoRA layers in place)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     if adapter_path is not None:
         check_adapter(adapter_path)
-    dtype = torch.bfloat16 if use_bf16(device) else torch.float32
-    try:
-        base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
-    except OSError as err:
-        raise TrainerError(f"cannot load base model {base_model_dir!r}: {err}") from None
+    base_model_dir = model_name(model)
+    if isinstance(model, str):
+        dtype = torch.bfloat16 if use_bf16(device) else torch.float32
+        try:
+            base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        except OSError as err:
+            raise TrainerError(f"cannot load base model {model!r}: {err}") from None
+    else:
+        base = model
     if adapter_path is None:
         torch.manual_seed(cfg.seed)  # fresh LoRA init is reproducible
         return get_peft_model(base, lora_config(cfg))
@@ -94,8 +103,9 @@ def sft_config(cfg: TrainerConfig, output_dir: str | Path, device: str, **overri
         "bf16": use_bf16(device),
         "fp16": False,
         "use_cpu": not cuda,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        # transformers 5 names it activation checkpointing; the old name only warns (FutureWarning).
+        "activation_checkpointing": cfg.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None,
         "report_to": "none",
         "logging_steps": 1,
         "logging_nan_inf_filter": False,  # otherwise a NaN loss is silently replaced by the running mean
@@ -122,6 +132,23 @@ class LossGuard(TrainerCallback):
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLoss(f"training loss became {loss} at step {state.global_step}; the round is "
                                 "abandoned (lower trainer.learning_rate, or check the serving adapter)")
+
+
+class LossEvents(TrainerCallback):
+    """Send each logged training loss to `emit(step=, loss=, lr=, ...)` (the daemon writes a logfmt line).
+
+    With this callback present, the Trainer's PrinterCallback (which prints raw dicts to stdout)
+    is removed, so a daemon's output stays one format.
+    """
+
+    def __init__(self, emit: Callable[..., None]) -> None:
+        self.emit = emit
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.emit(step=state.global_step, max_steps=state.max_steps, loss=float(logs["loss"]),
+                      lr=logs.get("learning_rate"), epoch=logs.get("epoch"))
 
 
 class StopOnEvent(TrainerCallback):
@@ -184,16 +211,18 @@ def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, 
     if fused_lm_head is None:
         fused_lm_head = not args.use_cpu and torch.cuda.is_available()
     dataset = Dataset.from_list([{"messages": list(m)} for m in messages])
-    return _trainer_class(fused_lm_head)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                         callbacks=[LossGuard(), *callbacks])
+    trainer = _trainer_class(fused_lm_head)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                            callbacks=[LossGuard(), *callbacks])
+    quiet_printer(trainer, callbacks)
+    return trainer
 
 
-@dataclass
-class SFTOutcome:
-    model: Any
-    loss_curve: list[dict[str, float]]
-    global_step: int
-    resumed_from_step: int | None
+def quiet_printer(trainer: Any, callbacks: Sequence[TrainerCallback]) -> None:
+    """Drop the Trainer's stdout printer when a LossEvents callback reports the losses instead."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if any(isinstance(cb, LossEvents) for cb in callbacks):
+        trainer.remove_callback(PrinterCallback)
 
 
 def loss_curve(log_history: list[dict]) -> list[dict[str, float]]:
@@ -201,7 +230,8 @@ def loss_curve(log_history: list[dict]) -> list[dict[str, float]]:
              if "learning_rate" in h else {})} for h in log_history if "loss" in h]
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
+    """Out of GPU or host memory, whichever way torch says it."""
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
     if isinstance(err, (oom_types, MemoryError)):
@@ -231,32 +261,47 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
-def run_sft(base_model_dir: str, adapter_path: str | None, messages: Sequence[list[dict[str, str]]],
-            cfg: TrainerConfig, output_dir: str | Path, *, device: str = "auto",
-            callbacks: Sequence[TrainerCallback] = ()) -> SFTOutcome:
+def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, run: TrainingRun | None,
+         need: int) -> RoundData | NothingToTrain:
+    """New scored blocks + a replay sample as score-labelled chats (an interrupted run: its own data)."""
+    from trainer.dataset import build_examples, plan_round
+
+    if run is not None:
+        p = plan_round(session, cfg, rewards_cfg, block_ids=run.block_ids, replay_episode_ids=run.replay_episode_ids)
+    else:
+        p = plan_round(session, cfg, rewards_cfg)
+        if len(p.new) < need:
+            return NothingToTrain(f"{len(p.new)} new scored episodes, {need} needed (trainer.min_new_episodes)",
+                                  new_episodes=len(p.new), needed=need)
+    examples = build_examples(session, p.episodes, rewards_cfg, p.edges)
+    if not examples:
+        raise TrainerError("the new scored episodes have no assistant turns to train on")
+    return RoundData(block_ids=p.new_block_ids, replay_episode_ids=[e.episode_id for e in p.replay],
+                     episode_ids=[e.episode_id for e in examples], rows=[e.messages for e in examples],
+                     n_new=len(p.new),
+                     hyperparams={"label_format": rewards_cfg.label_format, "label_edges": p.edges,
+                                  "n_new": len(p.new), "n_replay": len(p.replay)})
+
+
+def fit(model: ModelRef, adapter_path: str | None, messages: Sequence[list[dict[str, str]]], cfg: TrainerConfig,
+        output_dir: str | Path, *, device: str = "auto", callbacks: Sequence[TrainerCallback] = ()) -> FitOutcome:
     """Train one round in output_dir, resuming from its last checkpoint if an earlier try left one."""
     device = pick_device(device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     last = last_complete_checkpoint(output_dir)
-    tokenizer = load_tokenizer(base_model_dir)
-    model = load_trainable_model(base_model_dir, adapter_path, cfg, device)
-    trainer = build_trainer(model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks)
+    tokenizer = load_tokenizer(model_name(model))
+    peft_model = load_trainable_model(model, adapter_path, cfg, device)
+    trainer = build_trainer(peft_model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks)
     try:
         trainer.train(resume_from_checkpoint=last)
-    except NonFiniteLoss:
-        raise
     except Exception as err:
-        if _is_oom(err):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise OutOfMemory(f"out of memory while training ({type(err).__name__}: {str(err)[:200]}); lower "
-                              "trainer.batch_size or trainer.max_length, or set trainer.gradient_checkpointing = "
-                              "true") from None
+        if is_oom(err) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
         raise
     raise_if_stopped(callbacks, trainer.state.max_steps)
     resumed = None if last is None else int(Path(last).name.rsplit("-", 1)[-1])
-    return SFTOutcome(trainer.model, loss_curve(trainer.state.log_history), trainer.state.global_step, resumed)
+    return FitOutcome(trainer.model, loss_curve(trainer.state.log_history), trainer.state.global_step, resumed)
 
 
 @torch.no_grad()
