@@ -15,6 +15,9 @@ from rewards.outcomes import DIRECTIONS, Direction
 
 # Largest believable |h-day move| in %: a 10x move in a week is already absurd for this universe.
 MAX_MAGNITUDE_PCT = 1000.0
+# A snippet id has at most this many digits; a longer digit string stays an unresolvable string
+# (int() refuses over 4300 digits, and no table holds 10^18 snippets).
+MAX_ID_DIGITS = 18
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,15 @@ def _number(x: object, name: str, errors: list[str]) -> float | None:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         errors.append(f"{name} must be a number, got {type(x).__name__} {x!r}"[:200])
         return None
-    if not math.isfinite(x):
+    try:
+        value = float(x)  # an int beyond a float's range (10**400) overflows: a bad value, not a crash
+    except OverflowError:
+        errors.append(f"{name} is out of range: {str(x)[:40]}...")
+        return None
+    if not math.isfinite(value):
         errors.append(f"{name} must be finite, got {x!r}")
         return None
-    return float(x)
+    return value
 
 
 def _citations(x: object, errors: list[str]) -> tuple[int | str, ...] | None:
@@ -68,6 +76,14 @@ def _citations(x: object, errors: list[str]) -> tuple[int | str, ...] | None:
         if isinstance(c, bool) or not isinstance(c, (int, str)):
             errors.append(f"citation {c!r} is not a snippet id (int or string)"[:200])
             return None
-        # "12" is the id 12; any other string stays a string that resolves to nothing.
-        out.append(int(c) if isinstance(c, str) and c.strip().isdigit() else c)
+        out.append(_snippet_id(c))
     return tuple(out)
+
+
+def _snippet_id(c: int | str) -> int | str:
+    """"12" is the id 12; any other string ("²", "[3]", a 5000-digit run) stays a string that resolves
+    to nothing. ASCII digits only: str.isdigit() accepts "²", which int() then refuses."""
+    if isinstance(c, str):
+        s = c.strip()
+        return int(s) if s.isascii() and s.isdigit() and len(s) <= MAX_ID_DIGITS else c
+    return c

@@ -3,17 +3,21 @@
 Idempotent: rows are keyed by prediction and reward version, so a second run writes nothing. A
 prediction whose close is missing stays pending with the reason in predictions.pending_reason (it
 is never scored against a guess). Bad prediction values are scored 0 with the reason recorded,
-never raised.
+never raised. Anything else one row raises (a source's bug, a value no check foresaw) is caught
+per row: the row stays pending with `error: ...` as its reason, the report counts it, and the
+pass goes on; only losing the database itself stops the pass.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from market.last_price import last_price
 from market.protocols import MarketError
@@ -48,6 +52,10 @@ if TYPE_CHECKING:
 
 # How many pending (id, reason) pairs the report keeps for display; the counts cover all of them.
 REPORT_EXAMPLES = 20
+# The database itself is gone or locked: every later row would fail the same way, so stop the pass.
+_FATAL = (OperationalError, InterfaceError)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +66,7 @@ class ResolveReport:
     invalid_scored: int = 0  # of those, scored 0 for a parse failure or a bad value
     not_due: int = 0  # live predictions whose resolve session has not closed yet
     still_pending: int = 0  # due, but a price or the calendar is missing
+    failed: int = 0  # rows (or block metrics) whose processing raised; recorded, the pass went on
     pending_reasons: Counter[str] = field(default_factory=Counter)  # category -> count
     examples: list[tuple[int, str]] = field(default_factory=list)  # (prediction id, reason)
     blocks_updated: list[int] = field(default_factory=list)
@@ -89,15 +98,33 @@ def resolve_pending(
     report.considered = len(todo)
     for p in todo:
         try:
-            outcome = p.outcome or _fetch_outcome(p, market, history, rewards_cfg, now)
-        except _Pending as why:
-            if why.category == "not_due" or p.valid:
-                _keep_pending(engine, p, why, report)
-                continue
-            outcome = None  # a parse failure scores 0 whatever the market did; no price needed
-        _score_and_write(engine, p, outcome, rewards_cfg, report)
-    report.blocks_updated = _refresh_metrics(engine, history, rewards_cfg, version)
+            _resolve_one(engine, p, market, history, rewards_cfg, now, report)
+        except _FATAL:
+            raise
+        except Exception as err:  # one bad row must not abort the pass (module doc)
+            log.exception("resolving prediction %s failed", p.id)
+            report.failed += 1
+            reason = f"error: {type(err).__name__}: {err}"
+            try:
+                _keep_pending(engine, p, _Pending("error", reason), report)
+            except _FATAL:
+                raise
+            except Exception:  # the reason is best effort; count and log remain
+                log.exception("could not record the failure of prediction %s", p.id)
+    report.blocks_updated = _refresh_metrics(engine, history, rewards_cfg, version, report)
     return report
+
+
+def _resolve_one(engine: Engine, p: PendingPrediction, market: Market, history: _History, cfg: RewardsConfig,
+                 now: datetime, report: ResolveReport) -> None:
+    try:
+        outcome = p.outcome or _fetch_outcome(p, market, history, cfg, now)
+    except _Pending as why:
+        if why.category == "not_due" or p.valid:
+            _keep_pending(engine, p, why, report)
+            return
+        outcome = None  # a parse failure scores 0 whatever the market did; no price needed
+    _score_and_write(engine, p, outcome, cfg, report)
 
 
 class _History:
@@ -189,19 +216,30 @@ def _score_and_write(
         report.invalid_scored += not r.valid
 
 
-def _refresh_metrics(engine: Engine, history: _History, cfg: RewardsConfig, version: str) -> list[int]:
-    """Metrics for finished blocks that became fully scored at this version (model + baselines)."""
+def _refresh_metrics(engine: Engine, history: _History, cfg: RewardsConfig, version: str,
+                     report: ResolveReport) -> list[int]:
+    """Metrics for finished blocks that became fully scored at this version (model + baselines);
+    a block whose metrics raise is logged, counted and retried on the next pass."""
     with session_scope(engine) as s:
         block_ids = blocks_needing_metrics(s, version)
+    done: list[int] = []
     for block_id in block_ids:
-        with session_scope(engine) as s:
-            rows = scored_predictions(s, block_id, version)
-        items = [_block_item(r, history, cfg) for r in rows]
-        report = block_report(items, cfg)
-        with session_scope(engine) as s:
-            for name, m in report.items():
-                upsert_block_metric(s, block_id, name, version, asdict(m))
-    return block_ids
+        try:
+            with session_scope(engine) as s:
+                rows = scored_predictions(s, block_id, version)
+            items = [_block_item(r, history, cfg) for r in rows]
+            metrics = block_report(items, cfg)
+            with session_scope(engine) as s:
+                for name, m in metrics.items():
+                    upsert_block_metric(s, block_id, name, version, asdict(m))
+        except _FATAL:
+            raise
+        except Exception:  # one block's metrics must not stop the others
+            log.exception("metrics of block %s failed", block_id)
+            report.failed += 1
+            continue
+        done.append(block_id)
+    return done
 
 
 def _block_item(r: ScoredPrediction, history: _History, cfg: RewardsConfig) -> BlockItem:

@@ -8,7 +8,7 @@ would show.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import pytest
@@ -299,3 +299,41 @@ def test_live_return_is_measured_from_the_price_visible_at_as_of(fresh_db, marke
     assert (late.close_as_of, late.as_of_date, late.resolve_date) == (close[d], day, s.days[d + H])
     assert last_price(market.prices, cal, "SYN01", ten_am).kind == "open"
     assert last_price(market.prices, cal, "SYN01", cal.open_of(day)).kind == "close"  # strictly before as_of
+
+
+class BrokenForOneTicker:
+    """The real synthetic prices, except one ticker whose lookup hits a bug (not a MarketError)."""
+
+    def __init__(self, inner, ticker: str):
+        self.inner, self.ticker, self.name = inner, ticker, inner.name
+
+    def bars(self, ticker, as_of, lookback_days):
+        return self.inner.bars(ticker, as_of, lookback_days)
+
+    def close_on(self, ticker, day):
+        if ticker == self.ticker:
+            raise ZeroDivisionError("float division by zero in a vendor adjustment")
+        return self.inner.close_on(ticker, day)
+
+
+def test_one_bad_row_is_recorded_and_the_pass_goes_on(fresh_db, market):
+    """A row that raises (a source bug) stays pending with its error; odd stored citations score, not raise."""
+    items = [
+        Item("SYN00", 70),
+        Item("SYN01", 70),  # its source raises
+        Item("SYN02", 70, citations=["²", "9" * 5000, " 12 ", "[3]"]),  # stored by older code or by hand
+    ]
+    block_id, ids, _ = add_block(fresh_db, market, items)
+    broken = replace(market, prices=BrokenForOneTicker(market.prices, "SYN01"))
+    rep = resolve_pending(fresh_db, broken, CFG)
+    assert (rep.resolved, rep.failed, rep.still_pending) == (2, 1, 1)
+    assert rep.pending_reasons == {"error": 1}
+    with session_scope(fresh_db) as s:
+        reasons = dict(s.execute(select(Prediction.id, Prediction.pending_reason)).all())
+        rewards = dict(s.execute(select(Reward.prediction_id, Reward.data_use)).all())
+    assert reasons[ids[1]] == "error: ZeroDivisionError: float division by zero in a vendor adjustment"
+    assert set(rewards) == {ids[0], ids[2]} and rewards[ids[2]] == 0.0  # no citation resolves
+    assert rep.blocks_updated == []  # the block is not fully scored: no metrics from a partial block
+    # the source is fixed: the next pass picks the row up and the block gets its metrics
+    rep2 = resolve_pending(fresh_db, market, CFG)
+    assert (rep2.resolved, rep2.failed, rep2.blocks_updated) == (1, 0, [block_id])
