@@ -175,11 +175,12 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
               rewards_cfg: RewardsConfig, *, mode: str = "replay", size: int | None = None,
               as_of: datetime | None = None, tickers: Sequence[str] | None = None,
               target_score: float | None = None, kind: str = "train", trigger_id: int | None = None,
-              progress: bool = True, stop: threading.Event | None = None, horizon: int = 5,
+              progress: bool = True, stop: threading.Event | None = None, horizon: int | None = None,
               clock: WriteClock | None = None, items: Sequence[tuple[str, datetime]] | None = None,
               seed: int | str = 0) -> int:
     """Plan a block (or take `items`), run it, return its id (complete, or left `running` if stopped)."""
     target = agent_cfg.target_score if target_score is None else target_score
+    horizon = market.horizon_days if horizon is None else horizon
     factory = session_factory(engine)
     with session_scope(factory) as s:
         # Quantile labels mean "bin k of the offline set when this adapter was trained": use its edges.

@@ -104,13 +104,14 @@ class EvalResult:
 
 
 def run_eval(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig, rewards_cfg: RewardsConfig,
-             *, targets: Sequence[float] = DEFAULT_TARGETS, n_items: int = 24, horizon: int = 5,
+             *, targets: Sequence[float] = DEFAULT_TARGETS, n_items: int = 24, horizon: int | None = None,
              progress: bool = True, stop: threading.Event | None = None, seed: int = 0) -> EvalResult:
     """Run the held-out items at each target with `policy`, resolve them, store and return the eval run."""
     from agent.runner import run_block
     from scoring.resolve import resolve_pending
 
     targets = list(targets)
+    horizon = market.horizon_days if horizon is None else horizon
     plan = held_out_plan(market, n_items, horizon, seed)
     with session_scope(engine) as s:
         leaked = eval_runs.trained_items_from(s, market.name, plan.leak_since)

@@ -25,6 +25,7 @@ class Market:
     span: tuple[date, date] | None = None
     p_star: Callable[[int], float] | None = field(default=None, repr=False)
     split: SplitConfig = field(default_factory=SplitConfig)  # how market.split cuts this timeline
+    horizon_days: int = MarketConfig.model_fields["horizon_days"].default  # build_market sets market.horizon_days
 
     def bayes_accuracy(self, horizon: int) -> float | None:
         """p* of the synthetic market's planted signal at `horizon`; None for real sources (unknown)."""
@@ -61,4 +62,5 @@ def build_market(cfg: MarketConfig, engine: Engine | None = None) -> Market:
         market.prices = CachedPrices(market.prices, engine, market.calendar)
         market.news = CachedNews(market.news, engine)
     market.split = cfg.split
+    market.horizon_days = cfg.horizon_days
     return market
