@@ -298,14 +298,6 @@ def episode_trace(session: Session, episode_id: int, attempt: int | None = None)
     return EpisodeTrace(episode=ep, steps=steps, prediction=pred, attempts=ep.attempt)
 
 
-def retrieved_snippet_ids(session: Session, episode_id: int, attempt: int) -> set[int]:
-    """Snippets this attempt's tool calls really returned (what citations may point at)."""
-    return set(session.scalars(
-        select(ToolCallSnippet.snippet_id).join(ToolCall, ToolCall.id == ToolCallSnippet.tool_call_id)
-        .where(ToolCall.episode_id == episode_id, ToolCall.attempt == attempt)
-    ))
-
-
 def block_prediction_counts(session: Session, block_id: int) -> tuple[int, int]:
     """(predictions, valid predictions) of a block."""
     n, valid = session.execute(

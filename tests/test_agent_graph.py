@@ -23,6 +23,7 @@ from rewards.config import RewardsConfig
 from store import traces
 from store.db import session_scope
 from store.models import Block, Episode, Prediction, Snippet, Step, ToolCall, ToolCallSnippet
+from store.scoring import retrieved_snippets
 
 PRICES = '{"tool": "get_prices", "args": {"lookback_days": 20}}'
 NEWS = '{"tool": "search_news", "args": {"query": "estimates"}}'
@@ -149,7 +150,7 @@ def test_citing_unknown_snippets_keeps_the_citation_for_the_reward_to_judge(sqli
     tr = only_episode(sqlite_db, block_id)
     assert tr.prediction.valid and tr.prediction.citations == [987654, 1]
     with session_scope(sqlite_db) as s:
-        got = traces.retrieved_snippet_ids(s, tr.episode.id, tr.episode.attempt)
+        got = set(retrieved_snippets(s, tr.episode.id))  # what the data_use reward checks citations against
     assert 987654 not in got and got  # data_use can tell real citations from invented ones
 
 
