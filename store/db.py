@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -163,3 +164,14 @@ def open_store(url: str, config: StoreConfig | None = None, *, migrate: bool = T
         if current_revision(engine) != head_revision():
             raise StoreError("database is not initialised or out of date: run `scoreloop init`")
     return engine
+
+
+def insert(session: Session, table: Any) -> Any:
+    """INSERT for the session's dialect, with ON CONFLICT (do nothing / do update) on SQLite and PostgreSQL.
+
+    The store's one insert helper: idempotent writes (outcomes, rewards, cache rows) rely on it.
+    """
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    name = session.get_bind().dialect.name
+    return (postgresql.insert if name == "postgresql" else sqlite.insert)(table)

@@ -11,12 +11,12 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from store.db import insert
 from store.models import NewsQuery, PriceBar, Snippet
 
 # Relative change in adj_close above which a re-fetched bar means the series was re-adjusted.
@@ -41,11 +41,6 @@ class NewsLike(Protocol):
     url: str
     source: str
     tickers: tuple[str, ...]
-
-
-def _insert(session: Session, table: Any):
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def content_hash(item: NewsLike, source: str = "") -> str:
@@ -73,7 +68,7 @@ def save_snippets(session: Session, items: Sequence[NewsLike], source: str) -> l
         for h, it in zip(hashes, items, strict=True)
     ]
     unique = list({r["content_hash"]: r for r in rows}.values())
-    session.execute(_insert(session, Snippet).values(unique).on_conflict_do_nothing(index_elements=["content_hash"]))
+    session.execute(insert(session, Snippet).values(unique).on_conflict_do_nothing(index_elements=["content_hash"]))
     ids = dict(session.execute(select(Snippet.content_hash, Snippet.id).where(Snippet.content_hash.in_(hashes))).all())
     return [ids[h] for h in hashes]
 
@@ -131,7 +126,7 @@ def save_bars(session: Session, source: str, bars: Iterable[BarLike]) -> int:
             for b in series if b.date not in existing
         ]
         if new:
-            session.execute(_insert(session, PriceBar).values(new).on_conflict_do_nothing(
+            session.execute(insert(session, PriceBar).values(new).on_conflict_do_nothing(
                 index_elements=["source", "ticker", "date"]))
             changed += len(new)
     session.flush()
@@ -162,7 +157,7 @@ def save_news_query(
     snippet_ids: Sequence[int], dropped_future: int,
 ) -> None:
     """Remember which snippets a search returned (first answer wins on a race)."""
-    session.execute(_insert(session, NewsQuery).values(
+    session.execute(insert(session, NewsQuery).values(
         source=source, query_key=query_key(query, ticker, max_results, as_of), query=query, ticker=ticker,
         as_of=as_of, snippet_ids=list(snippet_ids), dropped_future=dropped_future,
     ).on_conflict_do_nothing(index_elements=["source", "query_key"]))

@@ -15,9 +15,9 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import exists, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from store.db import insert
 from store.models import (
     Block,
     BlockMetric,
@@ -84,12 +84,6 @@ class ScoredPrediction:
     outcome: OutcomeRow | None
 
 
-def _insert(session: Session, table):
-    """Dialect insert with ON CONFLICT support (SQLite and PostgreSQL)."""
-    name = session.get_bind().dialect.name
-    return (postgresql.insert if name == "postgresql" else sqlite.insert)(table)
-
-
 def _outcome_row(o: Outcome | None) -> OutcomeRow | None:
     if o is None:
         return None
@@ -133,7 +127,7 @@ def write_outcome(
     session: Session, prediction_id: int, *, ticker: str, correct: bool | None, outcome: OutcomeRow
 ) -> bool:
     """Insert the outcome unless one exists; True when this call wrote it."""
-    stmt = _insert(session, Outcome).values(
+    stmt = insert(session, Outcome).values(
         prediction_id=prediction_id, ticker=ticker, correct=None if correct is None else int(correct),
         close_as_of=outcome.close_as_of, close_resolve=outcome.close_resolve, as_of_date=outcome.as_of_date,
         resolve_date=outcome.resolve_date, realized_return_pct=outcome.realized_return_pct,
@@ -156,7 +150,7 @@ def write_reward(
     reason: str | None,
 ) -> bool:
     """Insert the reward unless this version already scored the prediction; True when this call wrote it."""
-    stmt = _insert(session, Reward).values(
+    stmt = insert(session, Reward).values(
         prediction_id=prediction_id, reward_version=reward_version, direction=direction, magnitude=magnitude,
         calibration=calibration, data_use=data_use, composite=composite, reason=reason, created_at=utcnow(),
     ).on_conflict_do_nothing(index_elements=["prediction_id", "reward_version"])
@@ -210,7 +204,7 @@ def upsert_block_metric(
 ) -> None:
     """One row per (block, name): `model`, `always_up`, `momentum_20d`, `coin_flip` (read by v_block_summary)."""
     values = {k: metrics[k] for k in METRIC_FIELDS}
-    stmt = _insert(session, BlockMetric).values(
+    stmt = insert(session, BlockMetric).values(
         block_id=block_id, name=name, reward_version=reward_version, computed_at=utcnow(), **values
     )
     stmt = stmt.on_conflict_do_update(

@@ -13,9 +13,9 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import case, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from store.db import insert
 from store.errors import ScoreloopError
 from store.models import (
     Block,
@@ -54,12 +54,6 @@ class ClaimedEpisode:
     conditioning: str | None
     seed: int
     explore_direction: str | None = None
-
-
-def _insert(session: Session, table):
-    """Dialect insert with ON CONFLICT support (SQLite and PostgreSQL)."""
-    name = session.get_bind().dialect.name
-    return (postgresql.insert if name == "postgresql" else sqlite.insert)(table)
 
 
 def create_block_with_items(
@@ -210,7 +204,7 @@ def save_prediction(session: Session, *, episode_id: int, resolve_at: date, vali
     ep = session.get(Episode, episode_id)
     if ep is None:
         raise TraceError(f"no episode with id {episode_id}")
-    stmt = _insert(session, Prediction.__table__).values(
+    stmt = insert(session, Prediction.__table__).values(
         episode_id=episode_id, block_id=ep.block_id, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
         resolve_at=resolve_at, direction=direction, magnitude_pct=magnitude_pct, confidence=confidence,
         rationale=rationale, citations=citations, valid=valid, parse_error=parse_error, raw_output=raw_output,
