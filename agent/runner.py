@@ -24,7 +24,6 @@ from sqlalchemy import Engine
 from agent.config import AgentConfig
 from agent.graph import EpisodeStopped, run_episode
 from agent.recorder import EpisodeRecorder, WriteClock
-from agent.schema import DIRECTIONS
 from agent.tools import EpisodeTools
 from market.protocols import MarketError, UnknownTickerError
 from market.split import draw_items, timeline_split, train_days
@@ -158,16 +157,23 @@ def _given_items(market: Market, items: Sequence[tuple[str, datetime]], *, mode:
     return planned
 
 
-def explore(items: Sequence[traces.PlannedItem], rate: float) -> list[traces.PlannedItem]:
-    """Mark about `rate` of the items for direction exploration, each with a uniformly drawn direction.
+def explore(items: Sequence[traces.PlannedItem], rate: float, flat_rate: float = 0.1) -> list[traces.PlannedItem]:
+    """Mark about `rate` of the items for direction exploration, each with a drawn direction.
 
+    Directions are drawn over the answers that can be right: `flat` with `flat_rate` (about how
+    often flat is right), up and down evenly otherwise; a uniform draw over three made a third of
+    the explored episodes `flat`, right about one time in ten, which taught only "flat is bad".
     Seeded by the item itself (ticker, as_of, position), so a resumed block and every arm of an
     experiment on the same dates explore the same items the same way.
     """
     out = []
     for i, it in enumerate(items):
         rng = random.Random(f"explore|{it.ticker}|{it.as_of.isoformat()}|{i}")
-        out.append(replace(it, explore_direction=rng.choice(DIRECTIONS)) if rng.random() < rate else it)
+        if rng.random() >= rate:
+            out.append(it)
+            continue
+        direction = "flat" if rng.random() < flat_rate else rng.choice(("up", "down"))
+        out.append(replace(it, explore_direction=direction))
     return out
 
 
@@ -190,7 +196,7 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
         planned = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
                              as_of=as_of, tickers=tickers, items=items, seed=seed)
         if kind == "train" and agent_cfg.explore_rate > 0:
-            planned = explore(planned, agent_cfg.explore_rate)
+            planned = explore(planned, agent_cfg.explore_rate, agent_cfg.explore_flat_rate)
         block_id = traces.create_block_with_items(
             s, items=planned, market=market.name, mode=mode, kind=kind, horizon=horizon,
             adapter_version=policy.adapter_version, target_score=target, conditioning=label,
@@ -232,7 +238,8 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
         if ep is None:
             return "done"
         rec = EpisodeRecorder(factory, episode_id, ep.attempt, clock)
-        tools = EpisodeTools(market, rec, ep, news_max_results=cfg.news_max_results, timeout_s=cfg.tool_timeout_s)
+        tools = EpisodeTools(market, rec, ep, news_max_results=cfg.news_max_results, timeout_s=cfg.tool_timeout_s,
+                             news_days=cfg.news_days)
         try:
             result = run_episode(policy, tools, rec, cfg, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
                                  label=ep.conditioning or "", seed=ep.seed, stop=halt,

@@ -21,11 +21,13 @@ from sqlalchemy import Engine
 
 from agent.config import AgentConfig
 from market.split import SplitError, draw_items, timeline_split
+from rewards.composite import reward_version
 from rewards.config import RewardsConfig
 from rewards.evaluation import TargetResult, controllability, pearson
 from store import eval_runs
 from store.db import session_scope
 from store.errors import ScoreloopError
+from store.scoring import scored_predictions
 from store.status import block_summary
 
 if TYPE_CHECKING:
@@ -112,6 +114,9 @@ def run_eval(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCon
 
     targets = list(targets)
     horizon = market.horizon_days if horizon is None else horizon
+    # Greedy and no exploration: an evaluation measures the policy, not a sample of it, so two adapters
+    # (or two targets) differ only through what they learned.
+    agent_cfg = agent_cfg.model_copy(update={"temperature": 0.0, "explore_rate": 0.0, "explore_tool_rate": 0.0})
     plan = held_out_plan(market, n_items, horizon, seed)
     with session_scope(engine) as s:
         leaked = eval_runs.trained_items_from(s, market.name, plan.leak_since)
@@ -142,6 +147,7 @@ def run_eval(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCon
                 raise EvalError(f"eval block {bid} planned different items from block {block_ids[0]}")
         resolve_pending(engine, market, rewards_cfg)
         per_target, baselines = _target_results(engine, targets, block_ids)
+        by_signal = _accuracy_by_signal(engine, market, rewards_cfg, targets, block_ids, horizon)
     except BaseException as err:
         with session_scope(engine) as s:
             eval_runs.update_results(s, run_id, {"error": f"{type(err).__name__}: {err}", "block_ids": block_ids},
@@ -154,6 +160,9 @@ def run_eval(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCon
         "spearman": rho,
         "pearson": pearson([t for t, _ in pts], [m for _, m in pts]) if len(pts) >= 2 else None,
         "baselines": baselines,
+        "accuracy_by_signal": by_signal,
+        "p_star_band": _p_star_band(market, horizon, rewards_cfg),
+        "decoding": "greedy",
         "label_format": rewards_cfg.label_format,
         "block_ids": block_ids,
     }
@@ -179,3 +188,34 @@ def _target_results(engine: Engine, targets: Sequence[float], block_ids: Sequenc
                 # Baselines forecast from prices only; shown for the first target's valid items.
                 baselines = m.pick(("always_up_accuracy", "momentum_accuracy", "coin_flip_accuracy"))
     return out, baselines
+
+
+def _p_star_band(market: Market, horizon: int, rewards_cfg: RewardsConfig) -> float | None:
+    """The Bayes accuracy with the rewards' flat band, where the market knows it (synthetic): the ceiling."""
+    band = getattr(market.prices, "bayes_accuracy_band", None)
+    return float(band(horizon, rewards_cfg.flat_band_pct)) if band is not None else None
+
+
+def _accuracy_by_signal(engine: Engine, market: Market, rewards_cfg: RewardsConfig, targets: Sequence[float],
+                        block_ids: Sequence[int], horizon: int) -> list[dict[str, Any]] | None:
+    """Per target: accuracy on items with a visible signal headline and on the rest (synthetic market only).
+
+    Reading the news can only beat a coin flip on the first kind, so a policy that learned to read shows
+    its gain there; a gain spread evenly over both kinds points at something else (the flat band, a bias).
+    """
+    visible = getattr(market.prices, "signal_visible", None)
+    if visible is None:
+        return None
+    version = reward_version(rewards_cfg)
+    out = []
+    with session_scope(engine) as s:
+        for t, bid in zip(targets, block_ids, strict=True):
+            groups: dict[bool, list[int]] = {True: [], False: []}
+            for p in scored_predictions(s, bid, version):
+                if p.outcome is not None and p.direction is not None:
+                    right = int(p.direction == p.outcome.realized_direction)
+                    groups[visible(p.ticker, p.as_of.date(), horizon)].append(right)
+            out.append({"target": t, **{
+                f"{name}_{k}": v for name, g in (("signal", groups[True]), ("no_signal", groups[False]))
+                for k, v in (("n", len(g)), ("accuracy", sum(g) / len(g) if g else None))}})
+    return out

@@ -213,6 +213,12 @@ class SyntheticMarket:
                 units += self.signs[t, j] * max(0, min(j + k, b + horizon) - b)
         return self.base_drift * horizon + self.cfg.signal_strength * units
 
+    def signal_visible(self, ticker: str, day: date, horizon: int) -> bool:
+        """Whether a signal headline published by `day`'s as_of still moves the price over the horizon: the
+        items where reading the news can beat a coin flip (evaluation reports accuracy on both kinds)."""
+        drift = self.visible_drift(self._ticker(ticker), self.day_index(day), horizon)
+        return abs(drift - self.base_drift * horizon) > 1e-12
+
     def _future_units(self, horizon: int) -> tuple[tuple[int, float], ...]:
         """Distribution of drift units from signals not yet published (sessions b+1..b+h-1)."""
         if horizon in self._future_cache:

@@ -182,6 +182,34 @@ def test_eval_run_measures_a_controllable_policy(fresh_db, small_market):
         assert items[0] == items[1] == items[2]  # every target runs the same items
 
 
+def test_eval_decodes_greedily_and_splits_accuracy_by_visible_signal(fresh_db, small_market):
+    class Recording(TargetFollowingPolicy):
+        temperatures: list[float] = []
+
+        def complete(self, messages, **kw):
+            self.temperatures.append(kw["temperature"])
+            return super().complete(messages, **kw)
+
+    policy = Recording(6)
+    cfg = AgentConfig(concurrency=2, max_repairs=0, temperature=0.9, explore_rate=1.0)
+    res = run_eval(fresh_db, policy, small_market, cfg, RewardsConfig(), targets=[0.5, 1.0], n_items=12,
+                   progress=False)
+    assert set(policy.temperatures) == {0.0}  # the configured 0.9 is for train blocks, not measurement
+    with session_scope(fresh_db) as s:
+        run = s.get(EvalRun, res.eval_run_id)
+        assert run.results["decoding"] == "greedy"
+        assert run.results["p_star_band"] == pytest.approx(small_market.prices.bayes_accuracy_band(5, 0.5))
+        split = run.results["accuracy_by_signal"]
+        blocks = s.scalars(select(Block).where(Block.eval_run_id == res.eval_run_id).order_by(Block.id)).all()
+        assert all(e.explore_direction is None for b in blocks for e in b.episodes)
+    items = held_out_plan(small_market, 12, horizon=5).items
+    visible = sum(small_market.prices.signal_visible(t, a.date(), 5) for t, a in items)
+    assert [row["target"] for row in split] == [0.5, 1.0]
+    top = split[1]  # at target 1.0 every item is answered, so both groups are complete
+    assert (top["signal_n"], top["no_signal_n"]) == (visible, 12 - visible)
+    assert 0 < visible < 12
+
+
 def test_eval_refuses_when_a_train_item_reaches_the_eval_region(sqlite_db, small_market):
     from agent.runner import BlockError, run_block
     from policy.scripted import ScriptedPolicy
