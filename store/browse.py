@@ -176,11 +176,14 @@ LEFT JOIN v_block_summary ss ON ss.block_id = g.serving_block_id
 def gate_query(has_gate_table: bool) -> CannedQuery:
     """Gate decisions from gate_decisions where the store has it, plus older gates kept on adapters."""
     if has_gate_table:
-        sql = (f"SELECT * FROM ({_GATE_FROM_TABLE}\nUNION ALL\nSELECT * FROM ({_GATE_FROM_ADAPTERS}) AS old\n"
-               "WHERE old.candidate_version NOT IN (SELECT candidate_version FROM gate_decisions)) AS gates\n"
-               "ORDER BY created_at, candidate_version")
+        rows = (f"{_GATE_FROM_TABLE}\nUNION ALL\nSELECT * FROM ({_GATE_FROM_ADAPTERS}) AS old\n"
+                "WHERE old.candidate_version NOT IN (SELECT candidate_version FROM gate_decisions)")
     else:
-        sql = f"SELECT * FROM ({_GATE_FROM_ADAPTERS}) AS gates ORDER BY created_at, candidate_version"
+        rows = _GATE_FROM_ADAPTERS
+    sql = ("SELECT candidate_version, serving, decision, n_items, ROUND(candidate_reward, 3) AS candidate_reward, "
+           "ROUND(serving_reward, 3) AS serving_reward, ROUND(mean_diff, 3) AS mean_diff, ROUND(ci_low, 3) AS ci_low, "
+           "ROUND(ci_high, 3) AS ci_high, level, margin, ROUND(p_value, 3) AS p_value, rule, candidate_block_id, "
+           f"serving_block_id, created_at, recorded_in\nFROM ({rows}) AS gates\nORDER BY created_at, candidate_version")
     return CannedQuery(
         "gate_decisions",
         "Gate decisions",
