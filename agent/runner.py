@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from agent.config import AgentConfig
 from agent.graph import EpisodeStopped, run_episode
 from agent.recorder import EpisodeRecorder, WriteClock
+from agent.schema import TOOL_NAMES
 from agent.tools import EpisodeTools
 from market.protocols import MarketError, UnknownTickerError
 from market.split import draw_items, timeline_split, train_days
@@ -177,6 +178,26 @@ def explore(items: Sequence[traces.PlannedItem], rate: float, flat_rate: float =
     return out
 
 
+def explore_tools(items: Sequence[traces.PlannedItem], rate: float) -> list[traces.PlannedItem]:
+    """Mark about `rate` of the items for tool exploration: the research plan becomes one drawn tool, or
+    `none` (the model chooses from the first turn), so the offline set shows which research earns reward.
+
+    Seeded by the item and drawn apart from the direction draw, so the two explorations are independent.
+    """
+    out = []
+    for i, it in enumerate(items):
+        rng = random.Random(f"explore-tool|{it.ticker}|{it.as_of.isoformat()}|{i}")
+        out.append(replace(it, explore_tool=rng.choice((*TOOL_NAMES, "none"))) if rng.random() < rate else it)
+    return out
+
+
+def episode_plan(explore_tool: str | None) -> list[str] | None:
+    """The research plan of an episode: None = the configured plan; an explored tool alone; `none` = no call."""
+    if explore_tool is None:
+        return None
+    return [] if explore_tool == "none" else [explore_tool]
+
+
 def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig,
               rewards_cfg: RewardsConfig, *, mode: str = "replay", size: int | None = None,
               as_of: datetime | None = None, tickers: Sequence[str] | None = None,
@@ -197,6 +218,8 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
                              as_of=as_of, tickers=tickers, items=items, seed=seed)
         if kind == "train" and agent_cfg.explore_rate > 0:
             planned = explore(planned, agent_cfg.explore_rate, agent_cfg.explore_flat_rate)
+        if kind == "train" and agent_cfg.explore_tool_rate > 0:
+            planned = explore_tools(planned, agent_cfg.explore_tool_rate)
         block_id = traces.create_block_with_items(
             s, items=planned, market=market.name, mode=mode, kind=kind, horizon=horizon,
             adapter_version=policy.adapter_version, target_score=target, conditioning=label,
@@ -243,7 +266,7 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
         try:
             result = run_episode(policy, tools, rec, cfg, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
                                  label=ep.conditioning or "", seed=ep.seed, stop=halt,
-                                 explore_direction=ep.explore_direction)
+                                 explore_direction=ep.explore_direction, plan=episode_plan(ep.explore_tool))
             resolve_at = market.calendar.resolve_session(ep.as_of, ep.horizon)
         except EpisodeStopped:
             rec.write(lambda s: traces.release_episode(s, episode_id))

@@ -104,6 +104,8 @@ class Episode(Base):
     conditioning: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Direction exploration (agent.explore_rate): the direction the prediction was constrained to.
     explore_direction: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    # Tool exploration (0004): the one tool this episode's research plan was, or "none"; NULL = the configured plan.
+    explore_tool: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)

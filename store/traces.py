@@ -37,6 +37,7 @@ class PlannedItem:
     ticker: str
     as_of: datetime
     explore_direction: str | None = None
+    explore_tool: str | None = None  # the one tool of an explored research plan, or "none"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ClaimedEpisode:
     conditioning: str | None
     seed: int
     explore_direction: str | None = None
+    explore_tool: str | None = None
 
 
 def create_block_with_items(
@@ -83,7 +85,7 @@ def create_block_with_items(
     session.add_all(
         Episode(block_id=block.id, idx=i, ticker=it.ticker, as_of=it.as_of, horizon=horizon, status="pending",
                 attempt=0, adapter_version=adapter_version, target_score=target_score, conditioning=conditioning,
-                explore_direction=it.explore_direction)
+                explore_direction=it.explore_direction, explore_tool=it.explore_tool)
         for i, it in enumerate(items)
     )
     session.flush()
@@ -129,7 +131,7 @@ def claim_episode(session: Session, episode_id: int, adapter_version: int | None
     return ClaimedEpisode(
         id=ep.id, block_id=ep.block_id, idx=ep.idx, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
         attempt=ep.attempt, target_score=ep.target_score, conditioning=ep.conditioning, seed=block_seed,
-        explore_direction=ep.explore_direction,
+        explore_direction=ep.explore_direction, explore_tool=ep.explore_tool,
     )
 
 

@@ -91,3 +91,20 @@ def test_explored_directions_are_up_and_down_with_flat_at_its_rate(market):
     assert abs(drawn["up"] - drawn["down"]) / explored < 0.06
     # seeded by the item: the same items explore the same way
     assert explore(items[:50], 0.5, 0.1) == explore(items[:50], 0.5, 0.1)
+
+
+def test_tool_exploration_replaces_the_plan_and_is_recorded(sqlite_db, market):
+    """Every tool (and `none`: the model chooses) is drawn; the explored episode's first call is that tool."""
+    policy = ScriptedPolicy([PRICES, pred(), pred()])
+    cfg = AgentConfig(concurrency=2, max_steps=2, explore_tool_rate=1.0)
+    block_id = run_block(sqlite_db, policy, market, cfg, RewardsConfig(), size=24, progress=False)
+    seen = set()
+    for tr in traces_of(sqlite_db, block_id):
+        tool = tr.episode.explore_tool
+        seen.add(tool)
+        first_call = next(s for s in tr.steps if s.role == "assistant")
+        if tool == "none":  # no planned call: the model's own first turn (the script's PRICES) decides
+            assert first_call.completion_tokens is not None and '"get_prices"' in first_call.content
+        else:  # the plan was this one tool, written by the graph
+            assert first_call.completion_tokens is None and json.loads(first_call.content)["tool"] == tool
+    assert seen == {"get_prices", "search_news", "get_market_context", "none"}
