@@ -22,40 +22,82 @@ from store.triggers import claim_next_trigger, enqueue_trigger, get_trigger
 LOOP_EXTRA = ""
 
 
+GATE_ITEMS = 6  # enough pairs (>= trainer.gate.MIN_PAIRS) for the rule to compute its interval
+
+
 def _loop_config(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path, tiny_model_dir, block_size=4)
     text = cfg.read_text().replace("min_new_episodes = 100000", "min_new_episodes = 4").replace(
-        "gate_items = 0", "gate_items = 2")
+        "gate_items = 0", f"gate_items = {GATE_ITEMS}")
     cfg.write_text(text)
     return cfg
 
 
-def test_loop_runs_rounds_with_gate_and_publishes(tmp_path, tiny_model_dir):
+def test_loop_runs_rounds_with_a_paired_gate_on_gate_region_items(tmp_path, tiny_model_dir):
+    from market.sources import build_market
+    from market.split import timeline_split
+    from store.models import GateDecision
+
     cfg = _loop_config(tmp_path, tiny_model_dir)
     res = CliRunner().invoke(app, ["--config", str(cfg), "loop", "--rounds", "2"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     out = " ".join(res.output.split())
     assert "round 1/2 block 1" in out and "round 2/2 block 4" in out
     assert "mean reward" in out and "Brier" in out and "ECE" in out
-    assert "serving v1" in out and "serving v2" in out
+    settings = load_settings(cfg)
+    market = build_market(settings.market)
+    split = timeline_split(market, settings.market.horizon_days)
     engine = open_store(db_url(cfg))
     with session_scope(engine) as s:
         blocks = list(s.scalars(select(Block).order_by(Block.id)))
+        gates = list(s.scalars(select(GateDecision).order_by(GateDecision.id)))
+        adapters = {a.version: a for a in s.scalars(select(Adapter))}
         # round k: train block, then two gate blocks (serving side, candidate side) on the same items
+        served_2 = 1 if adapters[1].status != "rejected" else None
         assert [(b.kind, b.adapter_version) for b in blocks] == [
-            ("train", None), ("gate", None), ("gate", 1), ("train", 1), ("gate", 1), ("gate", 2)]
+            ("train", None), ("gate", None), ("gate", 1), ("train", served_2), ("gate", served_2), ("gate", 2)]
         for a, b in ((2, 3), (5, 6)):
             items = [list(s.execute(select(Episode.ticker, Episode.as_of).where(Episode.block_id == x)
                                     .order_by(Episode.idx))) for x in (a, b)]
-            assert items[0] == items[1] and len(items[0]) == 2
-        assert s.scalar(select(func.count()).select_from(Prediction)) == 4 + 2 + 2 + 4 + 2 + 2
-        adapters = {a.version: a for a in s.scalars(select(Adapter))}
-        assert adapters[2].status == "serving" and adapters[1].status == "retired"
-        gate = adapters[2].metrics["gate"]
-        assert gate["candidate"]["block_id"] == 6 and gate["serving"]["block_id"] == 5 and gate["passed"] is True
+            assert items[0] == items[1] and len(items[0]) == GATE_ITEMS
+            split.check("gate", [market.calendar.base_session(t) for _, t in items[0]])  # the gate region only
+        for b in (1, 4):
+            split.check("train", [market.calendar.base_session(e.as_of) for e in blocks[b - 1].episodes])
+        assert s.scalar(select(func.count()).select_from(Prediction)) == 2 * (4 + 2 * GATE_ITEMS)
+        assert [(g.candidate_version, g.serving_block_id, g.candidate_block_id) for g in gates] == [
+            (1, 2, 3), (2, 5, 6)]
+        for g in gates:
+            assert g.n_pairs == GATE_ITEMS == len(g.items) and g.rule == "paired_bootstrap_mean"
+            assert g.region["region"] == "gate" and g.region["first"] == split.gate.first.isoformat()
+            assert adapters[g.candidate_version].status == ("rejected" if g.decision != "accept" else
+                                                            adapters[g.candidate_version].status)
+            assert (g.decision == "accept") == g.passed
     assert read_lock(engine) is None  # the loop released the daemon lock
-    status = CliRunner().invoke(app, ["--config", str(cfg), "status"], catch_exceptions=False).output
-    assert "v2" in status and "#4 train complete" in " ".join(status.split())
+    status = " ".join(CliRunner().invoke(app, ["--config", str(cfg), "status"], catch_exceptions=False).output.split())
+    assert "#4 train complete" in status
+    assert f"last gate v2 vs {'v1' if served_2 else 'base'}: {gates[-1].decision} on {GATE_ITEMS} paired items" in status
+
+
+def test_loop_size_8_trains_on_what_its_rounds_produce_or_says_why_not(tmp_path, tiny_model_dir):
+    """#18: with min_new_episodes unset, a round's training threshold is its own block size."""
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=100)
+    cfg.write_text(cfg.read_text().replace("min_new_episodes = 100000\n", ""))
+    res = CliRunner().invoke(app, ["--config", str(cfg), "loop", "--rounds", "2", "--size", "8"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "round 1/2 block 1 n 8" in out and "serving v1" in out and "serving v2" in out
+    assert "no training" not in out
+    with session_scope(open_store(db_url(cfg))) as s:
+        assert [r.block_ids for r in s.scalars(select(TrainingRun).order_by(TrainingRun.id))] == [[1], [2]]
+
+    # An explicit threshold larger than what a round produces: the round line says so.
+    cfg.write_text(cfg.read_text().replace("[trainer]\n", "[trainer]\nmin_new_episodes = 100\n"))
+    res = CliRunner().invoke(app, ["--config", str(cfg), "loop", "--rounds", "1", "--size", "8"],
+                             catch_exceptions=False)
+    out = " ".join(res.output.split())
+    assert res.exit_code == 0 and "round 1/1 block 3" in out and "serving v2" in out
+    assert "no training: 8 new scored episodes, 100 needed (trainer.min_new_episodes)" in out
 
 
 def test_recovery_requeues_an_unstarted_trigger_and_closes_a_finished_one(tmp_path, tiny_model_dir):
