@@ -373,11 +373,10 @@ def evaluate_step(rt: Runtime, *, targets: list[float], items: int) -> EvalResul
 
 def report_step(rt: Runtime, out: Path) -> ReportResult:
     """Write the report's plots and index.html from the store."""
-    from evaluation.report import write_report
+    from evaluation.report import market_p_star, write_report
 
-    p_star = rt.market.bayes_accuracy(rt.settings.market.horizon_days) if rt.settings.market.source == "synthetic" \
-        else None
-    res = write_report(rt.engine, out, bayes_accuracy=p_star,
+    # p* as the rewards score it (flat band), not the sign-only figure
+    res = write_report(rt.engine, out, p_star=market_p_star(rt.settings.market, rt.settings.rewards),
                        source=rt.engine.url.render_as_string(hide_password=True))
     log_event("report_written", index=str(res.index), plots=len(res.images), empty=len(res.empty_plots))
     return res
