@@ -43,7 +43,8 @@ from market.config import MarketConfig
 from market.sources import build_market
 from market.split import draw_items, timeline_split
 from rewards.config import RewardsConfig
-from rewards.evaluation import ece_from_bins, paired_difference, reliability_bins, spearman
+from rewards.evaluation import ece_from_bins, reliability_bins, spearman
+from rewards.intervals import paired_difference
 from trainer.config import TrainerConfig
 
 ARMS: dict[str, dict] = {
@@ -311,12 +312,12 @@ def report(args, st: State, market) -> str:
             common = sorted(set(ra) & set(rb))
             for fig in ("correct", "composite"):
                 d = paired_difference({k: ra[k][fig] for k in common}, {k: rb[k][fig] for k in common}, on_date,
-                                      reps=args.boot)
+                                      n_boot=args.boot)
                 if d is None:
                     continue
                 name = "accuracy" if fig == "correct" else "mean reward"
                 lines.append(f"| {a.split('@')[0]} - {b.split('@')[0]} | {name} | {d.mean:+.3f} | "
-                             f"[{d.lo:+.3f}, {d.hi:+.3f}] | {d.n_items} | {d.n_clusters} |")
+                             f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
         lines.append("")
     ctrl = [(t, ev.get(f"score@{t:.2f}")) for t in (*CTRL_TARGETS, 1.0)]
     if all(e is not None for _, e in ctrl[:-1]) and ctrl[-1][1] is not None:

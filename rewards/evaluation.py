@@ -1,5 +1,5 @@
-"""Pure evaluation figures: controllability (rank correlation of target vs realized), reliability bins, and
-paired differences between two arms on the same items with a cluster bootstrap interval.
+"""Pure evaluation figures: controllability (rank correlation of target vs realized) and reliability bins.
+(Intervals, including paired differences between two arms, are in rewards/intervals.py.)
 
 Controllability asks whether conditioning on a higher target score yields a higher realized
 reward: the Spearman rank correlation between the targets and the realized means (1.0 = every
@@ -10,8 +10,7 @@ confidence bins with their mean confidence, realized accuracy and count.
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rewards.metrics import ECE_BINS
@@ -114,51 +113,3 @@ def controllability(results: Sequence[TargetResult]) -> float | None:
 
 def _finite(x: float | None) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Mean of (a - b) over items both sides scored, with a bootstrap interval that resamples clusters."""
-
-    mean: float
-    lo: float
-    hi: float
-    n_items: int
-    n_clusters: int
-    level: float
-
-    def excludes_zero(self) -> bool:
-        return self.lo > 0 or self.hi < 0
-
-
-def paired_difference(a: Mapping[Hashable, float], b: Mapping[Hashable, float],
-                      cluster: Callable[[Hashable], Hashable] = lambda k: k, *, reps: int = 4000,
-                      level: float = 0.95, seed: int = 0) -> PairedDifference | None:
-    """Item-by-item difference of two arms on their common items, with a cluster bootstrap interval.
-
-    Items in one cluster (the same as_of date: they share the market factor) are resampled together,
-    so the interval counts the effective sample size rather than the item count. Percentile interval,
-    seeded: the same inputs give the same interval. None when the arms share no item.
-    """
-    common = [k for k in a if k in b and _finite(a[k]) and _finite(b[k])]
-    if not common:
-        return None
-    groups: dict[Hashable, list[float]] = {}
-    for k in common:
-        groups.setdefault(cluster(k), []).append(float(a[k]) - float(b[k]))
-    sums = [(sum(v), len(v)) for v in groups.values()]
-    point = sum(s for s, _ in sums) / len(common)
-    rng = random.Random(seed)
-    stats = []
-    for _ in range(reps):
-        tot = cnt = 0.0
-        for _ in range(len(sums)):
-            s, n = sums[rng.randrange(len(sums))]
-            tot += s
-            cnt += n
-        stats.append(tot / cnt)
-    stats.sort()
-    tail = (1.0 - level) / 2
-    lo = stats[math.floor(tail * reps)]
-    hi = stats[min(reps - 1, math.ceil((1.0 - tail) * reps) - 1)]
-    return PairedDifference(point, lo, hi, len(common), len(sums), level)
