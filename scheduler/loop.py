@@ -20,7 +20,7 @@ from scheduler.logs import log_event, setup_logging
 from scheduler.recovery import recover
 from scheduler.runtime import Runtime, Stopped, scheduled_block_size, version_label
 from scheduler.settings import Settings
-from scheduler.steps import cycle
+from scheduler.steps import CycleResult, cycle
 from store.db import open_store
 
 
@@ -37,6 +37,15 @@ class RoundSummary:
     trained: bool
     seconds: float
     skipped: list[str] = field(default_factory=list)  # why a step did not run, in words
+
+    @classmethod
+    def of(cls, round_no: int, res: CycleResult, seconds: float) -> RoundSummary:
+        def fig(name: str):  # a block whose outcomes are pending has no figures yet
+            return None if res.summary is None else getattr(res.summary, name)
+
+        return cls(round=round_no, block_id=res.block.block_id, n=fig("n"), accuracy=fig("accuracy"),
+                   mean_reward=fig("mean_composite"), brier=fig("brier"), ece=fig("ece"),
+                   adapter_version=res.serving_version, trained=res.trained, seconds=seconds, skipped=res.skipped)
 
     def line(self, total: int) -> str:
         def f(v: float | None) -> str:
@@ -86,11 +95,7 @@ def run_loop(settings: Settings, rounds: int, *, size: int | None = None, consol
                 console.print(f"[yellow]stopped during round {r}; `scoreloop daemon` or the next loop resumes "
                               f"block {res.block.block_id}[/yellow]")
                 break
-            m = res.summary
-            s = RoundSummary(round=r, block_id=res.block.block_id, n=m and m.n, accuracy=m and m.accuracy,
-                             mean_reward=m and m.mean_composite, brier=m and m.brier, ece=m and m.ece,
-                             adapter_version=res.serving_version, trained=res.trained,
-                             seconds=time.monotonic() - t0, skipped=res.skipped)
+            s = RoundSummary.of(r, res, time.monotonic() - t0)
             out.append(s)
             console.print(s.line(rounds), highlight=False)
             log_event("round_done", round=r, block=s.block_id, accuracy=s.accuracy, mean_reward=s.mean_reward,
