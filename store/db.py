@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from alembic import command
 from alembic.config import Config
@@ -83,13 +85,71 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+# ---- write fence -------------------------------------------------------------------------------
+# A process that holds the daemon lock fences its engine (store.lock.EpochFence): every session
+# that wrote something runs the fence in its own transaction, after the last flush and before the
+# commit, so a lock holder that was taken over gets its write refused and rolled back whole.
+WriteFence = Callable[[Session], None]
+_FENCES: WeakKeyDictionary[Engine, WriteFence] = WeakKeyDictionary()
+_WROTE = "scoreloop_fence_wrote"
+_DML = re.compile(r"^\s*(INSERT|UPDATE|DELETE|REPLACE|MERGE)\b|^\s*WITH\b.*\b(INSERT|UPDATE|DELETE)\b",
+                  re.IGNORECASE | re.DOTALL)
+
+
+def _mark_write(conn, _cursor, statement, _params, _context, _executemany) -> None:
+    if _DML.match(statement):
+        conn.info[_WROTE] = True
+
+
+def _new_transaction(conn) -> None:
+    conn.info.pop(_WROTE, None)
+
+
+def set_write_fence(engine: Engine, fence: WriteFence | None) -> None:
+    """Run `fence(session)` before each commit of a session on `engine` that wrote (None removes it).
+
+    The fence raises to refuse the transaction; session_scope then rolls all of it back."""
+    if fence is None:
+        _FENCES.pop(engine, None)
+        return
+    if not event.contains(engine, "before_cursor_execute", _mark_write):
+        event.listen(engine, "before_cursor_execute", _mark_write)
+        event.listen(engine, "begin", _new_transaction)
+    _FENCES[engine] = fence
+
+
+def write_fence(engine: Engine) -> WriteFence | None:
+    """The fence set on `engine`, if any."""
+    return _FENCES.get(engine)
+
+
+def check_write_fence(session: Session, *, wrote: bool = False) -> None:
+    """Run the engine's fence on this session's transaction if it wrote (or `wrote`: before a side
+    effect outside the database, such as writing an adapter folder)."""
+    if not _FENCES:
+        return
+    bind = session.get_bind()
+    fence = _FENCES.get(bind) if isinstance(bind, Engine) else None
+    if fence is None:
+        return
+    session.flush()
+    if not wrote and not (session.in_transaction() and session.connection().info.get(_WROTE)):
+        return
+    fence(session)
+
+
 @contextmanager
-def session_scope(engine_or_factory: Engine | sessionmaker[Session]) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
+def session_scope(engine_or_factory: Engine | sessionmaker[Session], *, fenced: bool = True) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error.
+
+    On a fenced engine (set_write_fence) a session that wrote checks the fence before it commits;
+    `fenced=False` is for the lock's own writes, which carry their owner in their WHERE."""
     factory = engine_or_factory if isinstance(engine_or_factory, sessionmaker) else session_factory(engine_or_factory)
     with factory() as session:
         try:
             yield session
+            if fenced:
+                check_write_fence(session)
             session.commit()
         except BaseException:
             session.rollback()

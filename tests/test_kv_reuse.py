@@ -4,6 +4,7 @@ to prefilling everything, bounded in memory, and dropped wherever it would be wr
 from __future__ import annotations
 
 import threading
+from itertools import pairwise
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_cached_multi_turn_episodes_are_token_identical_to_full_prefill(cached, 
     assert all(o.cached_tokens > 0 for outs in got[:4] for o in outs)
     # A turn reprefills only what is new since the last: the reply and the tool result (2 tokens of
     # slack: the random model's newlines merge with the assistant header when rendered back).
-    assert all(o.cached_tokens >= prev.prompt_tokens - 2 for outs in got for prev, o in zip(outs, outs[1:]))
+    assert all(o.cached_tokens >= prev.prompt_tokens - 2 for outs in got for prev, o in pairwise(outs))
     assert after.prefix_prefilled_tokens > before.prefix_prefilled_tokens
     prompt = after.prompt_tokens - before.prompt_tokens
     assert after.prefilled_tokens - before.prefilled_tokens < 0.5 * prompt
@@ -181,3 +182,23 @@ def test_store_finds_the_longest_prefix_and_bounds_what_it_holds():
     assert store.release(torch.tensor([3] * 40 + [4])) == 1
     store.clear()
     assert store.held() == (0, 0, 0)
+
+
+def test_a_request_joins_the_running_batch_and_answers_before_it_ends(cached, uncached):
+    """Continuous batching: a short request queued while a long one decodes joins its batch and
+    answers at once, with the same text it gets alone."""
+    long_chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Stock: LONG. Ramble."}]
+    short_chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Stock: SHORT."}]
+    results: dict = {}
+    long_thread = threading.Thread(
+        target=lambda: results.setdefault("long", cached.complete(long_chat, max_new_tokens=400, temperature=0)))
+    before = cached.stats
+    long_thread.start()
+    while cached.stats.generate_calls == before.generate_calls:  # the long request is decoding
+        threading.Event().wait(0.01)
+    short = cached.complete(short_chat, max_new_tokens=4, temperature=0)
+    assert long_thread.is_alive()  # answered while the long row was still decoding
+    long_thread.join(timeout=300)
+    assert cached.stats.generate_calls - before.generate_calls == 2  # one prefill each, one decode loop
+    assert short.text == uncached.complete(short_chat, max_new_tokens=4, temperature=0).text
+    assert results["long"].text == uncached.complete(long_chat, max_new_tokens=400, temperature=0).text
