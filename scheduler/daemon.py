@@ -16,6 +16,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -28,7 +30,17 @@ from scheduler.runtime import Runtime, Stopped, scheduled_block_size
 from scheduler.settings import Settings
 from store.db import open_store
 from store.errors import ScoreloopError
-from store.lock import LockHolder, new_owner_id, release_lock, take_over, try_acquire_lock
+from store.lock import (
+    EpochFence,
+    LockHolder,
+    LockLost,
+    fence_engine,
+    new_owner_id,
+    release_lock,
+    take_over,
+    try_acquire_lock,
+    unfence_engine,
+)
 from store.lock import heartbeat as write_heartbeat
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -57,15 +69,26 @@ def holder_is_dead_here(holder: LockHolder) -> bool:
 
 class LockKeeper:
     """Takes the daemon lock and keeps its heartbeat fresh from a thread of its own (so a long
-    block or training round never lets it go stale); sets `stop` if the lock is lost."""
+    block or training round never lets it go stale); sets `stop` if the lock is lost.
+
+    While it holds the lock its engine is fenced with the lock's epoch (store.lock.EpochFence):
+    once another process has taken over, every write on the engine is refused, not only noticed
+    at the next heartbeat."""
 
     def __init__(self, engine: Engine, *, heartbeat_s: float, ttl_s: float, stop: threading.Event,
                  role: str = "daemon") -> None:
         self.engine, self.heartbeat_s, self.ttl_s, self.stop = engine, heartbeat_s, ttl_s, stop
         self.owner = new_owner_id(role)
         self.lost = False
+        self.fence: EpochFence | None = None
         self._thread: threading.Thread | None = None
         self._quit = threading.Event()
+
+    def _lose(self, why: str) -> None:
+        if not self.lost:
+            self.lost = True
+            log_event("lock_lost", logging.ERROR, owner=self.owner, hint=why)
+        self.stop.set()
 
     def try_acquire(self) -> LockHolder | None:
         holder = try_acquire_lock(self.engine, self.owner, ttl_s=self.ttl_s)
@@ -76,16 +99,24 @@ class LockKeeper:
             holder = try_acquire_lock(self.engine, self.owner, ttl_s=self.ttl_s)
         return holder
 
-    def acquire(self, *, wait: bool = False) -> None:
-        """Take the lock or raise DaemonLockHeld; with `wait`, poll until it is free (or stop is set)."""
+    def acquire(self, *, wait: bool = False, refusal: Callable[[LockHolder], str] | None = None) -> None:
+        """Take the lock or raise DaemonLockHeld (its message from `refusal(holder)` if given); with
+        `wait`, poll until it is free (or stop is set)."""
         announced = False
         while True:
             holder = self.try_acquire()
             if holder is None:
-                log_event("lock_acquired", owner=self.owner, pid=os.getpid(), host=socket.gethostname())
+                try:
+                    self.fence = fence_engine(self.engine, self.owner, on_lost=self._lose)
+                except LockLost:  # taken over between our claim and our read: try again
+                    continue
+                log_event("lock_acquired", owner=self.owner, pid=os.getpid(), host=socket.gethostname(),
+                          epoch=self.fence.epoch)
                 self._start()
                 return
             if not wait:
+                if refusal is not None:
+                    raise DaemonLockHeld(refusal(holder))
                 raise DaemonLockHeld(
                     f"another scoreloop daemon is running on this database: {holder.describe()}. "
                     f"Stop it first, use `scoreloop daemon --wait` to take over when it stops, or "
@@ -112,10 +143,7 @@ class LockKeeper:
                           since_ok_s=round(time.monotonic() - last_ok, 1))
                 continue
             if not ok:
-                self.lost = True
-                log_event("lock_lost", logging.ERROR, owner=self.owner,
-                          hint="another daemon took over after our heartbeat went stale; stopping")
-                self.stop.set()
+                self._lose("another daemon took over after our heartbeat went stale; stopping")
                 return
             last_ok = time.monotonic()
 
@@ -123,11 +151,34 @@ class LockKeeper:
         self._quit.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        unfence_engine(self.engine, self.fence)
         if not self.lost:
             try:
                 release_lock(self.engine, self.owner)
             except Exception as err:  # noqa: BLE001 - best effort; the lock goes stale anyway
                 log_event("lock_release_failed", logging.WARNING, error=str(err))
+
+
+@contextmanager
+def command_lock(engine: Engine, settings: Settings, command: str, hint: str = "") -> Iterator[LockKeeper]:
+    """Hold the daemon lock while a CLI command writes, fenced like a daemon, so the command and a
+    daemon never write at once; while a daemon (or another writing command) holds it, refuse with
+    DaemonLockHeld naming the holder. Released on return, error or Ctrl-C."""
+    sc = settings.scheduler
+    keeper = LockKeeper(engine, heartbeat_s=sc.heartbeat_s, ttl_s=sc.lock_ttl_s, stop=threading.Event(),
+                        role=command.split()[0])
+
+    def refusal(holder: LockHolder) -> str:
+        return (f"`scoreloop {command}` writes to this database, and {holder.describe()} holds the daemon "
+                f"lock: running both would race on the same rows. Stop that process first (SIGTERM or Ctrl-C; "
+                f"it finishes the step in flight){'; ' + hint if hint else ''}.")
+
+    keeper.acquire(wait=False, refusal=refusal)
+    try:
+        write_heartbeat(engine, keeper.owner, current_job=f"scoreloop {command}")
+        yield keeper
+    finally:
+        keeper.release()
 
 
 def _progress_lines(engine: Engine, every_s: float, quit: threading.Event) -> None:

@@ -378,6 +378,19 @@ class DaemonLock(Base):
     current_job: Mapped[str | None] = mapped_column(Text, nullable=True)
     acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Fencing token: the lock_epochs counter at this holder's acquisition. Every write a fenced
+    # process makes checks it in the same transaction, so a holder that was taken over is refused.
+    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class LockEpoch(Base):
+    """The lock's acquisition counter. A row of its own because daemon_lock's row is deleted on
+    release, and the epoch must never repeat: a paused holder must not find its old number again."""
+
+    __tablename__ = "lock_epochs"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class EvalRun(Base):

@@ -1,5 +1,6 @@
 """The single-daemon lock and the trigger queue on real SQLite and PostgreSQL: atomic claims,
-stale-lock takeover, a lost lock noticed, exactly-once trigger claims under contention."""
+stale-lock takeover, a lost lock noticed, the fencing epoch refusing a stale holder's writes,
+exactly-once trigger claims under contention."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from scheduler.daemon import DaemonLockHeld, LockKeeper, holder_is_dead_here
-from store.db import session_scope
-from store.lock import age_lock, heartbeat, read_lock, release_lock, try_acquire_lock
-from store.models import DaemonLock
+from store.db import make_engine, session_scope
+from store.lock import LockLost, age_lock, heartbeat, read_lock, release_lock, take_over, try_acquire_lock
+from store.models import Block, DaemonLock, Episode, Trigger
 from store.triggers import (
     claim_next_trigger,
     enqueue_trigger,
@@ -118,8 +119,10 @@ def test_keeper_heartbeat_keeps_the_lock_fresh_and_stops_when_stolen(sqlite_db):
     before = read_lock(sqlite_db).heartbeat_at
     threading.Event().wait(0.4)
     assert read_lock(sqlite_db).heartbeat_at > before
-    with session_scope(sqlite_db) as s:  # someone else took it (as after a long stall past the TTL)
+    other = make_engine(str(sqlite_db.url))  # another process (this engine is fenced by the keeper)
+    with session_scope(other) as s:  # someone else took it (as after a long stall past the TTL)
         s.get(DaemonLock, "daemon").owner = "thief"
+    other.dispose()
     assert stop.wait(5), "the keeper must stop the daemon when its lock is gone"
     assert keeper.lost
     keeper.release()
@@ -178,3 +181,109 @@ def test_each_trigger_is_claimed_exactly_once_under_contention(fresh_db):
     assert sorted(claimed) == ids  # every trigger once, none twice
     with session_scope(fresh_db) as s:
         assert set(s.scalars(select(Trigger.status))) == {"running"}
+
+
+# ---- fencing -----------------------------------------------------------------------------------
+
+
+def _other_process(engine):
+    """A second engine on the same database: what another daemon process would hold."""
+    return make_engine(engine.url.render_as_string(hide_password=False))
+
+
+def _count(engine, model) -> int:
+    from sqlalchemy import func
+
+    with session_scope(engine) as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_every_acquisition_and_take_over_gets_a_new_epoch_never_reused(fresh_db):
+    assert try_acquire_lock(fresh_db, "a", ttl_s=30) is None
+    assert read_lock(fresh_db).epoch == 1
+    assert try_acquire_lock(fresh_db, "b", ttl_s=30) is not None  # refused: no epoch spent
+    assert release_lock(fresh_db, "a")
+    assert try_acquire_lock(fresh_db, "b", ttl_s=30) is None
+    assert read_lock(fresh_db).epoch == 2  # the row was deleted on release, the counter was not
+    age_lock(fresh_db, 60)
+    assert try_acquire_lock(fresh_db, "c", ttl_s=30) is None  # stale: taken over
+    assert read_lock(fresh_db).epoch == 3
+    assert take_over(fresh_db, "d", from_owner="c") and read_lock(fresh_db).epoch == 4
+    assert not take_over(fresh_db, "e", from_owner="c") and read_lock(fresh_db).epoch == 4
+
+
+def _blocks(engine) -> list[Block]:
+    with session_scope(engine) as s:
+        return list(s.scalars(select(Block)))
+
+
+def _block_with_episodes(s, n: int) -> None:
+    from datetime import UTC, datetime
+
+    block = Block(kind="train", mode="replay", market="synthetic", size=n, as_of=datetime(2024, 3, 5, tzinfo=UTC))
+    s.add(block)
+    s.flush()
+    for i in range(n):
+        s.add(Episode(block_id=block.id, idx=i, ticker="AAPL", as_of=datetime(2024, 3, 5, tzinfo=UTC), horizon=5))
+
+
+def test_a_stale_holder_is_refused_its_next_write_and_stops(fresh_db):
+    """SIGSTOP past the TTL, simulated: another process takes the lock over while the first still
+    runs. The first one's next transaction (a block with its episodes) is refused whole, it stops,
+    and it leaves the new holder's lock alone."""
+    stop = threading.Event()
+    stale = LockKeeper(fresh_db, heartbeat_s=3600, ttl_s=5, stop=stop)  # its heartbeat never comes
+    stale.acquire()
+    with session_scope(fresh_db) as s:  # while it holds the lock, its writes go through
+        _block_with_episodes(s, 3)
+    assert (_count(fresh_db, Block), _count(fresh_db, Episode)) == (1, 3)
+
+    heir = _other_process(fresh_db)
+    age_lock(heir, 60)  # the stale one stopped beating a minute ago
+    assert try_acquire_lock(heir, "heir", ttl_s=5) is None
+    assert read_lock(heir).epoch == stale.fence.epoch + 1
+
+    with pytest.raises(LockLost, match=r"epoch 1, but heir holds it at epoch 2"), session_scope(fresh_db) as s:
+        _block_with_episodes(s, 4)
+    assert (_count(heir, Block), _count(heir, Episode)) == (1, 3)  # nothing of it was written
+    assert stop.is_set() and stale.lost  # the daemon's stop flag: it finishes nothing more
+    # Every later write is refused as well, Core statements too.
+    with pytest.raises(LockLost), session_scope(fresh_db) as s:
+        s.execute(update(Block).values(status="failed"))
+    with pytest.raises(LockLost), session_scope(fresh_db) as s:
+        s.add(Trigger(kind="block", params={}))
+    assert _count(heir, Trigger) == 0 and {b.status for b in _blocks(heir)} == {"running"}
+    with session_scope(fresh_db) as s:  # reads are not fenced
+        assert s.get(DaemonLock, "daemon").owner == "heir"
+    with session_scope(heir) as s:  # the new holder writes freely
+        _block_with_episodes(s, 2)
+    stale.release()
+    assert read_lock(heir).owner == "heir" and _count(heir, Block) == 2
+    heir.dispose()
+
+
+def test_a_take_over_waits_for_the_fenced_write_in_flight(fresh_db):
+    """The epoch check and the write are one transaction: a take-over that starts while a fenced
+    write is open waits for its commit (it is ordered before the take-over), and the holder's next
+    write sees the new epoch."""
+    from store.db import check_write_fence
+
+    keeper = LockKeeper(fresh_db, heartbeat_s=3600, ttl_s=5, stop=threading.Event())
+    keeper.acquire()
+    heir = _other_process(fresh_db)
+    took: list[bool] = []
+    with session_scope(fresh_db) as s:
+        _block_with_episodes(s, 2)
+        check_write_fence(s)  # checked now; the commit comes after the heir has tried
+        t = threading.Thread(target=lambda: took.append(take_over(heir, "heir", from_owner=keeper.owner)))
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive(), "the take-over must wait for the open fenced transaction"
+    t.join(timeout=30)
+    assert took == [True] and read_lock(heir).epoch == keeper.fence.epoch + 1
+    assert _count(heir, Episode) == 2  # the write in flight committed before the take-over
+    with pytest.raises(LockLost), session_scope(fresh_db) as s:
+        _block_with_episodes(s, 1)
+    assert _count(heir, Episode) == 2
+    keeper.release()
+    heir.dispose()
