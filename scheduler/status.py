@@ -10,6 +10,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from store.db import session_scope
+from store.gate_decisions import latest as latest_gate
 from store.lock import read_lock
 from store.status import block_summary, last_block_id, pending_predictions
 from store.training import serving_adapter_row
@@ -42,6 +43,12 @@ def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) ->
         bid = last_block_id(s, kind="train") or last_block_id(s)
         summ = block_summary(s, bid) if bid is not None else None
         serving = serving_adapter_row(s)
+        gate = latest_gate(s)
+        last_gate = None if gate is None else {
+            "candidate_version": gate.candidate_version, "serving_version": gate.serving_version,
+            "decision": gate.decision, "n_pairs": gate.n_pairs, "mean_diff": gate.mean_diff, "ci_low": gate.ci_low,
+            "ci_high": gate.ci_high, "level": gate.level, "margin": gate.margin, "p_value": gate.p_value,
+            "region": gate.region, "created_at": _iso(gate.created_at)}
         pending = pending_predictions(s)
         active = list_triggers(s, ("queued", "running"), limit=100)
         finished = [t for t in list_triggers(s, ("done", "failed"), limit=10_000)][-recent_triggers:]
@@ -57,6 +64,7 @@ def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) ->
         "serving_adapter": None if serving is None else {
             "version": serving.version, "path": serving.path, "parent_version": serving.parent_version,
             "published_at": _iso(serving.published_at)},
+        "last_gate": last_gate,
         "pending_predictions": pending,
         "triggers": triggers,
     }
@@ -97,6 +105,16 @@ def render_status(st: dict[str, Any], console: Console) -> None:
     t.add_row("serving adapter", "base model (no adapter published yet)" if a is None else
               f"v{a['version']} (parent {a['parent_version'] if a['parent_version'] is not None else 'base'}, "
               f"published {a['published_at']}) {a['path']}")
+    g = st.get("last_gate")
+    if g is not None:
+        color = {"accept": "green", "keep": "yellow", "reject": "red"}.get(g["decision"], "")
+        interval = "-" if g["ci_low"] is None else f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+        serving_label = "base" if g["serving_version"] is None else f"v{g['serving_version']}"
+        t.add_row("last gate", f"v{g['candidate_version']} vs {serving_label}: [{color}]{g['decision']}[/{color}] on "
+                               f"{g['n_pairs']} paired items, mean diff {_num(g['mean_diff'], '{:+.3f}')}, "
+                               f"{g['level']:.0%} interval {interval}, margin {g['margin']}, sign-test p "
+                               f"{_num(g['p_value'])} (gate region {g['region'].get('first')}.."
+                               f"{g['region'].get('last')})")
     t.add_row("pending predictions", str(st["pending_predictions"]))
     console.print(t)
     if st["triggers"]:

@@ -24,6 +24,7 @@ from store.status import BlockSummary, block_items, block_row, block_summaries, 
 if TYPE_CHECKING:
     from evaluation.heldout import EvalResult
     from evaluation.report import ReportResult
+    from market.split import Region
     from scoring.resolve import ResolveReport
     from trainer.round import RoundResult
 
@@ -81,6 +82,8 @@ class GateResult:
     serving_path: str | None
     passed: bool
     gated: bool = True  # False when trainer.gate_items = 0 (the candidate serves ungated)
+    decision: str | None = None  # accept | keep | reject (trainer.gate.decide); None when ungated
+    statistic: dict[str, object] | None = None  # the paired statistic the decision rests on
     candidate_figures: dict[str, object] | None = None
     serving_figures: dict[str, object] | None = None
 
@@ -181,7 +184,7 @@ def run_block_step(rt: Runtime, *, size: int | None = None, kind: str = "train",
     t0 = time.monotonic()
     # Gate blocks replay past items even in live mode: their outcomes must be known at once.
     mode = "replay" if kind == "gate" else s.scheduler.mode
-    if kind == "gate" and mode != s.scheduler.mode and as_of is None:
+    if kind == "gate" and mode != s.scheduler.mode and as_of is None and items is None:
         as_of = _live_gate_as_of(rt, n)
     bid = run_block(rt.engine, rt.policy, rt.market, s.agent, s.rewards, mode=mode, size=n,
                     as_of=as_of, items=items, kind=kind, trigger_id=trigger_id, progress=rt.progress,
@@ -290,10 +293,13 @@ def _log_train_step(**fields: object) -> None:
 
 
 def gate_step(rt: Runtime, version: int, path: str | None = None) -> GateResult | None:
-    """Run the serving adapter and candidate `version` on the same held-out items and let
-    trainer.gate decide; None when stop was set before both sides were scored."""
+    """Run the serving adapter and candidate `version` on the same items drawn from the gate region
+    (market.split) and let trainer.gate decide on the paired rewards; None when stop was set before
+    both sides were scored."""
+    from rewards.composite import reward_version
+    from store.gate_decisions import paired_rewards
     from store.training import adapter_row, serving_adapter_row
-    from trainer.gate import promote_or_reject
+    from trainer.gate import apply_verdict, decide
 
     s = rt.settings
     with session_scope(rt.engine) as sess:
@@ -305,9 +311,9 @@ def gate_step(rt: Runtime, version: int, path: str | None = None) -> GateResult 
     if s.trainer.gate_items == 0:
         return GateResult(version, path, serving_version, serving_path, passed=True, gated=False)
     rt.set_job(f"gate v{version}")
-    # Same held-out items for both: the serving side plans them, the candidate replays that plan.
+    region, items = gate_items(rt, s.trainer.gate_items, seed=version)
     rt.serve(serving_path, serving_version)
-    serving_block = run_block_step(rt, size=s.trainer.gate_items, kind="gate")
+    serving_block = run_block_step(rt, size=len(items), kind="gate", items=items)
     if rt.stop.is_set():
         return None
     rt.serve(path, version)
@@ -315,15 +321,45 @@ def gate_step(rt: Runtime, version: int, path: str | None = None) -> GateResult 
     if rt.stop.is_set():
         return None
     scored = resolve_step(rt).scored
-    cand_m, serving_m = scored.get(cand_block.block_id), scored.get(serving_block.block_id)
-    cand_fig = _gate_figures(cand_m, cand_block.block_id)
-    serving_fig = _gate_figures(serving_m, serving_block.block_id) | {"adapter_version": serving_version}
-    passed = promote_or_reject(rt.engine, version, cand_fig, serving_fig, s.trainer.gate_margin)
-    log_event("gate_passed" if passed else "gate_rejected", candidate=version_label(version),
-              candidate_reward=cand_fig.get("mean_composite"), serving=version_label(serving_version),
-              serving_reward=serving_fig.get("mean_composite"), margin=s.trainer.gate_margin)
+    with session_scope(rt.engine) as sess:
+        pairs = paired_rewards(sess, serving_block.block_id, cand_block.block_id, reward_version(s.rewards))
+    verdict = decide([p.serving for p in pairs], [p.candidate for p in pairs], margin=s.trainer.gate_margin,
+                     level=s.trainer.gate_level, seed=version)
+    passed = apply_verdict(
+        rt.engine, version, verdict, serving_version=serving_version, serving_block_id=serving_block.block_id,
+        candidate_block_id=cand_block.block_id, region=region.record(),
+        items=[[p.ticker, p.as_of.isoformat(), p.serving, p.candidate] for p in pairs])
+    st = verdict.statistic
+    log_event(f"gate_{verdict.decision}", candidate=version_label(version), serving=version_label(serving_version),
+              pairs=st.n_pairs, serving_reward=st.serving_mean, candidate_reward=st.candidate_mean,
+              mean_diff=st.mean_diff, ci_low=st.ci_low, ci_high=st.ci_high, ci_level=st.level,
+              margin=verdict.margin, wins=st.wins, losses=st.losses, sign_p=st.p_value,
+              region=f"{region.first}..{region.last}", items_from=min(a for _, a in items).date().isoformat(),
+              items_to=max(a for _, a in items).date().isoformat())
+    cand_fig = _gate_figures(scored.get(cand_block.block_id), cand_block.block_id)
+    serving_fig = _gate_figures(scored.get(serving_block.block_id), serving_block.block_id) | {
+        "adapter_version": serving_version}
     return GateResult(version, path, serving_version, serving_path, passed=passed,
-                      candidate_figures=cand_fig, serving_figures=serving_fig)
+                      candidate_figures=cand_fig, serving_figures=serving_fig, decision=verdict.decision,
+                      statistic=verdict.record())
+
+
+def gate_items(rt: Runtime, n: int, *, seed: int) -> tuple[Region, list[tuple[str, datetime]]]:
+    """`n` seeded (ticker, as_of) draws from the gate region: of the replay history, or in live mode of
+    the resolved sessions no train item came near (market.split)."""
+    from market.split import draw_items, timeline_split
+    from store.gate_decisions import train_as_ofs
+
+    s = rt.settings
+    cal = rt.market.calendar
+    if s.scheduler.mode == "live":
+        with session_scope(rt.engine) as sess:
+            trained = {cal.base_session(a) for a in train_as_ofs(sess, rt.market.name)}
+        split = timeline_split(rt.market, s.market.horizon_days, mode="live", now=datetime.now(UTC), trained=trained)
+    else:
+        split = timeline_split(rt.market, s.market.horizon_days)
+    drawn = draw_items(split.gate, rt.market.tickers, n, seed)
+    return split.gate, [(t, cal.replay_as_of(d)) for t, d in drawn]
 
 
 def _gate_figures(summary: BlockSummary | None, block_id: int) -> dict[str, object]:

@@ -145,3 +145,22 @@ def test_the_report_shows_each_gate_decision(fresh_db, tmp_path):
     page = render_html(data, [])
     assert "Promotion gates" in page and "accept" in page and "2022-10-18..2023-05-12" in page
     assert f"[{g.ci_low:+.3f}, {g.ci_high:+.3f}]" in page
+
+
+def test_status_shows_the_last_gate(fresh_db, tmp_path):
+    from rich.console import Console
+
+    from scheduler.status import collect_status, render_status
+
+    _candidate(fresh_db, 1, tmp_path)
+    serving = [0.2, 0.6] * 10
+    apply_verdict(fresh_db, 1, decide(serving, serving), serving_version=None, serving_block_id=None,
+                  candidate_block_id=None, items=[], region={"region": "gate", "first": "2022-10-18",
+                                                             "last": "2023-05-12"})
+    st = collect_status(fresh_db, ttl_s=30)
+    assert st["last_gate"]["decision"] == "keep" and st["last_gate"]["n_pairs"] == 20
+    console = Console(record=True, width=250)
+    render_status(st, console)
+    text = console.export_text()
+    assert "v1 vs base: keep on 20 paired items, mean diff +0.000, 90% interval [+0.000, +0.000]" in text
+    assert "sign-test p - (gate region 2022-10-18..2023-05-12)" in text

@@ -3,6 +3,7 @@ model and the synthetic market; and the recovery pass that a daemon runs at star
 
 from __future__ import annotations
 
+import json
 import threading
 
 from daemon_process import db_url, write_config
@@ -74,8 +75,10 @@ def test_loop_runs_rounds_with_a_paired_gate_on_gate_region_items(tmp_path, tiny
             assert (g.decision == "accept") == g.passed
     assert read_lock(engine) is None  # the loop released the daemon lock
     status = " ".join(CliRunner().invoke(app, ["--config", str(cfg), "status"], catch_exceptions=False).output.split())
-    assert "#4 train complete" in status
-    assert f"last gate v2 vs {'v1' if served_2 else 'base'}: {gates[-1].decision} on {GATE_ITEMS} paired items" in status
+    assert "#4 train complete" in status and "last gate" in status
+    shown = json.loads(CliRunner().invoke(app, ["--config", str(cfg), "status", "--json"]).output)["last_gate"]
+    assert (shown["candidate_version"], shown["serving_version"], shown["decision"], shown["n_pairs"]) == (
+        2, served_2, gates[-1].decision, GATE_ITEMS)
 
 
 def test_loop_size_8_trains_on_what_its_rounds_produce_or_says_why_not(tmp_path, tiny_model_dir):

@@ -12,7 +12,7 @@ from store.models import Adapter
 from store.training import add_adapter
 from trainer.config import TrainerConfig
 from trainer.errors import TrainerError
-from trainer.gate import gate_decision, promote_or_reject
+from trainer.gate import apply_verdict, decide
 from trainer.registry import check_adapter, publish, reject, save_adapter, serving_adapter
 
 
@@ -106,23 +106,23 @@ def test_save_adapter_replaces_a_stale_folder_without_rowless_leftovers(peft_mod
     assert [p.name for p in tmp_path.iterdir()] == ["v3"]
 
 
-def test_gate_decision():
-    assert gate_decision({"mean_composite": 0.50}, {"mean_composite": 0.51}, 0.02)
-    assert gate_decision({"mean_composite": 0.49}, {"mean_composite": 0.51}, 0.02)
-    assert not gate_decision({"mean_composite": 0.48}, {"mean_composite": 0.51}, 0.02)
-    assert gate_decision({"mean_composite": 0.10}, None, 0.02)  # nothing to compare with: serve
-    assert not gate_decision({"mean_composite": None}, {"mean_composite": 0.5}, 0.02)
-    assert not gate_decision({"mean_composite": float("nan")}, {"mean_composite": 0.5}, 0.02)
+def test_gate_verdicts_publish_or_reject_real_adapters(fresh_db, peft_model, tmp_path):
+    """The decision rule itself is tested in test_gate.py; here its verdicts move real adapter folders."""
+    serving = [0.2, 0.5, 0.8] * 10
 
+    def gate(version, shift):
+        v = decide(serving, [r + shift for r in serving])
+        return apply_verdict(fresh_db, version, v, serving_version=None, serving_block_id=None,
+                             candidate_block_id=None, items=[], region={})
 
-def test_gate_records_both_sides_then_publishes_or_rejects(fresh_db, peft_model, tmp_path):
     candidate(fresh_db, peft_model, tmp_path, 1)
-    assert promote_or_reject(fresh_db, 1, {"mean_composite": 0.4, "n": 20}, None, 0.02)
+    assert gate(1, 0.2)
     candidate(fresh_db, peft_model, tmp_path, 2, parent=1)
-    assert not promote_or_reject(fresh_db, 2, {"mean_composite": 0.3, "n": 20}, {"mean_composite": 0.4, "n": 20},
-                                 0.02)
-    assert statuses(fresh_db) == {1: "serving", 2: "rejected"}
+    assert not gate(2, -0.2)
+    candidate(fresh_db, peft_model, tmp_path, 3, parent=1)
+    assert not gate(3, 0.0)
+    assert statuses(fresh_db) == {1: "serving", 2: "rejected", 3: "rejected"}
     with session_scope(fresh_db) as s:
-        gate = s.scalars(select(Adapter).where(Adapter.version == 2)).one().metrics["gate"]
-    assert gate["candidate"]["mean_composite"] == 0.3 and gate["serving"]["mean_composite"] == 0.4
-    assert gate["passed"] is False and gate["margin"] == 0.02
+        metrics = {a.version: a.metrics["gate"] for a in s.scalars(select(Adapter))}
+    assert [metrics[v]["decision"] for v in (1, 2, 3)] == ["accept", "reject", "keep"]
+    assert metrics[2]["mean_diff"] == pytest.approx(-0.2) and metrics[2]["ci_high"] < 0

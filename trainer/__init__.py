@@ -6,7 +6,7 @@
     sft.py       objective "sft": new blocks + replay sample as labelled chats; TRL SFTTrainer + PEFT LoRA,
                  configured for speed per device (fp32 on CPU, bf16 on CUDA)
     registry.py  adapter versions on disk and in the store; atomic folders; publish / reject
-    gate.py      gate_decision (pure) and promote_or_reject
+    gate.py      decide (pure: paired bootstrap rule, accept / keep / reject) and apply_verdict (store, publish)
     dpo.py       optional objective "dpo": winner/loser pairs for the same (ticker, as_of); TRL DPOTrainer
 
 Multi-GPU: `accelerate launch --num_processes 2 -m scheduler.cli train` runs the same round under
