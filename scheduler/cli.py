@@ -120,6 +120,7 @@ def block_run(
 
     from agent.runner import BlockError, plan_items, resume_block, run_block
     from market.sources import build_market
+    from scheduler.daemon import command_lock
     from store import traces
     from store.db import open_store, session_scope
 
@@ -136,23 +137,26 @@ def block_run(
             when = when.replace(tzinfo=UTC)
     names = [t for t in tickers.split(",")] if tickers is not None else None
     engine = open_store(s.database_url, s.store)
-    mkt = build_market(s.market, engine)
-    mode = "live" if s.market.source == "yahoo" and when is None else "replay"
-    if resume is None:
-        # Plan (and so validate tickers, universe and dates) before a model is loaded.
-        with session_scope(engine) as sess:
-            plan_items(sess, mkt, mode=mode, size=size or s.agent.block_size, horizon=s.market.horizon_days,
-                       kind="train", as_of=when, tickers=names)
-    policy = _build_policy(s, engine, replay_outputs)
-    t0 = time.perf_counter()
-    try:
-        if resume is not None:
-            block_id = resume_block(engine, resume, policy, mkt, s.agent, s.rewards)
-        else:
-            block_id = run_block(engine, policy, mkt, s.agent, s.rewards, mode=mode, size=size, as_of=when,
-                                 tickers=names, target_score=target_score, horizon=s.market.horizon_days)
-    finally:
-        policy.close()
+    with command_lock(engine, s, "block run" + (" --resume" if resume is not None else ""),
+                      hint="or ask the daemon for a block with `scoreloop block trigger` (an interrupted block "
+                           "it resumes by itself)"):
+        mkt = build_market(s.market, engine)
+        mode = "live" if s.market.source == "yahoo" and when is None else "replay"
+        if resume is None:
+            # Plan (and so validate tickers, universe and dates) before a model is loaded.
+            with session_scope(engine) as sess:
+                plan_items(sess, mkt, mode=mode, size=size or s.agent.block_size, horizon=s.market.horizon_days,
+                           kind="train", as_of=when, tickers=names)
+        policy = _build_policy(s, engine, replay_outputs)
+        t0 = time.perf_counter()
+        try:
+            if resume is not None:
+                block_id = resume_block(engine, resume, policy, mkt, s.agent, s.rewards)
+            else:
+                block_id = run_block(engine, policy, mkt, s.agent, s.rewards, mode=mode, size=size, as_of=when,
+                                     tickers=names, target_score=target_score, horizon=s.market.horizon_days)
+        finally:
+            policy.close()
     with session_scope(engine) as sess:
         block = traces.get_block(sess, block_id)
         n, valid = traces.block_prediction_counts(sess, block_id)
@@ -216,6 +220,7 @@ def resolve(
     from rich.table import Table
 
     from market.sources import build_market
+    from scheduler.daemon import command_lock
     from scoring.resolve import resolve_pending
     from store.db import open_store, session_scope
     from store.status import block_summaries
@@ -229,7 +234,8 @@ def resolve(
         when = when if when.tzinfo else when.replace(tzinfo=UTC)
     s = settings(market={"source": market} if market else None)
     engine = open_store(s.database_url, s.store)
-    report = resolve_pending(engine, build_market(s.market, engine), s.rewards, now=when)
+    with command_lock(engine, s, "resolve", hint="the daemon resolves on its own schedule"):
+        report = resolve_pending(engine, build_market(s.market, engine), s.rewards, now=when)
 
     console.print(f"reward version [bold]{report.reward_version}[/bold]: {report.considered} unscored, "
                   f"{report.resolved} scored ({report.invalid_scored} invalid, scored 0), "
@@ -262,6 +268,7 @@ def train(
 ) -> None:
     """Run one score-conditioned LoRA SFT round on the newly scored episodes."""
     from policy.model_files import resolve_model
+    from scheduler.daemon import command_lock
     from scheduler.steps import train_threshold
     from store.db import open_store
     from trainer.registry import publish as publish_adapter
@@ -269,18 +276,21 @@ def train(
 
     s = settings(**({"trainer": {"objective": objective}} if objective else {}))
     engine = open_store(s.database_url, s.store)
-    result = train_round(engine, s.trainer, s.rewards, resolve_model(s.agent.model, s.agent.model_cache_dir),
-                         device=s.agent.device, min_new_episodes=train_threshold(s))
-    if isinstance(result, NothingToTrain):
-        console.print(f"nothing to train: {result.reason}")
-        return
-    last = result.loss_curve[-1]["loss"] if result.loss_curve else float("nan")
-    console.print(f"adapter v{result.adapter_version} (parent {result.parent_version}): {result.n_examples} examples "
-                  f"from blocks {result.block_ids} + {len(result.replay_episode_ids)} replayed, "
-                  f"{len(result.loss_curve)} steps, final loss {last:.4f}, {result.seconds:.1f}s -> {result.path}")
-    if publish:
-        publish_adapter(engine, result.adapter_version)
-        console.print(f"adapter v{result.adapter_version} is serving")
+    # Under the lock: a round (or a resumed one) and a daemon would otherwise both take the next adapter version.
+    with command_lock(engine, s, "train", hint="the daemon trains, gates and publishes by itself once "
+                      "trainer.min_new_episodes new episodes are scored"):
+        result = train_round(engine, s.trainer, s.rewards, resolve_model(s.agent.model, s.agent.model_cache_dir),
+                             device=s.agent.device, min_new_episodes=train_threshold(s))
+        if isinstance(result, NothingToTrain):
+            console.print(f"nothing to train: {result.reason}")
+            return
+        last = result.loss_curve[-1]["loss"] if result.loss_curve else float("nan")
+        console.print(f"adapter v{result.adapter_version} (parent {result.parent_version}): {result.n_examples} "
+                      f"examples from blocks {result.block_ids} + {len(result.replay_episode_ids)} replayed, "
+                      f"{len(result.loss_curve)} steps, final loss {last:.4f}, {result.seconds:.1f}s -> {result.path}")
+        if publish:
+            publish_adapter(engine, result.adapter_version)
+            console.print(f"adapter v{result.adapter_version} is serving")
 
 
 @app.command()
@@ -442,16 +452,18 @@ def eval_(
     from evaluation.heldout import run_eval
     from market.sources import build_market
     from policy.backends import build_policy
+    from scheduler.daemon import command_lock
 
-    mk = build_market(s.market, engine)
-    label = "base" if chosen is None else f"v{chosen[1]}"
-    console.print(f"evaluating adapter {label} on {items} held-out {mk.name} items at targets {wanted}")
-    policy = build_policy(s.agent, chosen)
-    try:
-        res = run_eval(engine, policy, mk, s.agent, s.rewards, targets=wanted, n_items=items,
-                       horizon=s.market.horizon_days)
-    finally:
-        policy.close()
+    with command_lock(engine, s, "eval"):
+        mk = build_market(s.market, engine)
+        label = "base" if chosen is None else f"v{chosen[1]}"
+        console.print(f"evaluating adapter {label} on {items} held-out {mk.name} items at targets {wanted}")
+        policy = build_policy(s.agent, chosen)
+        try:
+            res = run_eval(engine, policy, mk, s.agent, s.rewards, targets=wanted, n_items=items,
+                           horizon=s.market.horizon_days)
+        finally:
+            policy.close()
     from rich.table import Table
 
     table = Table("target", "n", "valid", "mean reward", "accuracy", "Brier", title=f"eval run {res.eval_run_id}")
