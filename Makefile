@@ -19,7 +19,7 @@ install: $(BIN)/scoreloop
 
 # Small rounds so a newcomer on a laptop CPU sees block -> rewards -> training -> gate -> publish
 # within minutes instead of after a 100-item block; `make run RUN_FLAGS=` uses the configured sizes.
-RUN_FLAGS ?= --block-size 8 --train-every 8 --gate-items 4
+RUN_FLAGS ?= --block-size 8 --train-every 8 --gate-items 8
 
 run: install  ## set up and run the daemon on the offline default (SQLite, synthetic market, SmolLM2 on CPU)
 	$(BIN)/scoreloop init
