@@ -25,6 +25,7 @@ from langgraph.graph import END, START, StateGraph
 from agent.config import AgentConfig
 from agent.prompts import BUDGET_MESSAGE, REPAIR_TEMPLATE, system_prompt, user_prompt
 from agent.recorder import EpisodeRecorder
+from agent.sanitize import storable_text
 from agent.schema import (
     ACTION_SCHEMA,
     FINAL_SCHEMA,
@@ -117,7 +118,9 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
             action, error = None, str(err)
             if forced and '"tool"' in out.text:
                 error = f"the tool budget is used up, reply with a prediction ({error})"
-        return {"messages": messages, "action": action, "error": error, "raw": out.text, "turns": turn + 1}
+        # the raw output is stored with the prediction: NUL / lone surrogates as U+FFFD (agent.sanitize)
+        return {"messages": messages, "action": action, "error": error, "raw": storable_text(out.text),
+                "turns": turn + 1}
 
     def route(state: State) -> Literal["tool", "finalize", "repair", "force", "fail"]:
         if state.get("error") is None:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.sanitize import storable_text
 from store import traces
 from store.db import session_factory, session_scope
 
@@ -75,8 +76,10 @@ class EpisodeRecorder:
             return fn(s)
 
     def step(self, role: str, content: str, **extra: Any) -> int:
-        """Commit one message; returns the step id."""
+        """Commit one message; returns the step id. NUL and lone surrogates (a model or a feed can send
+        them; no database stores them) are kept as U+FFFD, the rest verbatim."""
         idx = self.next_idx
+        content = storable_text(content)
         step_id = self.write(lambda s: traces.add_step(
             s, episode_id=self.episode_id, attempt=self.attempt, idx=idx, role=role, content=content, **extra))
         self.next_idx += 1

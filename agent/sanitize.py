@@ -31,6 +31,18 @@ _TAG = re.compile(
 )
 _ESCAPES = str.maketrans({"<": "‹", ">": "›"})
 _SPACE = re.compile(r"\s+")
+# NUL (PostgreSQL text refuses it) and lone UTF-16 surrogates (no UTF-8 encoding: every driver refuses
+# them; a JSON "\ud800" escape from a model server decodes to one).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """Text every database accepts: NUL and lone surrogates become U+FFFD, the rest is kept verbatim.
+
+    Model output is recorded as it came; only these characters, which no UTF-8 column can hold, are
+    replaced, so the trace still shows where they were.
+    """
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def _visible(ch: str) -> bool:
@@ -49,7 +61,7 @@ def strip_control_tokens(text: str) -> str:
 
 def clean_text(text: str) -> str:
     """Fold, strip to a fixpoint, escape angle brackets, one line: safe to place in any chat template."""
-    folded = "".join(ch for ch in unicodedata.normalize("NFKC", text) if _visible(ch))
+    folded = "".join(ch for ch in unicodedata.normalize("NFKC", storable_text(text)) if _visible(ch))
     # C0/C1 controls (NUL, ESC, \r, \n, \x85 ...) become spaces before the strip, so
     # `<|im_\nstart|>` is not left split across what later collapses into one line.
     folded = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in folded)

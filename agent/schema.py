@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from agent.sanitize import storable_text
+
 MAX_MAGNITUDE_PCT = 100.0
 MAX_RATIONALE_CHARS = 240  # keeps a whole prediction inside a small model's token budget
 MAX_CITATIONS = 8
@@ -173,7 +175,20 @@ def _first_json_object(text: str) -> str:
         _, end = json.JSONDecoder(strict=False).raw_decode(text[start:])
     except json.JSONDecodeError as err:
         raise ActionError(f"invalid JSON: {err.msg} at char {err.pos}") from None
+    except (RecursionError, ValueError) as err:  # nesting thousands deep; an int over 4300 digits
+        raise ActionError(f"invalid JSON: {type(err).__name__}: {str(err)[:120]}") from None
     return text[start:start + end]
+
+
+def _storable(node: Any) -> Any:
+    """Decoded JSON with every string (keys too) made storable (agent.sanitize.storable_text)."""
+    if isinstance(node, str):
+        return storable_text(node)
+    if isinstance(node, dict):
+        return {storable_text(k): _storable(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_storable(v) for v in node]
+    return node
 
 
 def _short(err: ValidationError) -> str:
@@ -190,7 +205,8 @@ def parse_action(text: str, *, final_only: bool = False, tools_only: bool = Fals
     tool call only while the research minimum is not met."""
     raw = _first_json_object(text)
     try:
-        data = json.loads(raw, strict=False)
+        # "\u0000" and lone "\ud800" escapes decode to characters no database column stores
+        data = _storable(json.loads(raw, strict=False))
         if final_only:
             return _FINAL.validate_python(data)
         if tools_only and isinstance(data, dict) and "prediction" in data:
