@@ -1,319 +1,384 @@
-"""Learning curve on the synthetic market: does the semi-online loop learn, and does the score steer it?
+"""Does score-conditioned SFT make the tool-using agent better? One round of the product loop, measured with power.
 
-Arms (each with its own SQLite database and adapters folder, the same market seed per seed):
-  score     reward-conditioned SFT, numeric label `Score: 0.83` (target at inference: --target)
-  goal      goal-conditioned SFT, `Goal: earn a reward above 0.80` (met goals read `above`)
-  uncond    plain SFT on every episode (label_format none: one fixed line, no score)
-  filtered  RAFT-style: plain SFT on each block's top quartile only (trainer.filter_top_fraction 0.25)
-  none      no training: the base model conditioned on the target, every round
+The product path end to end, on the synthetic market (seed 7, unchanged):
+  1. generate  the base SmolLM2 agent runs --train-items train-region items (independent (ticker, session)
+               draws, the research plan reads this week's news first, every direction explored: up/down
+               evenly, flat at its real rate), sampled at --temperature; `scoring.resolve` scores them.
+  2. train     three arms on the same scored episodes with `trainer.round.train_round` (LoRA SFT, TRL):
+                 score     every episode, its achieved score as the label (`Score: 0.83`), 2 epochs
+                 filtered  each block's top quartile, no label (RAFT-style), 4 epochs (half the score arm's passes)
+                 uncond    every episode, no label (the same fixed line for all), 1 epoch
+               The score arm gets the most optimizer steps on purpose: it is the product's method and the
+               one whose three-way interaction (label x headline x direction) is the hardest to learn; the
+               budget of a 2-hour run on 2 cores does not give the other two arms as much (see the results).
+  3. evaluate  --eval-items eval-region items (disjoint in time from training, embargo >= horizon; independent
+               draws), greedy, every arm on the same items at target 1.0; the score arm also on the first
+               --ctrl-items of them at targets 0, 0.25, 0.5, 0.75 (controllability over 5 targets).
+  4. analyse   paired differences item by item with 95% bootstrap intervals that resample *dates* (items on
+               one date share the market factor, so the date is the unit of independence); accuracy split by
+               whether the item has a visible signal headline; p* with the rewards' flat band; ECE; Spearman.
 
-Each round: a train block of --block-size items with the serving adapter -> resolve -> one LoRA SFT
-round -> publish (no gate, the same for every arm). Same data budget for every arm (one block per
-round) and the same optimizer steps: the filtered arm trains 1/0.25 = 4x the epochs on its quarter.
-Round r's figures are measured on round r's block (fresh dates, produced by the adapter trained
-r-1 times); after the last round the final adapter runs --eval-items held-out items (the tail of the
-history, evaluation/heldout.py) at each of --targets, giving held-out figures and controllability.
+Each phase writes its results to --workdir/state.json before the next starts, so a run cut short keeps what
+finished, and rerunning the same command resumes after the last finished phase.
 
-    .venv/bin/python bench/learning_curve.py --tiny --rounds 2 --block-size 6 --seeds 0   # smoke run
-    .venv/bin/python bench/learning_curve.py --rounds 5 --block-size 100 --seeds 0,1,2    # the real one
+    .venv/bin/python bench/learning.py --workdir /tmp/learn          # the documented run (about 2 h on 2 cores)
+    .venv/bin/python bench/learning.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import shlex
-import statistics
+import random
+import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sqlalchemy import text
+
 from agent.config import AgentConfig
-from market.config import MarketConfig, SyntheticConfig
+from market.config import MarketConfig
+from market.sources import build_market
+from market.split import draw_items, timeline_split
 from rewards.config import RewardsConfig
+from rewards.evaluation import ece_from_bins, reliability_bins, spearman
+from rewards.intervals import paired_difference
 from trainer.config import TrainerConfig
 
 ARMS: dict[str, dict] = {
-    "score": {"label_format": "score", "train": True, "top": 1.0},
-    "goal": {"label_format": "goal", "train": True, "top": 1.0},
-    "uncond": {"label_format": "none", "train": True, "top": 1.0},
-    "filtered": {"label_format": "none", "train": True, "top": 0.25},
-    "none": {"label_format": "score", "train": False, "top": 1.0},
+    "score": {"label_format": "score", "top": 1.0, "epochs": 2.0},
+    "filtered": {"label_format": "none", "top": 0.25, "epochs": 4.0},
+    "uncond": {"label_format": "none", "top": 1.0, "epochs": 1.0},
 }
-FIGS = ("accuracy", "mean_reward", "brier", "ece", "valid")
+CTRL_TARGETS = (0.0, 0.25, 0.5, 0.75)
+SIGNAL_WORDS = ("estimates", "contract", "record revenue", "key customer", "recall")
 
-
-@dataclass
-class RoundRow:
-    round: int
-    block_id: int
-    adapter_version: int | None
-    n: int
-    accuracy: float | None
-    mean_reward: float | None
-    brier: float | None
-    ece: float | None
-    valid: float | None
-    always_up_accuracy: float | None
-    momentum_accuracy: float | None
-    block_s: float
-    train_s: float
-    train_loss: float | None = None
-    own_n: int = 0  # items the policy chose the direction of (not explored)
-    own_accuracy: float | None = None
-    own_reward: float | None = None
-
-
-@dataclass
-class ArmRun:
-    arm: str
-    seed: int
-    p_star: float
-    rounds: list[RoundRow] = field(default_factory=list)
-    heldout: dict = field(default_factory=dict)  # figures at the top target on held-out items
-    controllability: float | None = None
-    per_target: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
+ITEMS_SQL = """
+SELECT p.id, p.ticker, p.as_of, p.direction, p.confidence, p.valid, o.correct, o.realized_return_pct,
+       r.composite, e.id AS episode_id
+FROM predictions p JOIN episodes e ON e.id = p.episode_id
+LEFT JOIN outcomes o ON o.prediction_id = p.id
+LEFT JOIN rewards r ON r.prediction_id = p.id
+WHERE p.block_id = :b ORDER BY e.idx
+"""
+NEWS_SQL = "SELECT content FROM steps WHERE episode_id = :e AND role = 'tool' ORDER BY idx"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--block-size", type=int, default=100)
-    p.add_argument("--seeds", default="0,1,2", help="Comma-separated; each seed is its own synthetic market.")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"Comma-separated subset of {','.join(ARMS)}.")
-    p.add_argument("--tiny", action="store_true", help="Tiny random model instead of SmolLM2 (smoke run only).")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--train-items", type=int, default=320)
+    p.add_argument("--eval-items", type=int, default=300)
+    p.add_argument("--ctrl-items", type=int, default=60)
+    p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--target", type=float, default=0.95, help="Conditioning target of the train blocks.")
-    p.add_argument("--targets", default="0.2,0.6,1.0", help="Held-out eval targets (controllability).")
-    p.add_argument("--eval-items", type=int, default=24)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--replay", type=int, default=100, help="Older episodes replayed each round.")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--max-steps", type=int, default=4, help="Agent tool-call budget per episode.")
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--explore", type=float, default=0.0,
-                   help="agent.explore_rate of the train blocks: share of items with a random direction.")
+    p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the generated train data")
+    p.add_argument("--explore", type=float, default=1.0, help="agent.explore_rate of the train items")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--targets-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--workdir", default=None, help="Where the per-arm databases and adapters go (default: tmp).")
+    p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_curve.md"))
+    p.add_argument("--report-only", action="store_true", help="rewrite --out from --workdir/state.json and stop")
     return p.parse_args(argv)
 
 
-OWN_ITEMS_SQL = """
-SELECT COUNT(*), AVG(CASE WHEN o.correct THEN 1.0 ELSE 0.0 END), AVG(r.composite)
-FROM predictions p JOIN episodes e ON e.id = p.episode_id
-JOIN outcomes o ON o.prediction_id = p.id JOIN rewards r ON r.prediction_id = p.id
-WHERE p.block_id = :b AND e.explore_direction IS NULL AND p.valid
-"""
+# ---- state ---------------------------------------------------------------------------------------
 
 
-def run_arm(arm: str, seed: int, args: argparse.Namespace, model_dir: str, workdir: Path) -> ArmRun:
-    from sqlalchemy import text
+class State:
+    """The run's results so far, saved after every phase (resume = skip what is already there)."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- phases --------------------------------------------------------------------------------------
+
+
+def agent_cfg(args, model_dir: str, *, temperature: float, explore: float) -> AgentConfig:
+    return AgentConfig(model=model_dir, device="cpu", max_steps=1, min_tool_calls=1, temperature=temperature,
+                       explore_rate=explore, max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+                       max_batch_size=args.concurrency, max_repairs=1)
+
+
+def as_of_items(market, items: list[tuple[str, date]]):
+    return [(t, market.calendar.replay_as_of(d)) for t, d in items]
+
+
+def block_rows(engine, block_id: int) -> list[dict]:
+    with engine.connect() as c:
+        rows = [dict(r) for r in c.execute(text(ITEMS_SQL), {"b": block_id}).mappings()]
+        for r in rows:
+            news = " ".join(x for (x,) in c.execute(text(NEWS_SQL), {"e": r["episode_id"]}))
+            r["signal_in_context"] = any(w in news.lower() for w in SIGNAL_WORDS)
+    return rows
+
+
+def generate(args, st: State, market, split, model_dir: str, work: Path) -> None:
     from agent.runner import run_block
-    from evaluation.heldout import run_eval
-    from market.sources import build_market
     from policy.local import LocalPolicy
     from scoring.resolve import resolve_pending
-    from store.db import open_store, session_scope
-    from store.status import block_summary
-    from trainer.registry import publish
-    from trainer.round import RoundResult, train_round
+    from store.db import open_store
+
+    db = work / "gen.db"
+    if db.exists():
+        db.unlink()
+    engine = open_store(f"sqlite:///{db}")
+    items = draw_items(split.train, market.tickers, args.train_items, seed="learn-train")
+    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
+    t0 = time.perf_counter()
+    try:
+        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=args.temperature,
+                                                          explore=args.explore),
+                        RewardsConfig(), kind="train", items=as_of_items(market, items), size=len(items),
+                        target_score=0.95, progress=False, horizon=market.horizon_days)
+    finally:
+        policy.close()
+    resolve_pending(engine, market, RewardsConfig())
+    rows = block_rows(engine, bid)
+    engine.dispose()
+    st.data["generate"] = {"block_id": bid, "n": len(rows), "seconds": time.perf_counter() - t0,
+                           "accuracy": mean([r["correct"] for r in rows if r["correct"] is not None]),
+                           "mean_reward": mean([r["composite"] for r in rows if r["composite"] is not None]),
+                           "valid": mean([float(bool(r["valid"])) for r in rows]),
+                           "signal_in_context": mean([float(r["signal_in_context"]) for r in rows])}
+    st.save()
+    log(f"generate: {st.data['generate']}")
+
+
+def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
+    from store.db import open_store
+    from trainer.round import train_round
 
     spec = ARMS[arm]
-    home = workdir / f"{arm}-s{seed}"
-    home.mkdir(parents=True, exist_ok=True)
-    db = home / "scoreloop.db"
-    for f in home.glob("scoreloop.db*"):
-        f.unlink()
+    db = work / f"{arm}.db"
+    shutil.copyfile(work / "gen.db", db)
     engine = open_store(f"sqlite:///{db}")
-    market = build_market(MarketConfig(synthetic=SyntheticConfig(seed=7 + seed)))
-    horizon = 5
-    agent_cfg = AgentConfig(model=model_dir, device="cpu", target_score=args.target, block_size=args.block_size,
-                            concurrency=args.concurrency, max_batch_size=args.concurrency,
-                            max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, explore_rate=args.explore)
-    rewards_cfg = RewardsConfig(label_format=spec["label_format"])
-    trainer_cfg = TrainerConfig(
-        adapters_dir=str(home / "adapters"), runs_dir=str(home / "runs"), learning_rate=args.lr,
-        epochs=args.epochs / spec["top"],  # equal optimizer steps: the filtered arm sees 1/4 of the data
-        batch_size=args.batch_size, max_length=args.max_length, replay_size=args.replay, min_new_episodes=1,
-        gate_items=0, save_steps=10_000, seed=seed, filter_top_fraction=spec["top"],
-    )
-    out = ArmRun(arm, seed, market.bayes_accuracy(horizon))
-    t_arm = time.monotonic()
-    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, seed=seed)
+    cfg = TrainerConfig(adapters_dir=str(work / f"adapters-{arm}"), runs_dir=str(work / f"runs-{arm}"),
+                        learning_rate=args.lr, epochs=spec["epochs"], batch_size=args.batch_size,
+                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0,
+                        target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
+                        save_steps=10_000)
+    t0 = time.perf_counter()
+    res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
+                      min_new_episodes=1)
+    engine.dispose()
+    losses = [p.get("loss") for p in getattr(res, "loss_curve", []) if p.get("loss") is not None]
+    st.data.setdefault("train", {})[arm] = {
+        "path": res.path, "n_examples": res.n_examples, "seconds": time.perf_counter() - t0,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "steps": len(losses)}
+    st.save()
+    log(f"train {arm}: {st.data['train'][arm]}")
+
+
+def evaluate(args, st: State, market, split, model_dir: str, work: Path, runs: list[tuple[str, float, int]]) -> None:
+    """Each (arm, target, n_items) on the same eval items (the first n of one seeded draw), greedy."""
+    from agent.runner import run_block
+    from policy.local import LocalPolicy
+    from scoring.resolve import resolve_pending
+    from store.db import open_store
+
+    db = work / "eval.db"
+    engine = open_store(f"sqlite:///{db}")
+    items = as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
+    random.Random("learn-ctrl").shuffle(items)  # the controllability subset is a random part of the draw
+    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
+    done = st.data.setdefault("eval", {})
     try:
-        for r in range(1, args.rounds + 1):
-            t0 = time.monotonic()
-            bid = run_block(engine, policy, market, agent_cfg, rewards_cfg, size=args.block_size, kind="train",
-                            progress=False, horizon=horizon)
-            resolve_pending(engine, market, rewards_cfg)
-            block_s = time.monotonic() - t0
-            with session_scope(engine) as s:
-                m = block_summary(s, bid)
-                own = s.execute(text(OWN_ITEMS_SQL), {"b": bid}).one()
-            row = RoundRow(r, bid, policy.adapter_version, m.n or 0, m.accuracy, m.mean_composite, m.brier, m.ece,
-                           m.coverage, m.always_up_accuracy, m.momentum_accuracy, block_s, 0.0,
-                           own_n=int(own[0] or 0), own_accuracy=own[1], own_reward=own[2])
-            if spec["train"]:
-                t1 = time.monotonic()
-                res = train_round(engine, trainer_cfg, rewards_cfg, model_dir, device=agent_cfg.device)
-                if isinstance(res, RoundResult):
-                    publish(engine, res.adapter_version)
-                    policy.load_adapter(res.path, res.adapter_version)
-                    row.train_loss = statistics.fmean(p["loss"] for p in res.loss_curve) if res.loss_curve else None
-                row.train_s = time.monotonic() - t1
-            out.rounds.append(row)
-            print(f"  {arm:8s} seed {seed} round {r}: acc {_f(row.accuracy)} (own {row.own_n}: "
-                  f"{_f(row.own_accuracy)}) reward {_f(row.mean_reward)} "
-                  f"Brier {_f(row.brier)} ECE {_f(row.ece)} valid {_f(row.valid)}  block {block_s:.0f}s "
-                  f"train {row.train_s:.0f}s loss {_f(row.train_loss)}", flush=True)
-        conditioned = spec["label_format"] in ("score", "goal")
-        targets = [float(t) for t in args.targets.split(",")] if conditioned else [args.target]
-        res = run_eval(engine, policy, market, agent_cfg, rewards_cfg, targets=targets, n_items=args.eval_items,
-                       horizon=horizon, progress=False)
-        out.controllability = res.spearman
-        out.per_target = [asdict(t) for t in res.per_target]
-        top = max(range(len(targets)), key=lambda i: targets[i])
-        with session_scope(engine) as s:
-            m = block_summary(s, res.block_ids[top])
-        out.heldout = {"target": targets[top], "accuracy": m.accuracy, "mean_reward": m.mean_composite,
-                       "brier": m.brier, "ece": m.ece, "valid": m.coverage,
-                       "always_up_accuracy": m.always_up_accuracy, "momentum_accuracy": m.momentum_accuracy}
-        print(f"  {arm:8s} seed {seed} held-out: acc {_f(out.heldout['accuracy'])} reward "
-              f"{_f(out.heldout['mean_reward'])} Spearman {_f(out.controllability)}", flush=True)
+        for arm, target, n in runs:
+            key = f"{arm}@{target:.2f}"
+            if key in done:
+                continue
+            path = None if arm == "base" else st.data["train"][arm]["path"]
+            policy.load_adapter(path, None if path is None else 1)
+            fmt = "score" if arm in ("base", "score") else ARMS[arm]["label_format"]
+            t0 = time.perf_counter()
+            bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=0.0, explore=0.0),
+                            RewardsConfig(label_format=fmt), kind="eval", items=items[:n], size=n,
+                            target_score=target, progress=False, horizon=market.horizon_days)
+            resolve_pending(engine, market, RewardsConfig())
+            rows = block_rows(engine, bid)
+            done[key] = {"arm": arm, "target": target, "block_id": bid, "seconds": time.perf_counter() - t0,
+                         "rows": rows}
+            st.save()
+            log(f"eval {key}: n={len(rows)} acc={mean([r['correct'] for r in rows if r['correct'] is not None])} "
+                f"reward={mean([r['composite'] for r in rows])} in {done[key]['seconds']:.0f}s")
     finally:
         policy.close()
         engine.dispose()
-    out.seconds = time.monotonic() - t_arm
-    return out
 
 
-# -- tables -------------------------------------------------------------------------------------
-
-def _f(x: float | None, nd: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+# ---- statistics ----------------------------------------------------------------------------------
 
 
-def _ms(xs: list[float | None]) -> str:
-    """mean ± sd over seeds (sd only with 2+ seeds)."""
-    v = [x for x in xs if x is not None]
-    if not v:
-        return "-"
-    if len(v) == 1:
-        return f"{v[0]:.3f}"
-    return f"{statistics.fmean(v):.3f} ± {statistics.stdev(v):.3f}"
+def mean(xs) -> float | None:
+    xs = [float(x) for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
-def tables(runs: list[ArmRun], rounds: int) -> str:
-    arms = list(dict.fromkeys(r.arm for r in runs))
-    lines = [("### Per round (each round's own train block: fresh dates, produced by the adapter trained r-1 "
-              "times; mean ± sd over seeds)"), "",
-             ("| arm | round | adapter | direction accuracy | accuracy, own calls | mean reward | Brier | ECE | "
-              "valid | train loss |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for arm in arms:
-        rs = [r for r in runs if r.arm == arm]
-        for k in range(rounds):
-            rows = [r.rounds[k] for r in rs if len(r.rounds) > k]
-            if not rows:
+def item_key(r: dict) -> tuple[str, str]:
+    return r["ticker"], str(r["as_of"])
+
+
+def ece(rows: list[dict]) -> float | None:
+    pts = [(r["confidence"], r["correct"]) for r in rows if r["correct"] is not None and r["confidence"] is not None]
+    return ece_from_bins(reliability_bins([c for c, _ in pts], [y for _, y in pts])) if pts else None
+
+
+def brier(rows: list[dict]) -> float | None:
+    pts = [(r["confidence"], r["correct"]) for r in rows if r["correct"] is not None and r["confidence"] is not None]
+    return sum((c - y) ** 2 for c, y in pts) / len(pts) if pts else None
+
+
+def on_date(key: tuple[str, str]) -> str:
+    return key[1][:10]
+
+
+def visible_signal(market, r: dict) -> bool:
+    return market.prices.signal_visible(r["ticker"], date.fromisoformat(str(r["as_of"])[:10]), market.horizon_days)
+
+
+def fmt(x, nd=3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def report(args, st: State, market) -> str:
+    h = market.horizon_days
+    band = RewardsConfig().flat_band_pct
+    p_band = market.prices.bayes_accuracy_band(h, band)
+    p_sign = market.prices.bayes_accuracy(h)
+    ev = st.data.get("eval", {})
+    lines = ["# Learning on the synthetic market: one round of the product loop, measured with power", ""]
+    lines += [f"Command: `.venv/bin/python bench/learning.py {st.data.get('command', '')}`", "",
+              (f"Market: synthetic, seed {MarketConfig().synthetic.seed} (unchanged), horizon {h}, flat band {band}%: "
+              f"p*band = {p_band:.3f} (sign-only p* = {p_sign:.3f}); target accuracy 0.9 x p*band = {0.9 * p_band:.3f}."),
+              ""]
+    g = st.data.get("generate")
+    if g:
+        lines += [(f"Generated train data: {g['n']} episodes by the base model (temperature {args.temperature}, "
+                  f"explore {args.explore}), accuracy {fmt(g['accuracy'])}, mean reward {fmt(g['mean_reward'])}, "
+                  f"valid {fmt(g['valid'])}, a signal headline in context on {fmt(g['signal_in_context'])} of them; "
+                  f"{g['seconds'] / 60:.1f} min."), ""]
+    for arm, t in st.data.get("train", {}).items():
+        lines.append(f"- train `{arm}`: {t['n_examples']} examples, {t['steps']} logged steps, loss "
+                     f"{fmt(t['loss_first'])} -> {fmt(t['loss_last'])}, {t['seconds'] / 60:.1f} min")
+    lines.append("")
+    base = ev.get("base@1.00")
+    if base:
+        lines += ["## Held-out figures at target 1.0 (same items, greedy)", "",
+                  ("| arm | n | accuracy | acc, signal visible | acc, no signal | mean reward | Brier | ECE | "
+                  "acc / p*band | minutes |"), "|---|---|---|---|---|---|---|---|---|---|"]
+        for key, e in ev.items():
+            if not key.endswith("@1.00"):
                 continue
-            ver = rows[0].adapter_version
-            lines.append(f"| {arm} | {k + 1} | {'base' if ver is None else f'v{ver}'} | "
-                         f"{_ms([x.accuracy for x in rows])} | {_ms([x.own_accuracy for x in rows])} | "
-                         f"{_ms([x.mean_reward for x in rows])} | "
-                         f"{_ms([x.brier for x in rows])} | {_ms([x.ece for x in rows])} | "
-                         f"{_ms([x.valid for x in rows])} | {_ms([x.train_loss for x in rows])} |")
-    lines += ["", "### Held-out after the last round (tail of the history; figures at the highest target)", "",
-              ("| arm | direction accuracy | accuracy / p* | mean reward | Brier | ECE | valid | "
-               "controllability (Spearman) | always-up acc | momentum acc |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for arm in arms:
-        rs = [r for r in runs if r.arm == arm and r.heldout]
-        if not rs:
-            continue
-        h = [r.heldout for r in rs]
-        ratio = [x["accuracy"] / r.p_star if x["accuracy"] is not None else None for x, r in zip(h, rs)]
-        lines.append(f"| {arm} | {_ms([x['accuracy'] for x in h])} | {_ms(ratio)} | "
-                     f"{_ms([x['mean_reward'] for x in h])} | {_ms([x['brier'] for x in h])} | "
-                     f"{_ms([x['ece'] for x in h])} | {_ms([x['valid'] for x in h])} | "
-                     f"{_ms([r.controllability for r in rs])} | {_ms([x['always_up_accuracy'] for x in h])} | "
-                     f"{_ms([x['momentum_accuracy'] for x in h])} |")
-    cond = [r for r in runs if r.per_target and len(r.per_target) > 1]
-    if cond:
-        lines += ["", "### Controllability: realized mean reward per target on held-out items", "",
-                  "| arm | seed | " + " | ".join(f"target {t['target']:.2f}" for t in cond[0].per_target)
-                  + " | Spearman |", "|---|---|" + "---|" * (len(cond[0].per_target) + 1)]
-        for r in cond:
-            lines.append(f"| {r.arm} | {r.seed} | " + " | ".join(_f(t["mean_reward"]) for t in r.per_target)
-                         + f" | {_f(r.controllability)} |")
-    return "\n".join(lines)
+            rows = [r for r in e["rows"] if r["correct"] is not None]
+            vis = [r for r in rows if visible_signal(market, r)]
+            inv = [r for r in rows if not visible_signal(market, r)]
+            acc = mean([r["correct"] for r in rows])
+            lines.append(f"| {e['arm']} | {len(e['rows'])} | {fmt(acc)} | {fmt(mean([r['correct'] for r in vis]))} "
+                         f"(n={len(vis)}) | {fmt(mean([r['correct'] for r in inv]))} (n={len(inv)}) | "
+                         f"{fmt(mean([r['composite'] for r in e['rows']]))} | {fmt(brier(rows))} | {fmt(ece(rows))} | "
+                         f"{fmt(acc / p_band if acc is not None else None, 2)} | {e['seconds'] / 60:.1f} |")
+        always_up = mean([float((r["realized_return_pct"] or 0) > band) for r in base["rows"]
+                          if r["realized_return_pct"] is not None])
+        lines += ["", f"Always-up accuracy on these items (with the band): {fmt(always_up)}.", ""]
+        lines += ["## Paired differences (arm minus other, same items); 95% interval resampling dates", "",
+                  "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
+        arms = [k for k in ev if k.endswith("@1.00")]
+        pairs = [(a, "base@1.00") for a in arms if a != "base@1.00"]
+        if "score@1.00" in ev:
+            pairs += [("score@1.00", o) for o in ("filtered@1.00", "uncond@1.00") if o in ev]
+        for a, b in pairs:
+            ra = {item_key(r): r for r in ev[a]["rows"]}
+            rb = {item_key(r): r for r in ev[b]["rows"]}
+            common = sorted(set(ra) & set(rb))
+            for fig in ("correct", "composite"):
+                d = paired_difference({k: ra[k][fig] for k in common}, {k: rb[k][fig] for k in common}, on_date,
+                                      n_boot=args.boot)
+                if d is None:
+                    continue
+                name = "accuracy" if fig == "correct" else "mean reward"
+                lines.append(f"| {a.split('@')[0]} - {b.split('@')[0]} | {name} | {d.mean:+.3f} | "
+                             f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
+        lines.append("")
+    ctrl = [(t, ev.get(f"score@{t:.2f}")) for t in (*CTRL_TARGETS, 1.0)]
+    if all(e is not None for _, e in ctrl[:-1]) and ctrl[-1][1] is not None:
+        keys = {item_key(r) for r in ctrl[0][1]["rows"]}
+        lines += [("## Controllability: the score arm's realized mean reward per conditioned target "
+                  f"({len(keys)} items, the same for every target)"), "",
+                  "| target | mean reward | accuracy |", "|---|---|---|"]
+        xs, ys = [], []
+        for t, e in ctrl:
+            rows = [r for r in e["rows"] if item_key(r) in keys]
+            mr = mean([r["composite"] for r in rows])
+            lines.append(f"| {t:.2f} | {fmt(mr)} | {fmt(mean([r['correct'] for r in rows if r['correct'] is not None]))} |")
+            xs.append(t)
+            ys.append(mr or 0.0)
+        lines += ["", f"Spearman(target, realized mean reward) = {fmt(spearman(xs, ys), 2)} (target >= 0.9).", ""]
+    return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
-
-    from policy.model_files import make_tiny_model, resolve_model
-
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        print(f"unknown arm(s) {unknown}; choose from {list(ARMS)}", file=sys.stderr)
-        return 2
-    seeds = [int(s) for s in args.seeds.split(",")]
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="learning_curve-"))
-    model_dir = resolve_model(args.model)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    st = State(work / "state.json")
+    market = build_market(MarketConfig())
+    split = timeline_split(market, market.horizon_days)
     if args.tiny:
-        model_dir = str(make_tiny_model(workdir / "tiny-model", model_dir))
-    started = time.monotonic()
-    print(f"learning curve: arms {arms}, seeds {seeds}, {args.rounds} rounds of {args.block_size} items, model "
-          f"{'tiny random' if args.tiny else args.model}, torch threads {torch.get_num_threads()}, work in {workdir}",
-          flush=True)
-    command = "python bench/learning_curve.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    runs: list[ArmRun] = []
-    for seed in seeds:
-        for arm in arms:
-            runs.append(run_arm(arm, seed, args, model_dir, workdir))
-            # Written after every arm, so a long run that is stopped early still leaves its finished arms.
-            elapsed = time.monotonic() - started
-            p_stars = sorted({round(r.p_star, 4) for r in runs})
-            body = tables(runs, args.rounds)
-            write_results(Path(args.out), command, args, runs, p_stars, body, elapsed)
-    print()
-    print(f"market Bayes accuracy p* (horizon 5): {', '.join(f'{p:.4f}' for p in p_stars)} (per seed)")
-    print(body)
-    print(f"\ntotal {elapsed / 60:.1f} min")
-    return 0
+        from policy.model_files import make_tiny_model, resolve_model
 
+        model_dir = str(make_tiny_model(work / "tiny", resolve_model(args.model)))
+    else:
+        from policy.model_files import resolve_model
 
-def write_results(out: Path, command: str, args: argparse.Namespace, runs: list[ArmRun], p_stars: list[float],
-                  body: str, elapsed: float) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}
-    text = "\n".join([
-        "# Learning curve on the synthetic market", "",
-        f"Command: `{command}`", "",
-        f"Config: `{json.dumps(cfg)}`", "",
-        f"Market Bayes accuracy p* at horizon 5 (per seed's market): {', '.join(f'{p:.4f}' for p in p_stars)}", "",
-        f"Wall time: {elapsed / 60:.1f} min on this machine.", "",
-        body, "",
-    ])
-    out.write_text(text, encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in runs], indent=1, default=str), encoding="utf-8")
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+        model_dir = resolve_model(args.model)
+    if args.report_only:
+        Path(args.out).write_text(report(args, st, market))
+        return
+    st.data.setdefault("command", " ".join(sys.argv[1:] if argv is None else argv))
+    arms = [a for a in args.arms.split(",") if a]
+    log(f"split: {split.record() if hasattr(split, 'record') else split}")
+
+    def write() -> None:
+        Path(args.out).write_text(report(args, st, market))
+
+    # Most telling first (a run cut short keeps it): base, then each arm trained and evaluated in turn.
+    if "generate" not in st.data:
+        generate(args, st, market, split, model_dir, work)
+    evaluate(args, st, market, split, model_dir, work, [("base", 1.0, args.eval_items)])
+    write()
+    for arm in arms:
+        if arm not in st.data.get("train", {}):
+            train(args, st, arm, model_dir, work)
+        runs = [(arm, 1.0, args.eval_items)] + ([("score", t, args.ctrl_items) for t in CTRL_TARGETS]
+                                               if arm == "score" else [])
+        for run in runs:
+            evaluate(args, st, market, split, model_dir, work, [run])
+            write()
+    log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
