@@ -28,13 +28,24 @@ class StoreError(ScoreloopError, RuntimeError):
     """The database cannot be used as asked; the message says what to do."""
 
 
+# `scheme://user:password@` anywhere in a text, also in URLs too broken for make_url to parse.
+# Greedy up to the last `@` of the run, so a raw `@` inside the password is masked too.
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s'\"]*):[^\s'\"]*@")
+
+
+def mask_url(text: str) -> str:
+    """A database URL (or any text holding some) with every password shown as `***`: error messages
+    and logs must not print credentials, whatever shape the URL is in."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
 def make_engine(url: str, config: StoreConfig | None = None) -> Engine:
     """Create an engine; SQLite gets WAL, foreign keys and a busy timeout on every connection."""
     cfg = config or StoreConfig()
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise StoreError(f"bad database URL {url!r}: expected e.g. sqlite:///scoreloop.db or "
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise StoreError(f"bad database URL {mask_url(url)!r}: expected e.g. sqlite:///scoreloop.db or "
                          "postgresql+psycopg://user@host:5432/db") from None
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -58,8 +69,8 @@ def make_engine(url: str, config: StoreConfig | None = None) -> Engine:
             )
         else:
             raise StoreError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
-    except (NoSuchModuleError, ArgumentError) as err:
-        raise StoreError(f"bad database URL {url!r}: {err}") from None
+    except (NoSuchModuleError, ArgumentError, ValueError) as err:
+        raise StoreError(f"bad database URL {mask_url(url)!r}: {mask_url(str(err))}") from None
     return engine
 
 
@@ -179,6 +190,11 @@ def check_reachable(engine: Engine) -> None:
             conn.execute(text("SELECT 1"))
     except OperationalError as err:
         first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        # A driver may echo its connection string; a raw `@` in a password leaves the password's
+        # tail in the host ("p@ss@db" parses as password "p", host "ss@db").
+        for secret in (engine.url.password, (engine.url.host or "").rpartition("@")[0]):
+            if secret:
+                first = first.replace(str(secret), "***")
         raise StoreError(f"cannot reach database {engine.url.render_as_string(hide_password=True)}: {first}") from None
 
 
@@ -213,8 +229,27 @@ def downgrade(engine: Engine, revision: str) -> str:
     return current_revision(engine) or ""
 
 
+def _refuse_missing_sqlite(url: str) -> None:
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return  # make_engine reports it
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    if parsed.query.get("mode") == "memory":
+        return
+    path = Path(parsed.database).expanduser()
+    if not path.exists():
+        raise StoreError(f"no database at {path}: run `scoreloop init` first (or pass --db)")
+
+
 def open_store(url: str, config: StoreConfig | None = None, *, migrate: bool = True) -> Engine:
-    """The one entry point: engine, reachability check, revision check, upgrade to head."""
+    """The one entry point: engine, reachability check, revision check, upgrade to head.
+
+    `migrate=False` is for commands that only read: they refuse a SQLite file that is not there
+    instead of creating an empty one (connecting would create it)."""
+    if not migrate:
+        _refuse_missing_sqlite(url)
     engine = make_engine(url, config)
     if migrate:
         upgrade(engine)
