@@ -2,7 +2,9 @@
 
 vLLM pins its own torch/transformers, so it lives in its own venv (`make test-vllm` builds it)
 and this test runs when SCORELOOP_VLLM_PYTHON names that venv's python. It prints the figures:
-startup time, tokens/s at 8 concurrent requests, adapter load latency, publish -> first request.
+startup time, tokens/s at 8 concurrent requests, adapter load latency, publish -> first request,
+and the restart: vLLM killed and started again has forgotten its runtime adapters, and the client
+registers the serving one again. The server runs with `--api-key`, as docker-compose.yml starts it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from policy.protocol import PolicyError
 
 VLLM_PYTHON = os.environ.get("SCORELOOP_VLLM_PYTHON", "")
 STARTUP_TIMEOUT_S = float(os.environ.get("SCORELOOP_VLLM_STARTUP_S", "900"))
+API_KEY = "sk-scoreloop-test"
+# Guided decoding bounds the rationale but not a float's digits: at temperature 0.8 SmolLM2 once spent
+# 120 tokens inside a number and the JSON was cut by the budget, not broken by the grammar.
+JSON_BUDGET = 256
 
 pytestmark = [
     pytest.mark.slow,
@@ -77,45 +83,63 @@ def figures() -> dict[str, float]:
     print("\nvLLM-CPU figures: " + json.dumps({k: round(v, 3) for k, v in found.items()}))
 
 
-@pytest.fixture(scope="module")
-def vllm_server(smollm2_dir, tmp_path_factory, figures):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    cmd = [
-        VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", smollm2_dir, "--served-model-name", "smollm2",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-model-len", "2048",
-        # the same flags docker-compose.yml passes, so a renamed flag fails here first
-        "--chat-template", str(Path(__file__).parents[1] / "policy" / "templates" / "chatml_generation.jinja"),
-        "--structured-outputs-config.backend", "auto",
-    ]
-    started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
+class VllmServer:
+    """vLLM's OpenAI server as a process that can be stopped and started again on the same port."""
+
+    def __init__(self, model_dir: str, log_path: Path):
+        self.model_dir, self.log_path = model_dir, log_path
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Start and wait for /health; returns the seconds it took."""
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "2"}
+        cmd = [
+            VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_dir, "--served-model-name", "smollm2",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-model-len", "2048",
+            # the same flags docker-compose.yml passes, so a renamed flag fails here first
+            "--chat-template", str(Path(__file__).parents[1] / "policy" / "templates" / "chatml_generation.jinja"),
+            "--structured-outputs-config.backend", "auto",
+            "--api-key", API_KEY,
+        ]
+        started = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            if self.proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
             if time.perf_counter() - started > STARTUP_TIMEOUT_S:
-                pytest.fail(f"vLLM did not start in {STARTUP_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"vLLM did not start in {STARTUP_TIMEOUT_S:.0f} s:\n{self.log_path.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
+                # /health is outside /v1, so it needs no key (the compose health check relies on it)
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - started
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        figures["startup_s"] = time.perf_counter() - started
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (engine core child too)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own process group (engine core child too)
         try:
-            proc.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(smollm2_dir, tmp_path_factory, figures):
+    server = VllmServer(smollm2_dir, tmp_path_factory.mktemp("vllm") / "server.log")
+    try:
+        figures["startup_s"] = server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +150,14 @@ def adapters(smollm2_dir, tmp_path_factory) -> list[str]:
 
 @pytest.fixture
 def policy(vllm_server):
-    with OpenAIPolicy(vllm_server, "smollm2", timeout_s=300) as p:
+    with OpenAIPolicy(vllm_server.url, "smollm2", api_key=API_KEY, timeout_s=300) as p:
         yield p
 
 
 def test_guided_json_from_response_format(policy):
     schema = Forecast.model_json_schema()
     for seed in range(3):
-        out = policy.complete(CHAT, json_schema=schema, max_new_tokens=120, temperature=0.8, seed=seed)
+        out = policy.complete(CHAT, json_schema=schema, max_new_tokens=JSON_BUDGET, temperature=0.8, seed=seed)
         Forecast.model_validate_json(out.text)
         assert out.prompt_tokens > 40 and out.completion_tokens > 0
 
@@ -144,7 +168,7 @@ def test_eight_concurrent_requests(policy, figures):
     started = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(
-            lambda i: policy.complete(CHAT, json_schema=schema, max_new_tokens=120, seed=10 + i), range(8)
+            lambda i: policy.complete(CHAT, json_schema=schema, max_new_tokens=JSON_BUDGET, seed=10 + i), range(8)
         ))
     wall = time.perf_counter() - started
     for out in outs:
@@ -152,7 +176,7 @@ def test_eight_concurrent_requests(policy, figures):
     tokens = sum(o.completion_tokens for o in outs)
     figures["concurrent8_wall_s"] = wall
     figures["concurrent8_tokens_per_s"] = tokens / wall
-    single = policy.complete(CHAT, json_schema=schema, max_new_tokens=120, seed=10)
+    single = policy.complete(CHAT, json_schema=schema, max_new_tokens=JSON_BUDGET, seed=10)
     figures["single_tokens_per_s"] = single.completion_tokens / (single.latency_ms / 1000)
 
 
@@ -170,7 +194,7 @@ def test_adapter_publish_and_first_request(policy, adapters, figures):
 
     # the raw endpoint alone, without the client's check request
     t0 = time.perf_counter()
-    raw = httpx.post(f"{policy.base_url}/load_lora_adapter",
+    raw = httpx.post(f"{policy.base_url}/load_lora_adapter", headers={"Authorization": f"Bearer {API_KEY}"},
                      json={"lora_name": "raw-v2", "lora_path": adapters[1]}, timeout=60)
     figures["load_lora_adapter_endpoint_s"] = time.perf_counter() - t0
     assert raw.status_code == 200, raw.text
@@ -189,3 +213,27 @@ def test_failed_adapter_keeps_the_old_one_serving(policy, adapters, tmp_path):
     assert policy.model_name == "scoreloop-v1"
     assert policy.complete(CHAT, max_new_tokens=16, temperature=0.0).text == before
 
+
+
+def test_api_key_guards_the_adapter_endpoint(vllm_server, adapters):
+    """Without the key nobody on the network can swap the serving adapter (or generate)."""
+    anon = httpx.post(f"{vllm_server.url}/load_lora_adapter", json={"lora_name": "evil", "lora_path": adapters[0]},
+                      timeout=60)
+    assert anon.status_code == 401
+    with OpenAIPolicy(vllm_server.url, "smollm2", api_key="wrong") as p, pytest.raises(PolicyError, match="HTTP 401"):
+        p.complete(CHAT, max_new_tokens=4)
+
+
+def test_restart_forgets_adapters_and_the_client_registers_the_serving_one_again(vllm_server, adapters, figures):
+    """Runs last: it restarts the module's server."""
+    with OpenAIPolicy(vllm_server.url, "smollm2", api_key=API_KEY, timeout_s=300) as p:
+        p.load_adapter(adapters[1], 2)
+        before = p.complete(CHAT, max_new_tokens=16, temperature=0.0).text
+        vllm_server.stop()
+        figures["restart_s"] = vllm_server.start()
+        assert "scoreloop-v2" not in p.models()  # vLLM forgot the runtime-loaded adapter
+        t0 = time.perf_counter()
+        after = p.complete(CHAT, max_new_tokens=16, temperature=0.0).text
+        figures["reregister_and_answer_s"] = time.perf_counter() - t0
+        assert p.reregistered == 1 and "scoreloop-v2" in p.models() and p.model_name == "scoreloop-v2"
+        assert after == before  # the adapter answers again, greedy, same text
