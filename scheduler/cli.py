@@ -42,9 +42,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ScoreloopError as err:
-            from store.db import mask_url  # no database URL reaches the terminal with its password
-
-            err_console.print(f"[red]error:[/red] {mask_url(str(err))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -382,7 +380,7 @@ def report(
     from store.db import open_store
 
     s = settings()
-    engine = open_store(s.database_url, s.store, migrate=False)  # reads only: never creates a database
+    engine = open_store(s.database_url, s.store)
     res = write_report(engine, out, p_star=market_p_star(s.market, s.rewards),
                        source=engine.url.render_as_string(hide_password=True))
     console.print(f"wrote {len(res.images)} plots and {res.index}", highlight=False)
@@ -412,7 +410,7 @@ def export(out: Path = typer.Option(..., "--out", help="JSONL file to write.")) 
     from trainer.dataset import export_jsonl
 
     s = settings()
-    engine = open_store(s.database_url, s.store, migrate=False)  # reads only: never creates a database
+    engine = open_store(s.database_url, s.store)
     n = export_jsonl(engine, s.trainer, s.rewards, out)
     console.print(f"wrote {n} examples to {out} (load with datasets.load_dataset('json', data_files=...))")
 
@@ -425,6 +423,7 @@ def eval_(
     targets: str = typer.Option("0.2,0.4,0.6,0.8,1.0", "--targets", help="Comma-separated target scores."),
     market: str | None = typer.Option(None, "--market", help="synthetic | csv (a replayable history)."),
     items: int = typer.Option(24, "--items", min=1, help="Held-out items, run once per target."),
+    seed: int = typer.Option(0, "--seed", help="Which draw of items from the eval region (same seed, same items)."),
 ) -> None:
     """Evaluate an adapter on held-out items at several target scores."""
     from evaluation.heldout import EvalError, parse_targets
@@ -463,7 +462,7 @@ def eval_(
         policy = build_policy(s.agent, chosen)
         try:
             res = run_eval(engine, policy, mk, s.agent, s.rewards, targets=wanted, n_items=items,
-                           horizon=s.market.horizon_days)
+                           horizon=s.market.horizon_days, seed=seed)
         finally:
             policy.close()
     from rich.table import Table

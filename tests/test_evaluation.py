@@ -240,7 +240,7 @@ def test_cli_eval_with_a_tiny_local_model_stores_a_result_per_target(sqlite_url,
                        "MARKET__SYNTHETIC__N_DAYS": "120", "MARKET__SYNTHETIC__N_TICKERS": "6"}.items():
         monkeypatch.setenv(f"SCORELOOP_{key}", value)
     res = CliRunner().invoke(app, ["--db", sqlite_url, "eval", "--adapter", "base", "--targets", "0.2,0.8",
-                                   "--items", "2"])
+                                   "--items", "2", "--seed", "5"])
     assert res.exit_code == 0, res.output
     assert "controllability" in res.output
     from store.db import open_store
@@ -249,7 +249,7 @@ def test_cli_eval_with_a_tiny_local_model_stores_a_result_per_target(sqlite_url,
     with session_scope(engine) as s:
         run = s.scalars(select(EvalRun)).one()
         assert run.status == "done", run.results.get("error")
-        assert run.adapter_version is None and run.n_items == 2
+        assert run.adapter_version is None and run.n_items == 2 and run.results["held_out"]["seed"] == 5
         per = run.results["per_target"]
         blocks = s.scalars(select(Block).where(Block.eval_run_id == run.id)).all()
     engine.dispose()
