@@ -33,11 +33,15 @@ API_KEY = "sk-scoreloop-test"
 # 120 tokens inside a number and the JSON was cut by the budget, not broken by the grammar.
 JSON_BUDGET = 256
 
+VLLM_READY = bool(VLLM_PYTHON and Path(VLLM_PYTHON).exists())
+# .ci/run sets it for `make test-vllm`: there a missing vLLM is a failure, not a skip
+if os.environ.get("SCORELOOP_REQUIRE_VLLM") and not VLLM_READY:
+    raise RuntimeError(f"SCORELOOP_REQUIRE_VLLM is set but SCORELOOP_VLLM_PYTHON={VLLM_PYTHON!r} is not a python")
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not (VLLM_PYTHON and Path(VLLM_PYTHON).exists()),
-        reason="real vLLM needs its own venv: run `make test-vllm` (sets SCORELOOP_VLLM_PYTHON)",
+        not VLLM_READY, reason="real vLLM needs its own venv: run `make test-vllm` (sets SCORELOOP_VLLM_PYTHON)",
     ),
 ]
 
