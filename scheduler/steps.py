@@ -281,7 +281,7 @@ def train_step(rt: Runtime, *, min_new: int | None = None) -> TrainResult:
     log_event("train_done", candidate=version_label(r.adapter_version), run=r.run_id, examples=r.n_examples,
               blocks=r.block_ids, first_loss=losses[0] if losses else None,
               last_loss=losses[-1] if losses else None, resumed_from_step=r.resumed_from_step,
-              seconds=round(seconds, 1))
+              restarted=r.restarted, seconds=round(seconds, 1))
     return TrainResult(r, None, seconds)
 
 

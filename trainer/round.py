@@ -8,10 +8,18 @@ O(new + replay). The objective (trainer/sft.py or trainer/dpo.py) only says what
 how to fit. A crash or Ctrl-C leaves the row `running`, and the next call picks the same data up
 from the last checkpoint. NaN loss, out-of-memory and an unloadable model end the round as
 `failed`; serving is never touched here.
+
+A resumed round re-plans its data from the current store (same blocks, same replay episodes), and
+labels or messages can have changed since (rewards rescored, quantile edges moved). The run row
+keeps a fingerprint of the examples the checkpoint was trained on; if the re-planned examples do
+not match it, the checkpoint is dropped and the round restarts from its parent adapter.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import shutil
 import time
 import traceback
@@ -25,7 +33,7 @@ from sqlalchemy import Engine
 from transformers import PreTrainedModel, TrainerCallback
 
 from rewards.config import RewardsConfig
-from store.db import session_scope
+from store.db import check_write_fence, session_scope
 from store.training import (
     adapter_row,
     add_adapter,
@@ -40,6 +48,9 @@ from store.training import (
 from trainer.config import TrainerConfig
 from trainer.errors import TrainerError
 from trainer.registry import save_adapter
+
+FINGERPRINT_KEY = "dataset_fingerprint"  # in training_runs.hyperparams
+log = logging.getLogger("scoreloop.trainer")
 
 
 @dataclass
@@ -57,6 +68,7 @@ class RoundResult:
     loss_curve: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int | None = None
     seconds: float = 0.0
+    restarted: str | None = None  # why an interrupted round's checkpoint was dropped, if it was
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,14 @@ def hyperparams(cfg: TrainerConfig, device: str) -> dict:
     return {**{k: getattr(cfg, k) for k in keep}, "device": device}
 
 
+def dataset_fingerprint(data: RoundData) -> str:
+    """sha256 of the round's examples in order: episode ids and rows (chat messages, which carry each
+    example's label, or preference pairs). A checkpoint is only a valid start for this exact data."""
+    payload = json.dumps({"episode_ids": list(data.episode_ids), "rows": data.rows}, sort_keys=True,
+                         separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
 def _objective(name: str) -> ModuleType:
     """The module with plan() and fit() for this objective."""
     if name == "dpo":
@@ -139,6 +159,8 @@ def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: Rewards
         data = objective.plan(s, trainer_cfg, rewards_cfg, run=run, need=need)
         if isinstance(data, NothingToTrain):
             return data
+        fingerprint = dataset_fingerprint(data)
+        restarted = None
         if run is None:
             if not state.is_main_process:
                 raise TrainerError("DDP rank started before the main process created the training run")
@@ -146,11 +168,13 @@ def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: Rewards
             run = create_training_run(
                 s, objective=trainer_cfg.objective, parent_version=None if parent is None else parent.version,
                 block_ids=data.block_ids, replay_episode_ids=data.replay_episode_ids, n_examples=len(data.rows),
-                hyperparams={**hyperparams(trainer_cfg, device), **data.hyperparams, "base_model": model_name(model)},
+                hyperparams={**hyperparams(trainer_cfg, device), **data.hyperparams, "base_model": model_name(model),
+                             FINGERPRINT_KEY: fingerprint},
             )
             run.checkpoint_dir = str(Path(trainer_cfg.runs_dir) / f"run-{run.id}")
         else:
             parent = None if run.parent_version is None else adapter_row(s, run.parent_version)
+            restarted = _restart_if_changed(run, data, fingerprint, trainer_cfg, state.is_main_process)
         run_id, run_dir = run.id, run.checkpoint_dir or str(Path(trainer_cfg.runs_dir) / f"run-{run.id}")
         parent_version = None if parent is None else parent.version
         parent_path = None if parent is None else parent.path
@@ -181,6 +205,7 @@ def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: Rewards
         return NothingToTrain("this DDP rank trained; the main process writes the adapter")
     with session_scope(engine) as s:
         version = next_adapter_version(s)
+        check_write_fence(s, wrote=True)  # a taken-over lock holder must not write into adapters_dir
     path = save_adapter(outcome.model, trainer_cfg.adapters_dir, version)
     final = outcome.loss_curve[-1]["loss"] if outcome.loss_curve else None
     with session_scope(engine) as s:
@@ -194,7 +219,31 @@ def train_round(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: Rewards
     return RoundResult(run_id=run_id, adapter_version=version, parent_version=parent_version, path=str(path),
                        n_examples=len(data.rows), block_ids=block_ids, replay_episode_ids=replay_ids,
                        episode_ids=data.episode_ids, loss_curve=outcome.loss_curve,
-                       resumed_from_step=outcome.resumed_from_step, seconds=time.perf_counter() - started)
+                       resumed_from_step=outcome.resumed_from_step, seconds=time.perf_counter() - started,
+                       restarted=restarted)
+
+
+def _restart_if_changed(run: Any, data: RoundData, fingerprint: str, cfg: TrainerConfig,
+                        main_process: bool) -> str | None:
+    """An interrupted run whose re-planned examples differ from what its checkpoint saw: drop the
+    checkpoint and take the new data (row updated in the caller's transaction); returns why, or None.
+
+    The folder goes before the new fingerprint commits, so a crash in between restarts again
+    rather than resuming the old checkpoint under the new fingerprint."""
+    stored = (run.hyperparams or {}).get(FINGERPRINT_KEY)
+    if stored == fingerprint:
+        return None
+    why = (f"run {run.id}'s examples changed since its checkpoint (fingerprint {stored or 'not stored'} -> "
+           f"{fingerprint}; labels, messages or episodes differ, e.g. rescored rewards): restarting the round "
+           f"from its parent adapter on the current data")
+    run_dir = run.checkpoint_dir or str(Path(cfg.runs_dir) / f"run-{run.id}")
+    if main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    log.warning(why)
+    run.hyperparams = {**(run.hyperparams or {}), **data.hyperparams, FINGERPRINT_KEY: fingerprint}
+    run.n_examples = len(data.rows)
+    run.error = f"restarted: {why}"
+    return why
 
 
 def _fail(engine: Engine, run_id: int, error: str) -> None:
