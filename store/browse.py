@@ -27,7 +27,7 @@ from store.db import StoreError
 
 PLUGIN_NAME = "scoreloop-browse"
 READONLY_USER_ENV = "SCORELOOP_READONLY_USER"
-DEFAULT_READONLY_USER = "scoreloop_ro"  # docker/initdb/10-readonly-role.sh creates it
+DEFAULT_READONLY_USER = "scoreloop_ro"  # docker/initdb/10-roles.sh creates it
 WORST_LIMIT = 20
 
 
@@ -292,7 +292,7 @@ def postgres_instructions(url: str, readonly_user: str | None = None) -> str:
         (f"The store is PostgreSQL ({parsed.render_as_string(hide_password=True)}); `browse` serves SQLite "
          "files only. Connect any SQL client with the read-only role:"),
         f'  psql "postgresql://{user}:$SCORELOOP_READONLY_PASSWORD@{host}:{port}/{db}"',
-        "(docker/initdb/10-readonly-role.sh creates the role; it can SELECT every table and view, nothing else.)",
+        "(docker/initdb/10-roles.sh creates the role; it can SELECT every table and view, nothing else.)",
         "Start from the views v_block_summary, v_predictions, v_episode_trace and v_tool_usage, e.g.",
         ("  SELECT block_id, kind, adapter_version, n, accuracy, mean_composite, brier FROM v_block_summary "
          "ORDER BY block_id;"),
