@@ -194,3 +194,42 @@ def test_runner_plans_train_blocks_and_draws_gate_eval_items_in_their_regions(
     for ka, kb in itertools.combinations(planned, 2):
         assert not set(planned[ka]) & set(planned[kb])
         assert not windows(split, [d for _, d in planned[ka]]) & windows(split, [d for _, d in planned[kb]])
+
+
+def test_the_gate_step_draws_from_the_gate_region_in_replay_and_live(store):
+    """scheduler.steps.gate_items: replay draws from the replay gate region; live keeps clear of every
+    session a train item sits on (here: a live train block planned today and one 20 sessions ago)."""
+    from datetime import UTC, datetime
+
+    from market.sources import build_market
+    from market.split import timeline_split
+    from scheduler.runtime import Runtime
+    from scheduler.settings import load_settings
+    from scheduler.steps import gate_items
+    from store import traces
+    from store.db import session_scope
+
+    settings = load_settings(None, scheduler={"mode": "replay"})
+    market = build_market(settings.market)
+    rt = Runtime(settings=settings, engine=store, market=market)
+    region, items = gate_items(rt, 40, seed=3)
+    replay = timeline_split(market, settings.market.horizon_days)
+    assert region == replay.gate and len(set(items)) == 40
+    replay.check("gate", [market.calendar.base_session(a) for _, a in items])
+
+    live = Runtime(settings=load_settings(None, scheduler={"mode": "live"}), engine=store, market=market)
+    cal, now = market.calendar, datetime.now(UTC)
+    today = cal.base_session(now)
+    trained = [cal.replay_as_of(cal.add_sessions(today, -20)), now]
+    with session_scope(store) as s:
+        traces.create_block_with_items(s, items=[traces.PlannedItem(market.tickers[0], a) for a in trained],
+                                       market=market.name, mode="live", kind="train", horizon=5,
+                                       adapter_version=None, target_score=1.0, conditioning="Score: 1.00")
+    region, items = gate_items(live, 30, seed=3)
+    days = sorted({cal.base_session(a) for _, a in items})
+    sessions = cal.sessions(cal.add_sessions(today, -400), today)
+    for d in days:
+        assert d in region
+        for t in (cal.add_sessions(today, -20), today):  # more than the embargo (= horizon) away
+            assert abs(sessions.index(d) - sessions.index(t)) > 5
+    assert days[-1] < cal.add_sessions(today, -5)  # resolved before today
