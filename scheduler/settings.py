@@ -19,13 +19,14 @@ from market.config import MarketConfig
 from rewards.config import RewardsConfig
 from scheduler.config import SchedulerConfig
 from store.config import StoreConfig
+from store.errors import ScoreloopError
 from trainer.config import TrainerConfig
 
 DEFAULT_CONFIG_FILE = "scoreloop.toml"
 DEFAULT_DATABASE_URL = "sqlite:///scoreloop.db"
 
 
-class SettingsError(ValueError):
+class SettingsError(ScoreloopError, ValueError):
     """A config file or env var is wrong; the message names the key."""
 
 
