@@ -42,7 +42,9 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ScoreloopError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            from store.db import mask_url  # no database URL reaches the terminal with its password
+
+            err_console.print(f"[red]error:[/red] {mask_url(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -380,7 +382,7 @@ def report(
     from store.db import open_store
 
     s = settings()
-    engine = open_store(s.database_url, s.store)
+    engine = open_store(s.database_url, s.store, migrate=False)  # reads only: never creates a database
     res = write_report(engine, out, p_star=market_p_star(s.market, s.rewards),
                        source=engine.url.render_as_string(hide_password=True))
     console.print(f"wrote {len(res.images)} plots and {res.index}", highlight=False)
@@ -410,7 +412,7 @@ def export(out: Path = typer.Option(..., "--out", help="JSONL file to write.")) 
     from trainer.dataset import export_jsonl
 
     s = settings()
-    engine = open_store(s.database_url, s.store)
+    engine = open_store(s.database_url, s.store, migrate=False)  # reads only: never creates a database
     n = export_jsonl(engine, s.trainer, s.rewards, out)
     console.print(f"wrote {n} examples to {out} (load with datasets.load_dataset('json', data_files=...))")
 
