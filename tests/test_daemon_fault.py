@@ -4,6 +4,9 @@ After every kill the next start must finish the interrupted block: in the end ev
 exactly N predictions, no episode or step is duplicated, and every step that was committed
 before a kill is still there. Real parts throughout: daemon subprocess, SQLite store, synthetic
 market, tiny random model behind LocalPolicy.
+
+Outside blocks (resolve, adapter save, gate, publish) the windows are milliseconds wide, so the
+daemon kills itself at named points (daemon_process.KILL_POINTS) instead of at a random time.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import random
 import time
 
 import pytest
-from daemon_process import db_url, kill, start_daemon, stop, tail, wait_for, write_config
+from daemon_process import FAULT_MARK, db_url, kill, start_daemon, stop, tail, wait_for, write_config
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
@@ -183,3 +186,124 @@ def test_sigkill_mid_training_resumes_the_same_round_once(tmp_path, tiny_model_d
     assert run.status == "done" and len(adapters) == 1 and runs_for_block == [1]
     assert "event=train_resume" in text
     assert resumed and "resumed_from_step=" in resumed[0]
+
+
+def _killed_at(cfg, log, point: str, timeout: float = 600) -> float:
+    """Start the daemon with a kill point and wait for it to die there; returns the seconds it ran."""
+    offset = log.stat().st_size if log.exists() else 0
+    t0 = time.monotonic()
+    proc = start_daemon(cfg, log, kill_at=point)
+    try:
+        wait_for(lambda: proc.poll() is not None, timeout, f"the kill at {point}", None, log, interval=0.2)
+    finally:
+        kill(proc)
+    text = log.read_text(errors="replace")[offset:]
+    assert proc.returncode == -9 and f"{FAULT_MARK} kill_at={point} " in text, \
+        f"daemon exited {proc.returncode} without reaching {point}\n{tail(log)}"
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # six daemon starts; on a loaded 2-core CPU each start alone can take minutes
+def test_sigkill_in_resolve_adapter_save_gate_and_publish_loses_and_doubles_nothing(tmp_path, tiny_model_dir):
+    """One store, six daemon starts: killed mid-resolve, mid adapter save (temp folder written),
+    after the save (folder there, no row), mid-gate, mid-publish (v2 flipped, not committed), then
+    a clean start. After each kill: nothing half-published, the serving adapter intact and
+    loadable, every reward written once; in the end two rounds, two adapters, v2 serving."""
+    from sqlalchemy import func
+
+    from store.models import Adapter, GateDecision, Reward, TrainingRun
+    from trainer.errors import TrainerError
+    from trainer.registry import check_adapter
+
+    cfg = write_config(tmp_path, tiny_model_dir, block_size=4)
+    cfg.write_text(cfg.read_text().replace("min_new_episodes = 100000", "min_new_episodes = 4\nepochs = 1\n"
+                                           "batch_size = 2\nsave_steps = 1").replace("gate_items = 0", "gate_items = 2"))
+    engine = make_engine(db_url(cfg))
+    log = tmp_path / "daemon.log"
+    adapters_dir = tmp_path / "adapters"
+    seconds: dict[str, float] = {}
+
+    def state():
+        with session_scope(engine) as s:
+            ads = {a.version: (a.status, a.path) for a in s.scalars(select(Adapter))}
+            runs = [(r.id, r.status, r.adapter_version) for r in s.scalars(select(TrainingRun).order_by(TrainingRun.id))]
+            rewards = s.scalar(select(func.count()).select_from(Reward)) or 0
+            per_pred = s.execute(select(Reward.prediction_id, Reward.reward_version, func.count())
+                                 .group_by(Reward.prediction_id, Reward.reward_version).having(func.count() > 1)).all()
+            complete = list(s.scalars(select(Block.id).where(Block.status == "complete")))
+            unscored = s.scalar(select(func.count()).select_from(Prediction).where(
+                Prediction.block_id.in_(complete), ~Prediction.id.in_(select(Reward.prediction_id)))) or 0
+            decisions = s.scalar(select(func.count()).select_from(GateDecision)) or 0
+            gate_blocks = list(s.scalars(select(Block.status).where(Block.kind == "gate")))
+        return ads, runs, rewards, per_pred, unscored, decisions, gate_blocks
+
+    def loadable(path) -> bool:
+        try:
+            check_adapter(path)
+            return True
+        except TrainerError:
+            return False
+
+    # 1. Mid-resolve: block 1 ran, 2 of its 4 rewards committed.
+    seconds["resolve"] = _killed_at(cfg, log, "resolve")
+    ads, runs, rewards, dup, _, _, _ = state()
+    assert (rewards, dup, ads, runs) == (2, [], {}, [])
+
+    # 2. Mid adapter save: the next start resolves the other 2 (once each), trains round 1, and dies
+    #    with the files in a temp folder: no v1 folder, no row.
+    seconds["adapter_save"] = _killed_at(cfg, log, "adapter_save")
+    ads, runs, rewards, dup, unscored, _, _ = state()
+    assert (rewards, dup, unscored, ads, runs) == (4, [], 0, {}, [(1, "running", None)])
+    assert not (adapters_dir / "v1").exists() and list(adapters_dir.glob(".v1-*"))
+
+    # 3. After the save: folder v1 complete, no registry row points at it, the round still running.
+    seconds["adapter_saved"] = _killed_at(cfg, log, "adapter_saved")
+    ads, runs, *_ = state()
+    assert (ads, runs) == ({}, [(1, "running", None)]) and loadable(adapters_dir / "v1")
+
+    # 4. Mid-gate: round 1 resumed into exactly one candidate (the leftover folder replaced), the
+    #    serving side's gate block ran, then the kill: no decision, nothing serves.
+    seconds["gate"] = _killed_at(cfg, log, "gate")
+    ads, runs, _, dup, _, decisions, gate_blocks = state()
+    assert ads == {1: ("candidate", str(adapters_dir / "v1"))} and runs == [(1, "done", 1)]
+    assert (dup, decisions, gate_blocks) == ([], 0, ["complete"]) and loadable(adapters_dir / "v1")
+
+    # 5. Mid-publish of v2: the next start finishes v1's gate (ungated now) and publishes it, runs
+    #    block 2, trains round 2 and dies inside the transaction that would make v2 serve.
+    cfg.write_text(cfg.read_text().replace("gate_items = 2", "gate_items = 0"))
+    seconds["publish"] = _killed_at(cfg, log, "publish:2")
+    ads, runs, _, dup, unscored, _, _ = state()
+    assert ads[1][0] == "serving" and ads[2][0] == "candidate", ads  # the flip never committed
+    assert loadable(ads[1][1]) and loadable(ads[2][1]) and dup == [] and unscored == 0
+    assert runs == [(1, "done", 1), (2, "done", 2)]
+
+    # 6. A clean start publishes v2 (recovery) and stops on SIGTERM.
+    offset = log.stat().st_size
+    t0 = time.monotonic()
+    proc = start_daemon(cfg, log)
+
+    def v2_serving():
+        try:
+            with session_scope(engine) as s:
+                return s.scalar(select(Adapter.status).where(Adapter.version == 2)) == "serving"
+        except OperationalError:
+            return False
+
+    try:
+        wait_for(v2_serving, 600, "v2 to serve", proc, log, interval=0.2)
+    finally:
+        assert stop(proc) == 0, tail(log)
+    seconds["clean"] = time.monotonic() - t0
+    text = log.read_text(errors="replace")
+    ads, runs, rewards, dup, unscored, decisions, _ = state()
+    serving = [v for v, (st, _) in ads.items() if st == "serving"]
+    leftovers = sorted(p.name for p in adapters_dir.iterdir() if p.name.startswith("."))
+    print(f"\nkill points (seconds to the kill): {seconds}; adapters {ads}; runs {runs}; rewards {rewards}, "
+          f"duplicated 0 = {not dup}, unscored in complete blocks {unscored}; hidden leftovers {leftovers}; "
+          f"train_resume {text.count('event=train_resume')}, gate_resume {text[offset:].count('event=gate_resume')}")
+    assert serving == [2] and ads[1][0] == "retired"
+    assert all(loadable(path) for _, path in ads.values())
+    assert runs == [(1, "done", 1), (2, "done", 2)]  # no round ran twice, none was lost
+    assert dup == [] and unscored == 0
+    assert {p.name for p in adapters_dir.iterdir() if not p.name.startswith(".")} == {"v1", "v2"}
