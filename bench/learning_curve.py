@@ -5,12 +5,12 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
                draws, the research plan reads this week's news first, every direction explored: up/down
                evenly, flat at its real rate), sampled at --temperature; `scoring.resolve` scores them.
   2. train     three arms on the same scored episodes with `trainer.round.train_round` (LoRA SFT, TRL):
-                 score     every episode, its achieved score as the label (`Score: 0.83`), 2 epochs
-                 filtered  each block's top quartile, no label (RAFT-style), 4 epochs (half the score arm's passes)
+                 score     every episode, its achieved score as the label (`Score: 0.83`), 1 epoch
+                 filtered  each block's top quartile, no label (RAFT-style), 2 epochs (half the score arm's passes)
                  uncond    every episode, no label (the same fixed line for all), 1 epoch
-               The score arm gets the most optimizer steps on purpose: it is the product's method and the
-               one whose three-way interaction (label x headline x direction) is the hardest to learn; the
-               budget of a 2-hour run on 2 cores does not give the other two arms as much (see the results).
+               An optimizer step of 8 episodes (~500 tokens each) takes ~30 s on 2 cores in fp32, so one
+               epoch over 320 episodes is ~20 min; micro-batches of 4 with 2 accumulation steps keep the
+               eager-attention activations of a step under ~8 GB (batch 8 in one go was OOM-killed at 17 GB).
   3. evaluate  --eval-items eval-region items (disjoint in time from training, embargo >= horizon; independent
                draws), greedy, every arm on the same items at target 1.0; the score arm also on the first
                --ctrl-items of them at targets 0, 0.25, 0.5, 0.75 (controllability over 5 targets).
@@ -21,8 +21,8 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
 Each phase writes its results to --workdir/state.json before the next starts, so a run cut short keeps what
 finished, and rerunning the same command resumes after the last finished phase.
 
-    .venv/bin/python bench/learning.py --workdir /tmp/learn          # the documented run (about 2 h on 2 cores)
-    .venv/bin/python bench/learning.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt
+    .venv/bin/python bench/learning_curve.py --workdir /tmp/learn          # the documented run (about 2 h on 2 cores)
+    .venv/bin/python bench/learning_curve.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from rewards.intervals import paired_difference
 from trainer.config import TrainerConfig
 
 ARMS: dict[str, dict] = {
-    "score": {"label_format": "score", "top": 1.0, "epochs": 2.0},
-    "filtered": {"label_format": "none", "top": 0.25, "epochs": 4.0},
+    "score": {"label_format": "score", "top": 1.0, "epochs": 1.0},
+    "filtered": {"label_format": "none", "top": 0.25, "epochs": 2.0},
     "uncond": {"label_format": "none", "top": 1.0, "epochs": 1.0},
 }
 CTRL_TARGETS = (0.0, 0.25, 0.5, 0.75)
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the generated train data")
     p.add_argument("--explore", type=float, default=1.0, help="agent.explore_rate of the train items")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch; 2 accumulation steps make 8 per update")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--targets-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -176,9 +176,9 @@ def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
     engine = open_store(f"sqlite:///{db}")
     cfg = TrainerConfig(adapters_dir=str(work / f"adapters-{arm}"), runs_dir=str(work / f"runs-{arm}"),
                         learning_rate=args.lr, epochs=spec["epochs"], batch_size=args.batch_size,
-                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0,
+                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0, grad_accum=2,
                         target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
-                        save_steps=10_000)
+                        save_steps=10)
     t0 = time.perf_counter()
     res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
                       min_new_episodes=1)
@@ -270,7 +270,7 @@ def report(args, st: State, market) -> str:
     p_sign = market.prices.bayes_accuracy(h)
     ev = st.data.get("eval", {})
     lines = ["# Learning on the synthetic market: one round of the product loop, measured with power", ""]
-    lines += [f"Command: `.venv/bin/python bench/learning.py {st.data.get('command', '')}`", "",
+    lines += [f"Command: `.venv/bin/python bench/learning_curve.py {st.data.get('command', '')}`", "",
               (f"Market: synthetic, seed {MarketConfig().synthetic.seed} (unchanged), horizon {h}, flat band {band}%: "
               f"p*band = {p_band:.3f} (sign-only p* = {p_sign:.3f}); target accuracy 0.9 x p*band = {0.9 * p_band:.3f}."),
               ""]
