@@ -1,9 +1,11 @@
 """The Policy protocol: what the episode graph needs from a model, whatever serves it.
 
-Backends: policy/local.py (transformers + PEFT in-process, micro-batched across the
-concurrent episodes) and policy/openai_client.py (an OpenAI-compatible server such as vLLM,
-adapter chosen by model name). Calls are blocking and thread-safe: the block runner runs
-episodes in threads and a backend may batch their requests together.
+Backends: policy/local.py (transformers + PEFT in-process, batched across the concurrent
+episodes, reusing key/value caches across turns) and policy/openai_client.py (an
+OpenAI-compatible server such as vLLM, adapter chosen by model name). Calls are blocking and
+thread-safe: the block runner runs episodes in threads and a backend may batch their requests
+together. A chat is append-only turn to turn, which is what lets a backend reuse the cache of
+its earlier turns; `release_cache` says when it is over (optional: nothing else depends on it).
 """
 
 from __future__ import annotations
