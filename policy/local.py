@@ -1,23 +1,26 @@
-"""In-process policy: transformers + PEFT LoRA adapter, micro-batched across threads, reusing
-key/value caches across an episode's turns and across a block's shared prompt prefix.
+"""In-process policy: transformers + PEFT LoRA adapter, continuously batched across threads,
+reusing key/value caches across an episode's turns and across a block's shared prompt prefix.
 
 The block runner runs episodes in a thread pool; each `complete` call queues a request and one
-worker thread gathers up to `max_batch_size` of them (waiting at most `batch_wait_ms` for the batch
-to fill) and decodes them together. Each row keeps its own schema, temperature, seed and token
-budget (policy/structured.py), so a row's text does not depend on which requests it was batched with.
+worker thread decodes the queued requests together (up to `max_batch_size` rows; the first ones
+wait at most `batch_wait_ms` for company). Each row keeps its own schema, temperature, seed and
+token budget (policy/structured.py), so a row's text does not depend on which rows it ran with.
 
-Why reuse matters on a CPU: prefill is compute-bound (8 prompts cost ~8x one) while a decode step
-for 8 rows costs little more than for one, and every turn of an episode used to prefill the whole
-conversation again (3,078 tokens prefilled for a 962-token episode). Now each row starts from the
-held cache with the longest common token prefix (policy/kv_cache.py): its own previous turn, or a
-block prefix prefilled once for the rows of a batch that share it, and only the new tokens are
-prefilled. Rows with different reused lengths share one forward pass: each row's cache is copied
-into a batch buffer right-aligned at the same column, its new tokens right-aligned after a pad
-gap, with the attention mask off on the gaps and true position ids, so a row attends exactly to its
-own sequence. Decoding is our own loop over that buffer (written in place) rather than
-`model.generate`, which cannot take per-row caches of different lengths. An adapter swap drops
-every held cache; a prompt that stops matching (a truncated or edited chat) falls back to prefilling
-from where it differs.
+Why this shape on a CPU: prefill is compute-bound (8 prompts cost ~8x one) while a decode step for 8
+rows costs little more than for one. So
+- every turn used to prefill the whole conversation again (3,078 tokens prefilled for a 962-token
+  episode); now a row starts from the held cache with the longest common token prefix
+  (policy/kv_cache.py): its own previous turn, or a block prefix prefilled once for the rows of a
+  batch that share it, and only the new tokens are prefilled;
+- a static batch ran as long as its longest answer while the other episodes' next turns queued
+  behind it; now a row answers as soon as it ends and queued requests join the running batch at
+  the next step (continuous batching), so the batch stays full.
+Rows share one slab of keys/values: each row's cache right-aligned at the same column, new tokens
+right-aligned after a pad gap, the attention mask off on gaps and true position ids per row, so a
+row attends exactly to its own sequence. Decoding is our own loop over that slab (written in
+place): `model.generate` takes neither per-row caches of different lengths nor rows that join.
+An adapter swap waits for the running batch to drain and drops every held cache; a prompt that
+stops matching (a truncated or edited chat) is prefilled from where it differs.
 """
 
 from __future__ import annotations
@@ -140,7 +143,9 @@ class LocalPolicy:
         self._adapter_generation = 0  # bumped by every swap: held caches belong to one adapter
         size = 2 * max_batch_size if kv_cache_size is None else kv_cache_size
         self._kv = KVStore(max_conversations=size, max_prefixes=kv_prefixes if size > 0 else 0)
-        self._gen_lock = threading.Lock()  # held for a whole batch and for an adapter swap
+        self._gen_lock = threading.Lock()  # held while a batch decodes and for an adapter swap
+        self._lock_owner: int | None = None
+        self._swap_pending = False  # a swap waits: the running batch stops admitting rows and drains
         self._stats_lock = threading.Lock()
         self._stats = PolicyStats()
         self._queue: queue.Queue = queue.Queue()
@@ -160,6 +165,11 @@ class LocalPolicy:
     def stats(self) -> PolicyStats:
         with self._stats_lock:
             return self._stats
+
+    def clear_cache(self) -> None:
+        """Drop every held key/value cache (benchmarks start cold with it; an adapter swap does it too)."""
+        with self._swap():
+            self._forget_caches()
 
     def cache_held(self) -> tuple[int, int, int]:
         """(conversation caches, shared prefixes, bytes) held right now."""
@@ -211,7 +221,7 @@ class LocalPolicy:
     def load_adapter(self, path: str | None, version: int | None) -> None:
         """Swap the LoRA adapter between batches; on any failure the old adapter keeps serving."""
         if path is None:
-            with self._gen_lock:
+            with self._swap():
                 self._drop_adapters(keep=None)
                 self._active_adapter, self._adapter_version = None, None
                 self._forget_caches()
@@ -219,7 +229,7 @@ class LocalPolicy:
         self._check_adapter_files(Path(path))
         from peft import PeftModel
 
-        with self._gen_lock:
+        with self._swap():
             name = f"adapter{next(self._adapter_names)}"
             try:
                 if isinstance(self.model, PeftModel):
@@ -239,6 +249,16 @@ class LocalPolicy:
             self._drop_adapters(keep=name)
             self._active_adapter, self._adapter_version = name, version
             self._forget_caches()
+
+    @contextlib.contextmanager
+    def _swap(self):
+        """Hold the generation lock for an adapter change; the running batch drains first."""
+        self._swap_pending = True
+        try:
+            with self._gen_lock:
+                yield
+        finally:
+            self._swap_pending = False
 
     def _forget_caches(self) -> None:
         """Keys/values computed under another adapter are wrong for this one: drop them all."""
@@ -299,29 +319,28 @@ class LocalPolicy:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 
-    # -- batching --------------------------------------------------------------------------------
+    # -- batching: rows join and leave a running decode ------------------------------------------
 
     def _serve(self) -> None:
+        running: _Running | None = None
+        stop = False
         while True:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
-            deadline = time.perf_counter() + self.batch_wait_s
-            stop = False
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
+            if running is None:
+                if stop:
                     break
-                if item is _STOP:
-                    stop = True
+                first = self._queue.get()
+                if first is _STOP:
                     break
-                batch.append(item)
-            self._run_batch(batch)
-            if stop:
-                break
+                batch, stop = self._take([first], self.max_batch_size, wait_s=self.batch_wait_s)
+                running = self._guarded(None, lambda b=batch: self._start(b), batch)
+            elif not stop and not self._swap_pending and running.live < self.max_batch_size:
+                # Continuous batching: whoever queued while the batch decoded joins it now, instead
+                # of waiting for its slowest row (a static batch runs as long as its longest answer).
+                newcomers, stop = self._take([], self.max_batch_size - running.live, wait_s=0.0)
+                if newcomers:
+                    running = self._guarded(running, lambda r=running, n=newcomers: self._join(r, n), newcomers)
+            if running is not None:
+                running = self._guarded(running, lambda r=running: self._step(r), [])
         # Anything still queued after close gets an error rather than a hang.
         while True:
             try:
@@ -331,7 +350,44 @@ class LocalPolicy:
             if item is not _STOP:
                 item.future.set_exception(PolicyError("the local policy was closed"))
 
-    def _run_batch(self, batch: list[_Request]) -> None:
+    def _take(self, batch: list[_Request], room: int, wait_s: float) -> tuple[list[_Request], bool]:
+        """Up to `room` queued requests, waiting at most `wait_s` for more; (requests, stop seen)."""
+        deadline = time.perf_counter() + wait_s
+        while len(batch) < room:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _guarded(self, running: _Running | None, action, newcomers: list[_Request]) -> _Running | None:
+        """Run one batch action; a failure fails the requests it touched, never the worker."""
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001 - one bad batch must not kill the worker
+            rows = [row.request for row in running.rows if not row.done] if running is not None else []
+            for request in [*rows, *newcomers]:
+                if not request.future.done():
+                    request.future.set_exception(PolicyError(f"local generation failed: {err}"))
+            if running is not None:
+                running.close()
+            elif self._gen_lock.locked() and self._lock_owner == threading.get_ident():
+                self._release_gen_lock()
+            return None
+        if result is None and running is not None:
+            running.close()
+        return result
+
+    def _release_gen_lock(self) -> None:
+        self._lock_owner = None
+        self._gen_lock.release()
+
+    def _prepare(self, batch: list[_Request]) -> list[_Request]:
+        """Render prompts and compile schemas; a malformed chat or schema fails its own call only."""
         import torch
 
         from policy.structured import json_matcher
@@ -343,36 +399,39 @@ class LocalPolicy:
                 if request.json_schema is not None:
                     request.matcher = json_matcher(self._grammar_tok, request.json_schema)
                 ready.append(request)
-            except Exception as err:  # noqa: BLE001 - a malformed chat or schema fails its own call only
+            except Exception as err:  # noqa: BLE001
                 request.future.set_exception(PolicyError(f"cannot prepare the request: {err}"))
-        if not ready:
-            return
-        batch = ready
-        try:
-            results, stats = self._generate(batch)
-        except Exception as err:  # noqa: BLE001 - one bad batch must not kill the worker
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(PolicyError(f"local generation failed: {err}"))
-            return
+        return ready
+
+    def _start(self, batch: list[_Request]) -> _Running | None:
+        """Take the generation lock (adapter swaps wait for the batch to drain) and prefill."""
+        batch = self._prepare(batch)
+        if not batch:
+            return None
+        waited = time.perf_counter()
+        self._gen_lock.acquire()
+        self._lock_owner = threading.get_ident()
+        self._count(lock_wait_s=time.perf_counter() - waited)
+        running = _Running(self)
+        running.rows, running.layers, running.mask, running.width, running.logits, running.positions = \
+            self._prefill(batch)
+        return running
+
+    def _join(self, running: _Running, newcomers: list[_Request]) -> _Running:
+        newcomers = self._prepare(newcomers)
+        if newcomers:
+            running.merge(*self._prefill(newcomers))
+        return running
+
+    def _step(self, running: _Running) -> _Running | None:
+        """One decode step; finished rows answer at once. None once every row has finished."""
+        running.step()
+        return None if running.live == 0 else running
+
+    def _count(self, **deltas: float) -> None:
         with self._stats_lock:
             s = self._stats
-            self._stats = replace(
-                s,
-                requests=s.requests + len(batch),
-                generate_calls=s.generate_calls + 1,
-                prompt_tokens=s.prompt_tokens + sum(r.prompt_tokens for r in results),
-                completion_tokens=s.completion_tokens + sum(r.completion_tokens for r in results),
-                padded_tokens=s.padded_tokens + stats["padded"],
-                prefilled_tokens=s.prefilled_tokens + stats["prefilled"],
-                cached_tokens=s.cached_tokens + sum(r.cached_tokens for r in results),
-                prefix_prefilled_tokens=s.prefix_prefilled_tokens + stats["prefix_prefilled"],
-                generate_s=s.generate_s + stats["generate_s"],
-                constraint_s=s.constraint_s + stats["constraint_s"],
-                lock_wait_s=s.lock_wait_s + stats["lock_wait_s"],
-            )
-        for request, result in zip(batch, results):
-            request.future.set_result(result)
+            self._stats = replace(s, **{k: getattr(s, k) + v for k, v in deltas.items()})
 
     # -- generation with key/value reuse -----------------------------------------------------------
 
@@ -383,17 +442,25 @@ class LocalPolicy:
 
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
+    def _forward(self, **kw):
+        import torch
+
+        started = time.perf_counter()
+        with torch.inference_mode(), self._adapter_scope():
+            out = self._core()(use_cache=True, **kw)
+        self._count(generate_s=time.perf_counter() - started)
+        return out
+
     def _assemble(self, rows: list[tuple[KVEntry | None, int, torch.Tensor]], extra: int):
         """One batch from (held cache, tokens of it to reuse, new tokens) per row.
 
         Layout per row: [zeros | reused cache | pad | new tokens | room for `extra` generated],
         with the attention mask off on zeros and pads and true positions on the new tokens, so a
         row attends exactly to its own sequence (pads in the middle are as harmless as left pads).
-        Returns (cache, input_ids, position_ids, mask, columns, C, S); columns[b] = row b's real
+        Returns (layers, input_ids, position_ids, mask, columns, C, S); columns[b] = row b's real
         slots among the first C + S.
         """
         import torch
-        from transformers import DynamicCache
 
         from policy.kv_cache import SlabLayer
 
@@ -412,8 +479,6 @@ class LocalPolicy:
                     k[b, :, c - n:c] = ek[0, :, :n]
                     v[b, :, c - n:c] = ev[0, :, :n]
             layers.append(SlabLayer(k, v, c))
-        cache = DynamicCache()
-        cache.layers = layers
         input_ids = torch.full((n_rows, s), self._pad_id, dtype=torch.long)
         positions = torch.zeros((n_rows, s), dtype=torch.long)
         mask = torch.zeros((n_rows, cap), dtype=torch.long)
@@ -424,20 +489,22 @@ class LocalPolicy:
             positions[b, s - m:] = torch.arange(n, n + m)
             mask[b, c - n:c] = 1
             mask[b, c + s - m:c + s] = 1
-            columns.append(torch.cat([torch.arange(c - n, c), torch.arange(c + s - m, c + s)]))
-        return cache, input_ids.to(self.device), positions.to(self.device), mask.to(self.device), columns, c, s
+            columns.append(list(range(c - n, c)) + list(range(c + s - m, c + s)))
+        return layers, input_ids.to(self.device), positions.to(self.device), mask.to(self.device), columns, c, s
 
     def _prefill_prefix(self, tokens: torch.Tensor) -> tuple[KVEntry, int]:
         """Prefill a prompt prefix that several rows share once, and hold it for the block:
         (the held prefix, tokens actually prefilled)."""
+        import torch
+
         from policy.kv_cache import KVEntry
 
         entry, n = self._kv.lookup(tokens, len(tokens) - 1)
-        cache, input_ids, positions, mask, columns, c, s = self._assemble([(entry, n, tokens[n:])], extra=0)
-        self._core()(input_ids=input_ids, attention_mask=mask[:, :c + s], position_ids=positions, cache=cache,
-                     use_cache=True, logits_to_keep=1)
-        prefix = KVEntry(tokens.clone(), [layer.row(0, columns[0].to(self.device)) for layer in cache.layers],
-                         prompt_len=len(tokens), shared=True)
+        layers, input_ids, positions, mask, columns, c, s = self._assemble([(entry, n, tokens[n:])], extra=0)
+        self._forward(input_ids=input_ids, attention_mask=mask[:, :c + s], position_ids=positions,
+                      cache=_cache(layers), logits_to_keep=1)
+        cols = torch.tensor(columns[0], device=self.device)
+        prefix = KVEntry(tokens.clone(), [layer.row(0, cols) for layer in layers], prompt_len=len(tokens), shared=True)
         self._kv.put(prefix)
         return prefix, len(tokens) - n
 
@@ -477,82 +544,159 @@ class LocalPolicy:
                     found[i] = (prefix, p)
         return found, prefilled
 
-    def _generate(self, batch: list[_Request]) -> tuple[list[Completion], dict[str, float]]:
+    def _prefill(self, batch: list[_Request]):
+        """Prefill a group of new requests from their held caches: (rows, layers, mask, width,
+        last logits, next positions), ready to decode or to merge into a running batch."""
+        import torch
+
+        plan, prefix_tokens = self._plan_reuse(batch)
+        news = [r.tokens[n:] for r, (_, n) in zip(batch, plan)]
+        extra = max(r.max_new_tokens for r in batch)
+        layers, input_ids, positions, mask, columns, c, s = self._assemble(
+            [(entry, n, new) for (entry, n), new in zip(plan, news)], extra)
+        out = self._forward(input_ids=input_ids, attention_mask=mask[:, :c + s], position_ids=positions,
+                            cache=_cache(layers), logits_to_keep=1)
+        rows = [_Row(request=r, entry=entry, reused=n, cols=cols, generator=torch.Generator().manual_seed(r.seed))
+                for r, (entry, n), cols in zip(batch, plan, columns)]
+        self._count(generate_calls=1, padded_tokens=sum(s - len(new) for new in news),
+                    prefilled_tokens=sum(len(new) for new in news) + prefix_tokens,
+                    prefix_prefilled_tokens=prefix_tokens)
+        next_positions = torch.tensor([len(r.tokens) for r in batch], dtype=torch.long)
+        return rows, layers, mask, c + s, out.logits[:, -1, :], next_positions
+
+    def _finish(self, row: _Row, layers: list, slot: int) -> None:
+        """A row is done: hold its cache for the next turn and answer its caller now."""
         import torch
 
         from policy.kv_cache import KVEntry
-        from policy.structured import RowSampler
 
-        budgets = [r.max_new_tokens for r in batch]
-        waited = time.perf_counter()
-        with self._gen_lock:
-            lock_wait = time.perf_counter() - waited
-            started = time.perf_counter()
-            generation = self._adapter_generation
-            with torch.inference_mode(), self._adapter_scope():
-                plan, prefix_tokens = self._plan_reuse(batch)
-                rows = [(entry, n, r.tokens[n:]) for r, (entry, n) in zip(batch, plan)]
-                cache, input_ids, positions, mask, columns, c, s = self._assemble(rows, extra=max(budgets))
-                core = self._core()
-                out = core(input_ids=input_ids, attention_mask=mask[:, :c + s], position_ids=positions,
-                           cache=cache, use_cache=True, logits_to_keep=1)
-                sampler = RowSampler(
-                    prompt_width=1,
-                    matchers=[r.matcher for r in batch],
-                    temperatures=[r.temperature for r in batch],
-                    generators=[torch.Generator().manual_seed(r.seed) for r in batch],
-                    budgets=budgets,
-                    stop_ids=self._stop_ids,
-                    vocab_size=self._vocab,
-                )
-                # The sampler reads the last chosen token per row; column 0 is a placeholder.
-                seq = torch.zeros((len(batch), 1), dtype=torch.long)
-                done = [False] * len(batch)
-                generated: list[list[int]] = [[] for _ in batch]
-                next_pos = torch.tensor([n + len(new) for _, n, new in rows], dtype=torch.long)
-                width = c + s
-                fed = 0  # generated tokens run through the model (their keys/values are cached)
-                for step in range(max(budgets)):
-                    scores = sampler(seq, out.logits[:, -1, :])
-                    choice = scores.argmax(dim=-1).cpu()
-                    seq = torch.cat([seq, choice.unsqueeze(1)], dim=1)
-                    for b, token in enumerate(choice.tolist()):
-                        if not done[b]:
-                            generated[b].append(token)
-                            done[b] = token in self._stop_set or len(generated[b]) >= budgets[b]
-                    if all(done):
-                        break
-                    mask[:, width] = 1
-                    width += 1
-                    out = core(input_ids=choice.unsqueeze(1).to(self.device), attention_mask=mask[:, :width],
-                               position_ids=(next_pos + step).unsqueeze(1).to(self.device), cache=cache,
-                               use_cache=True)
-                    fed = step + 1
-                if self._kv.max_conversations > 0 and generation == self._adapter_generation:
-                    for b, (request, (entry, n)) in enumerate(zip(batch, plan)):
-                        kept = min(len(generated[b]), fed)
-                        cols = torch.cat([columns[b], torch.arange(c + s, c + s + kept)]).to(self.device)
-                        tokens = torch.cat([request.tokens, torch.tensor(generated[b][:kept], dtype=torch.long)])
-                        held = KVEntry(tokens, [layer.row(b, cols) for layer in cache.layers],
-                                       prompt_len=len(request.tokens))
-                        self._kv.put(held, supersedes=entry, reused=n)
-            generate_s = time.perf_counter() - started
-        finished = time.perf_counter()
-        results = []
-        for b, request in enumerate(batch):
-            tokens = generated[b]
-            results.append(
-                Completion(
-                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                    prompt_tokens=len(request.tokens),
-                    completion_tokens=len(tokens),
-                    latency_ms=(finished - request.submitted) * 1000,
-                    cached_tokens=plan[b][1],
-                )
-            )
-        padded = sum(s - len(new) for _, _, new in rows)
-        return results, {
-            "generate_s": generate_s, "constraint_s": sampler.constraint_s, "lock_wait_s": lock_wait,
-            "padded": padded, "prefilled": sum(len(new) for _, _, new in rows) + prefix_tokens,
-            "prefix_prefilled": prefix_tokens,
-        }
+        request = row.request
+        if self._kv.max_conversations > 0:
+            fed = len(row.cols) - len(request.tokens)  # replies whose keys/values are in the slab
+            cols = torch.tensor(row.cols, device=self.device)
+            tokens = torch.cat([request.tokens, torch.tensor(row.generated[:fed], dtype=torch.long)])
+            held = KVEntry(tokens, [layer.row(slot, cols) for layer in layers], prompt_len=len(request.tokens))
+            self._kv.put(held, supersedes=row.entry, reused=row.reused)
+        done = Completion(
+            text=self.tokenizer.decode(row.generated, skip_special_tokens=True),
+            prompt_tokens=len(request.tokens),
+            completion_tokens=len(row.generated),
+            latency_ms=(time.perf_counter() - request.submitted) * 1000,
+            cached_tokens=row.reused,
+        )
+        self._count(requests=1, prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                    cached_tokens=done.cached_tokens)
+        request.future.set_result(done)
+
+
+def _cache(layers: list):
+    """A DynamicCache over our preallocated layers (transformers only calls update/lengths on it)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+@dataclass(eq=False)
+class _Row:
+    request: _Request
+    entry: Any  # the held KVEntry it started from (None = none)
+    reused: int  # tokens of it reused
+    cols: list[int]  # slab columns of its real tokens so far: prompt, then the replies fed back
+    generator: Any
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+class _Running:
+    """The batch being decoded: one slab of keys/values (rows x columns), rows joining at step
+    boundaries (merged right-aligned, so every row's next token lands in the same column) and
+    finished rows dropped at the next merge."""
+
+    def __init__(self, policy: LocalPolicy):
+        from policy.structured import RowChooser
+
+        self.policy = policy
+        self.chooser = RowChooser(policy._stop_ids, policy._vocab)
+        self.rows: list[_Row] = []
+        self.layers: list = []
+        self.mask = self.logits = self.positions = None
+        self.width = 0
+        self._closed = False
+
+    @property
+    def live(self) -> int:
+        return sum(1 for r in self.rows if not r.done)
+
+    def merge(self, rows: list[_Row], layers: list, mask, width: int, logits, positions) -> None:
+        """Add a prefilled group; keep only our live rows (one copy of the slab either way)."""
+        import torch
+
+        from policy.kv_cache import SlabLayer
+
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        w = max(self.width, width)
+        room = max([r.request.max_new_tokens - len(r.generated) for r in self.rows if not r.done] +
+                   [r.request.max_new_tokens for r in rows])
+        n_rows = len(keep) + len(rows)
+        shift_a, shift_b = w - self.width, w - width
+        idx = torch.tensor(keep, dtype=torch.long, device=self.policy.device)
+        merged = []
+        for old, new in zip(self.layers, layers):
+            k = old._k.new_zeros((n_rows, old._k.shape[1], w + room, old._k.shape[3]))
+            v = torch.zeros_like(k)
+            k[:len(keep), :, shift_a:w] = old._k.index_select(0, idx)[:, :, :self.width]
+            v[:len(keep), :, shift_a:w] = old._v.index_select(0, idx)[:, :, :self.width]
+            k[len(keep):, :, shift_b:w] = new._k[:, :, :width]
+            v[len(keep):, :, shift_b:w] = new._v[:, :, :width]
+            merged.append(SlabLayer(k, v, w))
+        m = torch.zeros((n_rows, w + room), dtype=torch.long, device=self.policy.device)
+        m[:len(keep), shift_a:w] = self.mask.index_select(0, idx)[:, :self.width]
+        m[len(keep):, shift_b:w] = mask[:, :width]
+        for r in (self.rows[i] for i in keep):
+            r.cols = [c + shift_a for c in r.cols]
+        for r in rows:
+            r.cols = [c + shift_b for c in r.cols]
+        self.rows = [self.rows[i] for i in keep] + rows
+        self.layers, self.mask, self.width = merged, m, w
+        self.logits = torch.cat([self.logits.index_select(0, idx), logits])
+        self.positions = torch.cat([self.positions.index_select(0, idx.cpu()), positions])
+
+    def step(self) -> None:
+        """Choose every live row's next token; answer the rows that finished; feed the rest."""
+        import torch
+
+        policy = self.policy
+        live = [i for i, r in enumerate(self.rows) if not r.done]
+        rows = [self.rows[i] for i in live]
+        tokens = self.chooser.choose(
+            self.logits.index_select(0, torch.tensor(live, device=self.logits.device)),
+            [r.request.matcher for r in rows], [r.request.temperature for r in rows], [r.generator for r in rows])
+        policy._count(constraint_s=self.chooser.constraint_s)
+        self.chooser.constraint_s = 0.0
+        feed = torch.full((len(self.rows),), policy._pad_id, dtype=torch.long)
+        for i, row, token in zip(live, rows, tokens):
+            row.generated.append(token)
+            if token in policy._stop_set or len(row.generated) >= row.request.max_new_tokens:
+                row.done = True
+                policy._finish(row, self.layers, i)
+            else:
+                feed[i] = token
+                row.cols.append(self.width)
+        if self.live == 0:
+            return
+        if self.width >= self.mask.shape[1]:
+            self.mask = torch.nn.functional.pad(self.mask, (0, max(16, self.mask.shape[1] // 2)))
+        self.mask[:, self.width] = 1
+        self.width += 1
+        out = policy._forward(input_ids=feed.unsqueeze(1).to(policy.device), attention_mask=self.mask[:, :self.width],
+                              position_ids=self.positions.unsqueeze(1).to(policy.device), cache=_cache(self.layers))
+        self.positions = self.positions + 1
+        self.logits = out.logits[:, -1, :]
+
+    def close(self) -> None:
+        """The batch is over (drained or failed): let adapter swaps in."""
+        if not self._closed:
+            self._closed = True
+            self.policy._release_gen_lock()

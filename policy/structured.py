@@ -105,6 +105,58 @@ def json_matcher(tok: llguidance.LLTokenizer, schema: dict[str, Any]) -> llguida
     return matcher
 
 
+class RowChooser:
+    """Per-row next-token choice for a batch whose rows join and leave between decode steps
+    (policy/local.py): each row's grammar mask, temperature and seeded generator, so a row's text
+    does not depend on which rows share its forward pass."""
+
+    def __init__(self, stop_ids: list[int], vocab_size: int):
+        self.stop_list = sorted(set(stop_ids))
+        self.vocab_size = vocab_size
+        self.constraint_s = 0.0  # time spent advancing matchers and masking: the grammar overhead
+        self._executor = llguidance.LLExecutor()
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    def _mask(self, matchers: list[llguidance.LLMatcher | None], vocab: int) -> torch.Tensor | None:
+        active = [(m, row) for row, m in enumerate(matchers) if m is not None]
+        if not active:
+            return None
+        bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+        bitmask.fill_(-1)  # unconstrained rows: everything allowed
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, active, bitmask)
+        mask = ((bitmask.unsqueeze(-1) >> self._bits) & 1).bool().flatten(1)
+        mask = mask[:, :vocab] if mask.shape[1] >= vocab else torch.nn.functional.pad(
+            mask, (0, vocab - mask.shape[1]), value=False
+        )
+        # A matcher in an error state allows nothing; end the row rather than sample from NaNs.
+        empty = ~mask.any(dim=1)
+        if empty.any():
+            mask[empty.nonzero().flatten().unsqueeze(1), torch.tensor(self.stop_list)] = True
+        return mask
+
+    def choose(self, logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None],
+               temperatures: list[float], generators: list[torch.Generator]) -> list[int]:
+        """One token per row from `logits` (rows, vocab); each row's matcher consumes its token."""
+        logits = logits.float().cpu()  # per-row generators and grammar masks live on the CPU
+        t0 = time.perf_counter()
+        mask = self._mask(matchers, logits.shape[1])
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        self.constraint_s += time.perf_counter() - t0
+        choice = logits.argmax(dim=1)
+        for row, temperature in enumerate(temperatures):
+            if temperature > 0:
+                probs = torch.softmax(logits[row] / temperature, dim=-1)
+                choice[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
+        tokens = choice.tolist()
+        t0 = time.perf_counter()
+        for matcher, token in zip(matchers, tokens):
+            if matcher is not None and not matcher.is_stopped():
+                matcher.consume_token(token)
+        self.constraint_s += time.perf_counter() - t0
+        return tokens
+
+
 class RowSampler(LogitsProcessor):
     """Per-row next-token choice inside one batched generate: grammar mask, temperature, sampling
     with the row's own seeded generator. It leaves a one-hot score row, so greedy `generate` picks
