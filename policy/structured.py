@@ -24,7 +24,6 @@ import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
 
 # Compact JSON with a space after ':' and ',': the layout the model sees in its few-shot examples
 # and that the store keeps; no free whitespace, so the token budget goes to content.
@@ -155,92 +154,3 @@ class RowChooser:
                 matcher.consume_token(token)
         self.constraint_s += time.perf_counter() - t0
         return tokens
-
-
-class RowSampler(LogitsProcessor):
-    """Per-row next-token choice inside one batched generate: grammar mask, temperature, sampling
-    with the row's own seeded generator. It leaves a one-hot score row, so greedy `generate` picks
-    the row's token and a row's text does not depend on its batch neighbours."""
-
-    def __init__(
-        self,
-        prompt_width: int,
-        matchers: list[llguidance.LLMatcher | None],
-        temperatures: list[float],
-        generators: list[torch.Generator],
-        budgets: list[int],
-        stop_ids: list[int],
-        vocab_size: int,
-    ):
-        self.prompt_width = prompt_width
-        self.matchers = matchers
-        self.temperatures = temperatures
-        self.generators = generators
-        self.budgets = budgets
-        self.stop_ids = set(stop_ids)
-        self.done = [False] * len(matchers)
-        self.constraint_s = 0.0  # time spent advancing matchers and masking: the grammar overhead
-        self._constrained = any(m is not None for m in matchers)
-        if self._constrained:
-            self._executor = llguidance.LLExecutor()
-            self._bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)
-            self._bits = torch.arange(32, dtype=torch.int32)
-        self._stop_list = sorted(self.stop_ids)
-
-    def _masks(self, last: list[int], step: int, vocab: int) -> torch.Tensor | None:
-        """Allowed-token masks (batch, vocab) for the rows with a schema; None if there are none."""
-        if not self._constrained:
-            return None
-        t0 = time.perf_counter()
-        active = []
-        for row, matcher in enumerate(self.matchers):
-            if matcher is None or self.done[row]:
-                continue
-            if step > 0:
-                matcher.consume_token(last[row])
-            active.append((matcher, row))
-        self._bitmask.fill_(-1)  # unconstrained and finished rows: everything allowed
-        if active:
-            llguidance.torch.fill_next_token_bitmask_par(self._executor, active, self._bitmask)
-        mask = ((self._bitmask.unsqueeze(-1) >> self._bits) & 1).bool().flatten(1)
-        mask = mask[:, :vocab] if mask.shape[1] >= vocab else torch.nn.functional.pad(
-            mask, (0, vocab - mask.shape[1]), value=False
-        )
-        # A matcher in an error state allows nothing; end the row rather than sample from NaNs.
-        empty = ~mask.any(dim=1)
-        if empty.any():
-            mask[empty.nonzero().flatten().unsqueeze(1), torch.tensor(self._stop_list)] = True
-        self.constraint_s += time.perf_counter() - t0
-        return mask
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = input_ids.shape[1] - self.prompt_width
-        last = input_ids[:, -1].tolist()
-        if step > 0:
-            for row in range(len(self.done)):
-                if not self.done[row]:
-                    self.done[row] = last[row] in self.stop_ids or step >= self.budgets[row]
-        logits = scores.float().cpu()  # per-row generators and grammar masks live on the CPU
-        mask = self._masks(last, step, logits.shape[1])
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        choice = logits.argmax(dim=1)
-        for row, temperature in enumerate(self.temperatures):
-            if temperature > 0 and not self.done[row]:
-                probs = torch.softmax(logits[row] / temperature, dim=-1)
-                choice[row] = torch.multinomial(probs, 1, generator=self.generators[row])[0]
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, choice.to(scores.device).unsqueeze(1), 0.0)
-        return out
-
-
-class RowBudget(StoppingCriteria):
-    """Stopping criterion: each row stops at its own max_new_tokens (generate runs to the max)."""
-
-    def __init__(self, prompt_width: int, budgets: list[int]):
-        self.prompt_width = prompt_width
-        self.budgets = torch.tensor(budgets)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        step = input_ids.shape[1] - self.prompt_width
-        return (self.budgets <= step).to(input_ids.device)
