@@ -287,3 +287,19 @@ def test_a_take_over_waits_for_the_fenced_write_in_flight(fresh_db):
     assert _count(heir, Episode) == 2
     keeper.release()
     heir.dispose()
+
+
+def test_a_stale_daemon_cannot_claim_a_trigger(fresh_db):
+    """A job's own write path (the trigger claim, a conditional UPDATE): refused after a take-over,
+    so the trigger stays queued for the daemon that holds the lock now."""
+    stale = LockKeeper(fresh_db, heartbeat_s=3600, ttl_s=5, stop=threading.Event())
+    stale.acquire()
+    heir = _other_process(fresh_db)
+    tid = enqueue_trigger(heir, "block", {"size": 2})
+    assert take_over(heir, "heir", from_owner=stale.owner)
+    with pytest.raises(LockLost, match="heir holds it"):
+        claim_next_trigger(fresh_db)
+    assert get_trigger(heir, tid).status == "queued"
+    assert claim_next_trigger(heir).id == tid  # the new holder claims it
+    stale.release()
+    heir.dispose()
