@@ -33,6 +33,7 @@ from rewards.outcomes import (
     typical_move_pct,
 )
 from store.db import session_scope
+from store.lock import LockLost
 from store.scoring import (
     OutcomeRow,
     PendingPrediction,
@@ -52,8 +53,9 @@ if TYPE_CHECKING:
 
 # How many pending (id, reason) pairs the report keeps for display; the counts cover all of them.
 REPORT_EXAMPLES = 20
-# The database itself is gone or locked: every later row would fail the same way, so stop the pass.
-_FATAL = (OperationalError, InterfaceError)
+# The database itself is gone or locked, or another process took the lock over (a fenced write was
+# refused): every later row would fail the same way, so stop the pass.
+_FATAL = (OperationalError, InterfaceError, LockLost)
 
 log = logging.getLogger(__name__)
 

@@ -337,3 +337,29 @@ def test_one_bad_row_is_recorded_and_the_pass_goes_on(fresh_db, market):
     # the source is fixed: the next pass picks the row up and the block gets its metrics
     rep2 = resolve_pending(fresh_db, market, CFG)
     assert (rep2.resolved, rep2.failed, rep2.blocks_updated) == (1, 0, [block_id])
+
+
+def test_a_pass_whose_lock_was_taken_over_stops_at_once(fresh_db, market):
+    """Fenced by a lock another process took over, the first refused write ends the pass (LockLost) instead
+    of being recorded as a per-row error on every row; nothing of it is written."""
+    import threading
+
+    from scheduler.daemon import LockKeeper
+    from store.db import make_engine
+    from store.lock import LockLost, age_lock, try_acquire_lock
+
+    add_block(fresh_db, market, [Item("SYN00", 70), Item("SYN01", 70), Item("SYN02", 70)])
+    stale = LockKeeper(fresh_db, heartbeat_s=3600, ttl_s=5, stop=threading.Event())
+    stale.acquire()
+    heir = make_engine(fresh_db.url.render_as_string(hide_password=False))
+    try:
+        age_lock(heir, 60)
+        assert try_acquire_lock(heir, "heir", ttl_s=5) is None
+        with pytest.raises(LockLost):
+            resolve_pending(fresh_db, market, CFG)
+        assert snapshot(heir)["rewards"] == [] and snapshot(heir)["outcomes"] == []
+        with session_scope(heir) as s:
+            assert s.scalars(select(Prediction.pending_reason)).all() == [None, None, None]
+    finally:
+        stale.release()
+        heir.dispose()
