@@ -106,3 +106,15 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> str:
     from policy.model_files import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-model"), smollm2_dir))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: on a shared 2-core machine, threads fighting
+    over the cores slow a tiny model about 4x. Modules opt in with `pytestmark`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

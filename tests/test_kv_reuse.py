@@ -21,12 +21,7 @@ ACTION = {
 SYSTEM = "You forecast stock moves with tools. Reply with one JSON object. " * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

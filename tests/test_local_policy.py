@@ -37,13 +37,7 @@ def chat(ticker: str) -> list[dict[str, str]]:
     ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The CI/dev machine is shared; intra-op threads fighting over two cores slow a tiny model 4x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
