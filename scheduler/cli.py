@@ -344,7 +344,8 @@ def trace(episode_id: int = typer.Argument(..., help="Episode id (see v_episode_
                       f"{ep.as_of:%Y-%m-%d %H:%M} UTC  horizon {ep.horizon}  {ep.status}  attempt {ep.attempt}  "
                       f"adapter {ep.adapter_version if ep.adapter_version is not None else 'base'}  "
                       f"[{ep.conditioning}]"
-                      + (f"  explored: direction {ep.explore_direction}" if ep.explore_direction else ""),
+                      + (f"  explored: direction {ep.explore_direction}" if ep.explore_direction else "")
+                      + (f"  explored: research {ep.explore_tool}" if ep.explore_tool else ""),
                       highlight=False)
         colors = {"system": "dim", "user": "cyan", "assistant": "green", "tool": "yellow"}
         for st in tr.steps:
