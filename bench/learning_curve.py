@@ -302,7 +302,14 @@ def report(args, st: State, market) -> str:
                          f"{fmt(acc / p_band if acc is not None else None, 2)} | {e['seconds'] / 60:.1f} |")
         always_up = mean([float((r["realized_return_pct"] or 0) > band) for r in base["rows"]
                           if r["realized_return_pct"] is not None])
-        lines += ["", f"Always-up accuracy on these items (with the band): {fmt(always_up)}.", ""]
+        vis_rows = [r for r in base["rows"] if visible_signal(market, r)]
+        covered = mean([float(r["signal_in_context"]) for r in vis_rows])
+        dirs = {k: sorted({r["direction"] for r in e["rows"] if r["direction"]}) for k, e in ev.items()}
+        lines += ["", (f"Always-up accuracy on these items (with the band): {fmt(always_up)}. Research reach: a signal "
+                  f"headline was in the context of {fmt(covered)} of the {len(vis_rows)} items whose signal is visible "
+                  "(the research plan's search_news over the last 7 days)."),
+                  "Directions written (greedy): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in dirs.items()) + ".",
+                  ""]
         lines += ["## Paired differences (arm minus other, same items); 95% interval resampling dates", "",
                   "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
         arms = [k for k in ev if k.endswith("@1.00")]
