@@ -342,7 +342,9 @@ def report(args, st: State, market) -> str:
             lines.append(f"| {t:.2f} | {fmt(mr)} | {fmt(mean([r['correct'] for r in rows if r['correct'] is not None]))} |")
             xs.append(t)
             ys.append(mr or 0.0)
-        lines += ["", f"Spearman(target, realized mean reward) = {fmt(spearman(xs, ys), 2)} (target >= 0.9).", ""]
+        rho = spearman(xs, ys)
+        why = " (undefined: the same reward at every target, the label is ignored)" if len(set(ys)) == 1 else ""
+        lines += ["", f"Spearman(target, realized mean reward) = {fmt(rho, 2)}{why} (target >= 0.9).", ""]
     return "\n".join(lines) + "\n"
 
 
