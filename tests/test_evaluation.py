@@ -184,7 +184,9 @@ def test_eval_run_measures_a_controllable_policy(fresh_db, small_market):
 
 def test_eval_decodes_greedily_and_splits_accuracy_by_visible_signal(fresh_db, small_market):
     class Recording(TargetFollowingPolicy):
-        temperatures: list[float] = []
+        def __init__(self, n_tickers: int) -> None:
+            super().__init__(n_tickers)
+            self.temperatures: list[float] = []
 
         def complete(self, messages, **kw):
             self.temperatures.append(kw["temperature"])
