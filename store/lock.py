@@ -21,7 +21,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
@@ -30,13 +30,10 @@ from sqlalchemy.orm import Session
 
 from store.db import insert, session_scope, set_write_fence, write_fence
 from store.errors import ScoreloopError
-from store.models import DaemonLock, LockEpoch
+from store.models import DaemonLock, LockEpoch, utcnow
 
 LOCK_NAME = "daemon"
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ class LockHolder:
 
     def age_s(self, now: datetime | None = None) -> float:
         """Seconds since the last heartbeat."""
-        return ((now or _now()) - self.heartbeat_at).total_seconds()
+        return ((now or utcnow()) - self.heartbeat_at).total_seconds()
 
     def alive(self, ttl_s: float, now: datetime | None = None) -> bool:
         return self.age_s(now) < ttl_s
@@ -95,7 +92,7 @@ def try_acquire_lock(
     engine: Engine, owner: str, *, ttl_s: float, name: str = LOCK_NAME, now: datetime | None = None
 ) -> LockHolder | None:
     """Take the lock if it is free or stale; returns None on success, else the live holder."""
-    now = now or _now()
+    now = now or utcnow()
     pid, host = os.getpid(), socket.gethostname()
     try:
         # Its own transaction: on PostgreSQL a failed INSERT poisons the transaction it ran in (and
@@ -131,7 +128,7 @@ def try_acquire_lock(
 def take_over(engine: Engine, owner: str, *, from_owner: str, name: str = LOCK_NAME,
               now: datetime | None = None) -> bool:
     """Take the lock from `from_owner` (known dead) only if it still holds it: one conditional UPDATE."""
-    now = now or _now()
+    now = now or utcnow()
     with session_scope(engine, fenced=False) as s:
         _lock_row_for_update(s, name)
         res = s.execute(
@@ -147,7 +144,7 @@ def take_over(engine: Engine, owner: str, *, from_owner: str, name: str = LOCK_N
 
 def heartbeat(engine: Engine, owner: str, *, current_job: Any = ..., name: str = LOCK_NAME) -> bool:
     """Refresh the heartbeat (and optionally the current job); False means the lock is no longer ours."""
-    values: dict[str, Any] = {"heartbeat_at": _now()}
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if current_job is not ...:
         values["current_job"] = current_job
     with session_scope(engine, fenced=False) as s:

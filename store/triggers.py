@@ -4,17 +4,13 @@ conditional UPDATE, so a trigger runs once even when two processes race."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from store.db import session_scope
-from store.models import Trigger
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+from store.models import Trigger, utcnow
 
 
 @dataclass(frozen=True)
@@ -38,7 +34,7 @@ def _trow(t: Trigger) -> TriggerRow:
 def enqueue_trigger(engine: Engine, kind: str = "block", params: dict | None = None) -> int:
     """Queue a manual request; returns its id."""
     with session_scope(engine) as s:
-        t = Trigger(kind=kind, params=params or {}, status="queued", created_at=_now())
+        t = Trigger(kind=kind, params=params or {}, status="queued", created_at=utcnow())
         s.add(t)
         s.flush()
         return t.id
@@ -52,7 +48,7 @@ def claim_next_trigger(engine: Engine) -> TriggerRow | None:
             if tid is None:
                 return None
             res = s.execute(update(Trigger).where(Trigger.id == tid, Trigger.status == "queued")
-                            .values(status="running", started_at=_now()))
+                            .values(status="running", started_at=utcnow()))
             if res.rowcount == 1:
                 s.flush()
                 return _trow(s.get(Trigger, tid, populate_existing=True))
@@ -63,14 +59,14 @@ def finish_trigger(engine: Engine, trigger_id: int, result: dict | None = None) 
     """running -> done; False if it was not running (already finished by someone)."""
     with session_scope(engine) as s:
         res = s.execute(update(Trigger).where(Trigger.id == trigger_id, Trigger.status == "running")
-                        .values(status="done", result=result, error=None, finished_at=_now()))
+                        .values(status="done", result=result, error=None, finished_at=utcnow()))
         return res.rowcount == 1
 
 
 def fail_trigger(engine: Engine, trigger_id: int, error: str) -> bool:
     with session_scope(engine) as s:
         res = s.execute(update(Trigger).where(Trigger.id == trigger_id, Trigger.status == "running")
-                        .values(status="failed", error=error[:2000], finished_at=_now()))
+                        .values(status="failed", error=error[:2000], finished_at=utcnow()))
         return res.rowcount == 1
 
 
