@@ -46,8 +46,9 @@ from market.config import MarketConfig
 from market.sources import build_market
 from market.split import draw_items, timeline_split
 from rewards.config import RewardsConfig
-from rewards.evaluation import ece_from_bins, reliability_bins, spearman
+from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
+from rewards.metrics import brier_score, expected_calibration_error
 from trainer.config import TrainerConfig
 
 ARMS: dict[str, dict] = {
@@ -241,14 +242,18 @@ def item_key(r: dict) -> tuple[str, str]:
     return r["ticker"], str(r["as_of"])
 
 
+def scored_points(rows: list[dict]) -> tuple[list[float], list[bool]]:
+    pts = [(r["confidence"], bool(r["correct"])) for r in rows
+           if r["correct"] is not None and r["confidence"] is not None]
+    return [c for c, _ in pts], [y for _, y in pts]
+
+
 def ece(rows: list[dict]) -> float | None:
-    pts = [(r["confidence"], r["correct"]) for r in rows if r["correct"] is not None and r["confidence"] is not None]
-    return ece_from_bins(reliability_bins([c for c, _ in pts], [y for _, y in pts])) if pts else None
+    return expected_calibration_error(*scored_points(rows))
 
 
 def brier(rows: list[dict]) -> float | None:
-    pts = [(r["confidence"], r["correct"]) for r in rows if r["correct"] is not None and r["confidence"] is not None]
-    return sum((c - y) ** 2 for c, y in pts) / len(pts) if pts else None
+    return brier_score(*scored_points(rows))
 
 
 def on_date(key: tuple[str, str]) -> str:
