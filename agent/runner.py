@@ -18,8 +18,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from agent.config import AgentConfig
 from agent.graph import EpisodeStopped, run_episode
@@ -29,12 +31,13 @@ from agent.tools import EpisodeTools
 from market.protocols import MarketError, UnknownTickerError
 from market.split import draw_items, timeline_split, train_days
 from policy.protocol import Policy
+from rewards.calibration import ConfidenceMap
 from rewards.config import RewardsConfig
 from rewards.labels import target_label
 from store import traces
 from store.db import session_factory, session_scope
 from store.errors import ScoreloopError
-from store.training import adapter_label_edges
+from store.training import adapter_confidence_map, adapter_label_edges
 
 if TYPE_CHECKING:
     from market.sources import Market
@@ -198,6 +201,17 @@ def episode_plan(explore_tool: str | None) -> list[str] | None:
     return [] if explore_tool == "none" else [explore_tool]
 
 
+def confidence_map(session: Session, version: int | None) -> ConfidenceMap | None:
+    """The adapter's confidence map, or None; a corrupt one is a clear error before any episode runs."""
+    found = adapter_confidence_map(session, version)
+    try:
+        return None if found is None else ConfidenceMap.model_validate(found)
+    except ValidationError as err:
+        raise BlockError(f"adapter v{version}'s confidence map (adapters.metrics -> confidence_map) is not valid "
+                         f"({err.error_count()} error(s), first: {err.errors()[0]['msg']}); delete that key to publish "
+                         "stated confidences, or run the gate again to refit it") from None
+
+
 def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig,
               rewards_cfg: RewardsConfig, *, mode: str = "replay", size: int | None = None,
               as_of: datetime | None = None, tickers: Sequence[str] | None = None,
@@ -214,6 +228,7 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
         edges = (adapter_label_edges(s, policy.adapter_version) if rewards_cfg.label_format == "quantile"
                  else None)
         label = target_label(target, rewards_cfg, edges)
+        confidence_map(s, policy.adapter_version)  # refuse a corrupt map before the block is planned
         planned = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
                              as_of=as_of, tickers=tickers, items=items, seed=seed)
         if kind == "train" and agent_cfg.explore_rate > 0:
@@ -249,6 +264,9 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
         size, status = block.size, block.status
         todo = traces.unfinished_episode_ids(s, block_id)
         done = traces.count_done(s, block_id)
+        # The serving adapter's confidence map (fitted at its gate): the published confidence is the
+        # mapped one; the trace and predictions.stated_confidence keep what the model wrote.
+        cmap = confidence_map(s, policy.adapter_version)
     if status == "complete":
         return
     halt = _Halt(stop)
@@ -282,7 +300,8 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
             traces.save_prediction(
                 s, episode_id=episode_id, resolve_at=resolve_at, valid=p is not None,
                 direction=p.direction if p else None, magnitude_pct=p.magnitude_pct if p else None,
-                confidence=p.confidence if p else None, rationale=p.rationale if p else None,
+                confidence=(cmap.apply(p.confidence) if cmap else p.confidence) if p else None,
+                stated_confidence=p.confidence if p else None, rationale=p.rationale if p else None,
                 citations=list(p.citations) if p else None, parse_error=result.parse_error,
                 raw_output=None if p else result.raw_output, adapter_version=policy.adapter_version)
             traces.finish_episode(s, episode_id)

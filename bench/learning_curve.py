@@ -45,6 +45,9 @@ from agent.config import AgentConfig
 from market.config import MarketConfig
 from market.sources import build_market
 from market.split import draw_items, timeline_split
+from rewards.calibration import ConfidenceMap, fit_confidence_map
+from rewards.components import calibration_score
+from rewards.composite import normalised_weights
 from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
@@ -52,7 +55,7 @@ from rewards.metrics import brier_score, expected_calibration_error
 from trainer.config import TrainerConfig
 
 ARMS: dict[str, dict] = {
-    "score": {"label_format": "score", "top": 1.0, "epochs": 1.0},
+    "score": {"label_format": "score", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 2},
     "filtered": {"label_format": "none", "top": 0.25, "epochs": 2.0},
     "uncond": {"label_format": "none", "top": 1.0, "epochs": 1.0},
 }
@@ -76,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-items", type=int, default=320)
     p.add_argument("--eval-items", type=int, default=300)
     p.add_argument("--ctrl-items", type=int, default=60)
+    p.add_argument("--gate-items", type=int, default=100,
+                   help="gate-region items each trained arm answers; its confidence map is fitted on them")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
@@ -179,7 +184,8 @@ def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
                         learning_rate=args.lr, epochs=spec["epochs"], batch_size=args.batch_size,
                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0, grad_accum=2,
                         target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
-                        save_steps=10)
+                        save_steps=10, boost_top_fraction=spec.get("boost", 0.0),
+                        boost_passes=spec.get("passes", 0))
     t0 = time.perf_counter()
     res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
                       min_new_episodes=1)
@@ -193,8 +199,15 @@ def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
     log(f"train {arm}: {st.data['train'][arm]}")
 
 
-def evaluate(args, st: State, market, split, model_dir: str, work: Path, runs: list[tuple[str, float, int]]) -> None:
-    """Each (arm, target, n_items) on the same eval items (the first n of one seeded draw), greedy."""
+def run_key(arm: str, target: float, region: str = "eval") -> str:
+    return f"{arm}@{target:.2f}" + ("" if region == "eval" else f"|{region}")
+
+
+def evaluate(args, st: State, market, split, model_dir: str, work: Path,
+             runs: list[tuple[str, float, int] | tuple[str, float, int, str]]) -> None:
+    """Each (arm, target, n_items[, region]) on the same items of its region (the first n of one seeded
+    draw), greedy. Region `eval` is the held-out set; `gate` (disjoint from both, embargoed) is where a
+    trained arm's confidence map is fitted, as the product's gate step does."""
     from agent.runner import run_block
     from policy.local import LocalPolicy
     from scoring.resolve import resolve_pending
@@ -204,23 +217,28 @@ def evaluate(args, st: State, market, split, model_dir: str, work: Path, runs: l
     engine = open_store(f"sqlite:///{db}")
     items = as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
     random.Random("learn-ctrl").shuffle(items)  # the controllability subset is a random part of the draw
+    regions = {"eval": items}
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
     done = st.data.setdefault("eval", {})
     try:
-        for arm, target, n in runs:
-            key = f"{arm}@{target:.2f}"
+        for arm, target, n, *rest in runs:
+            region = rest[0] if rest else "eval"
+            key = run_key(arm, target, region)
             if key in done:
                 continue
+            if region not in regions:
+                regions[region] = as_of_items(market, draw_items(getattr(split, region), market.tickers,
+                                                                 n, seed=f"learn-{region}"))
             path = None if arm == "base" else st.data["train"][arm]["path"]
             policy.load_adapter(path, None if path is None else 1)
             fmt = "score" if arm in ("base", "score") else ARMS[arm]["label_format"]
             t0 = time.perf_counter()
             bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=0.0, explore=0.0),
-                            RewardsConfig(label_format=fmt), kind="eval", items=items[:n], size=n,
+                            RewardsConfig(label_format=fmt), kind=region, items=regions[region][:n], size=n,
                             target_score=target, progress=False, horizon=market.horizon_days)
             resolve_pending(engine, market, RewardsConfig())
             rows = block_rows(engine, bid)
-            done[key] = {"arm": arm, "target": target, "block_id": bid, "seconds": time.perf_counter() - t0,
+            done[key] = {"arm": arm, "target": target, "region": region, "block_id": bid, "seconds": time.perf_counter() - t0,
                          "rows": rows}
             st.save()
             log(f"eval {key}: n={len(rows)} acc={mean([r['correct'] for r in rows if r['correct'] is not None])} "
@@ -264,6 +282,31 @@ def visible_signal(market, r: dict) -> bool:
     return market.prices.signal_visible(r["ticker"], date.fromisoformat(str(r["as_of"])[:10]), market.horizon_days)
 
 
+def arm_confidence_map(st: State, arm: str) -> ConfidenceMap | None:
+    """The arm's confidence map, fitted on its gate-region answers exactly as the product's gate does."""
+    g = st.data.get("eval", {}).get(run_key(arm, 1.0, "gate"))
+    return None if not g else fit_confidence_map(*scored_points(g["rows"]))
+
+
+def as_published(rows: list[dict], cmap: ConfidenceMap | None) -> list[dict]:
+    """The rows as the product publishes them while this adapter serves: the stated confidence through the
+    map, and the composite rescored for the changed calibration component (nothing else moves)."""
+    if cmap is None:
+        return rows
+    w = normalised_weights(RewardsConfig())["calibration"]
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["confidence"] is not None and r["correct"] is not None:
+            new = cmap.apply(r["confidence"])
+            if r["composite"] is not None:
+                r["composite"] += w * (calibration_score(new, bool(r["correct"]))
+                                       - calibration_score(r["confidence"], bool(r["correct"])))
+            r["confidence"] = new
+        out.append(r)
+    return out
+
+
 def fmt(x, nd=3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -290,21 +333,29 @@ def report(args, st: State, market) -> str:
                      f"{fmt(t['loss_first'])} -> {fmt(t['loss_last'])}, {t['seconds'] / 60:.1f} min")
     lines.append("")
     base = ev.get("base@1.00")
+    maps = {k.split("@")[0]: arm_confidence_map(st, k.split("@")[0]) for k in ev if k.endswith("@1.00|gate")}
+    # (name, rows, minutes): each arm as stated, and as published (with its confidence map) where it has one
+    views: dict[str, tuple[list[dict], float]] = {}
+    for key, e in ev.items():
+        if key.endswith("@1.00"):
+            views[e["arm"]] = (e["rows"], e["seconds"] / 60)
+            if maps.get(e["arm"]) is not None:
+                views[e["arm"] + " (mapped)"] = (as_published(e["rows"], maps[e["arm"]]), e["seconds"] / 60)
     if base:
         lines += ["## Held-out figures at target 1.0 (same items, greedy)", "",
+                  ("`(mapped)`: the same answers as the product publishes them once the arm's confidence map "
+                  "(fitted on its gate-region answers, below) is applied; direction and accuracy do not change."), "",
                   ("| arm | n | accuracy | acc, signal visible | acc, no signal | mean reward | Brier | ECE | "
                   "acc / p*band | minutes |"), "|---|---|---|---|---|---|---|---|---|---|"]
-        for key, e in ev.items():
-            if not key.endswith("@1.00"):
-                continue
-            rows = [r for r in e["rows"] if r["correct"] is not None]
+        for name, (all_rows, minutes) in views.items():
+            rows = [r for r in all_rows if r["correct"] is not None]
             vis = [r for r in rows if visible_signal(market, r)]
             inv = [r for r in rows if not visible_signal(market, r)]
             acc = mean([r["correct"] for r in rows])
-            lines.append(f"| {e['arm']} | {len(e['rows'])} | {fmt(acc)} | {fmt(mean([r['correct'] for r in vis]))} "
+            lines.append(f"| {name} | {len(all_rows)} | {fmt(acc)} | {fmt(mean([r['correct'] for r in vis]))} "
                          f"(n={len(vis)}) | {fmt(mean([r['correct'] for r in inv]))} (n={len(inv)}) | "
-                         f"{fmt(mean([r['composite'] for r in e['rows']]))} | {fmt(brier(rows))} | {fmt(ece(rows))} | "
-                         f"{fmt(acc / p_band if acc is not None else None, 2)} | {e['seconds'] / 60:.1f} |")
+                         f"{fmt(mean([r['composite'] for r in all_rows]))} | {fmt(brier(rows))} | {fmt(ece(rows))} | "
+                         f"{fmt(acc / p_band if acc is not None else None, 2)} | {minutes:.1f} |")
         always_up = mean([float((r["realized_return_pct"] or 0) > band) for r in base["rows"]
                           if r["realized_return_pct"] is not None])
         vis_rows = [r for r in base["rows"] if visible_signal(market, r)]
@@ -315,41 +366,67 @@ def report(args, st: State, market) -> str:
                   "(the research plan's search_news over the last 7 days)."),
                   "Directions written (greedy): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in dirs.items()) + ".",
                   ""]
+        if maps:
+            lines += ["## Confidence maps, fitted on each arm's gate-region answers (as the product's gate does)", "",
+                      "| arm | gate items | gate accuracy | stated confidence (mean) | map: stated -> published |",
+                      "|---|---|---|---|---|"]
+            for arm, cmap in maps.items():
+                g = ev[run_key(arm, 1.0, "gate")]["rows"]
+                conf, _ = scored_points(g)
+                knots = "-" if cmap is None else ", ".join(
+                    f"{x:.2f}->{y:.2f}" for x, y in zip(cmap.stated, cmap.calibrated, strict=True))
+                lines.append(f"| {arm} | {len(g)} | {fmt(mean([r['correct'] for r in g if r['correct'] is not None]))} "
+                             f"| {fmt(mean(conf))} | {knots} |")
+            lines.append("")
         lines += ["## Paired differences (arm minus other, same items); 95% interval resampling dates", "",
                   "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
-        arms = [k for k in ev if k.endswith("@1.00")]
-        pairs = [(a, "base@1.00") for a in arms if a != "base@1.00"]
-        if "score@1.00" in ev:
-            pairs += [("score@1.00", o) for o in ("filtered@1.00", "uncond@1.00") if o in ev]
+        names = list(views)
+        pairs = [(a, "base") for a in names if a != "base"]
+        for other in ("filtered", "uncond"):
+            for suffix in ("", " (mapped)"):
+                if "score" + suffix in views and other + suffix in views:
+                    pairs.append(("score" + suffix, other + suffix))
         for a, b in pairs:
-            ra = {item_key(r): r for r in ev[a]["rows"]}
-            rb = {item_key(r): r for r in ev[b]["rows"]}
+            ra = {item_key(r): r for r in views[a][0]}
+            rb = {item_key(r): r for r in views[b][0]}
             common = sorted(set(ra) & set(rb))
             for fig in ("correct", "composite"):
+                if fig == "correct" and "(mapped)" in a and a.replace(" (mapped)", "") in views and (
+                        b == "base" or "(mapped)" in b):
+                    continue  # the map does not change a direction: same accuracy row as unmapped
                 d = paired_difference({k: ra[k][fig] for k in common}, {k: rb[k][fig] for k in common}, on_date,
                                       n_boot=args.boot)
                 if d is None:
                     continue
                 name = "accuracy" if fig == "correct" else "mean reward"
-                lines.append(f"| {a.split('@')[0]} - {b.split('@')[0]} | {name} | {d.mean:+.3f} | "
+                lines.append(f"| {a} - {b} | {name} | {d.mean:+.3f} | "
                              f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
         lines.append("")
     ctrl = [(t, ev.get(f"score@{t:.2f}")) for t in (*CTRL_TARGETS, 1.0)]
-    if all(e is not None for _, e in ctrl[:-1]) and ctrl[-1][1] is not None:
+    if all(e is not None for _, e in ctrl):
         keys = {item_key(r) for r in ctrl[0][1]["rows"]}
+        cmap = maps.get("score")
         lines += [("## Controllability: the score arm's realized mean reward per conditioned target "
                   f"({len(keys)} items, the same for every target)"), "",
-                  "| target | mean reward | accuracy |", "|---|---|---|"]
-        xs, ys = [], []
+                  "| target | mean reward, stated | mean reward, mapped | accuracy | directions | mean stated confidence |",
+                  "|---|---|---|---|---|---|"]
+        xs, ys, ym = [], [], []
         for t, e in ctrl:
             rows = [r for r in e["rows"] if item_key(r) in keys]
             mr = mean([r["composite"] for r in rows])
-            lines.append(f"| {t:.2f} | {fmt(mr)} | {fmt(mean([r['correct'] for r in rows if r['correct'] is not None]))} |")
+            mm = mean([r["composite"] for r in as_published(rows, cmap)]) if cmap else None
+            counts = {d: sum(r["direction"] == d for r in rows) for d in ("up", "down", "flat")}
+            lines.append(f"| {t:.2f} | {fmt(mr)} | {fmt(mm)} | "
+                         f"{fmt(mean([r['correct'] for r in rows if r['correct'] is not None]))} | "
+                         f"{' '.join(f'{d} {n}' for d, n in counts.items() if n)} | "
+                         f"{fmt(mean([r['confidence'] for r in rows]))} |")
             xs.append(t)
             ys.append(mr or 0.0)
+            ym.append(mm or 0.0)
         rho = spearman(xs, ys)
         why = " (undefined: the same reward at every target, the label is ignored)" if len(set(ys)) == 1 else ""
-        lines += ["", f"Spearman(target, realized mean reward) = {fmt(rho, 2)}{why} (target >= 0.9).", ""]
+        lines += ["", f"Spearman(target, realized mean reward) = {fmt(rho, 2)}{why} as stated"
+                  + (f", {fmt(spearman(xs, ym), 2)} as published (mapped)" if cmap else "") + " (target >= 0.9).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -386,8 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     for arm in arms:
         if arm not in st.data.get("train", {}):
             train(args, st, arm, model_dir, work)
-        runs = [(arm, 1.0, args.eval_items)] + ([("score", t, args.ctrl_items) for t in CTRL_TARGETS]
-                                               if arm == "score" else [])
+        runs = [(arm, 1.0, args.eval_items), (arm, 1.0, args.gate_items, "gate")] + (
+            [("score", t, args.ctrl_items) for t in CTRL_TARGETS] if arm == "score" else [])
         for run in runs:
             evaluate(args, st, market, split, model_dir, work, [run])
             write()

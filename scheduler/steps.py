@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from evaluation.heldout import EvalResult
     from evaluation.report import ReportResult
     from market.split import Region
+    from rewards.calibration import ConfidenceMap
     from scoring.resolve import ResolveReport
     from trainer.round import RoundResult
 
@@ -329,6 +330,8 @@ def gate_step(rt: Runtime, version: int, path: str | None = None) -> GateResult 
         rt.engine, version, verdict, serving_version=serving_version, serving_block_id=serving_block.block_id,
         candidate_block_id=cand_block.block_id, region=region.record(),
         items=[[p.ticker, p.as_of.isoformat(), p.serving, p.candidate] for p in pairs])
+    if s.trainer.confidence_map:
+        fit_confidence_map_step(rt, version, cand_block.block_id)
     st = verdict.statistic
     log_event(f"gate_{verdict.decision}", candidate=version_label(version), serving=version_label(serving_version),
               pairs=st.n_pairs, serving_reward=st.serving_mean, candidate_reward=st.candidate_mean,
@@ -342,6 +345,23 @@ def gate_step(rt: Runtime, version: int, path: str | None = None) -> GateResult 
     return GateResult(version, path, serving_version, serving_path, passed=passed,
                       candidate_figures=cand_fig, serving_figures=serving_fig, decision=verdict.decision,
                       statistic=verdict.record())
+
+
+def fit_confidence_map_step(rt: Runtime, version: int, block_id: int) -> ConfidenceMap | None:
+    """Candidate `version`'s confidence map from its gate block (trainer.gate), logged either way."""
+    from store.training import resolved_confidences
+    from trainer.gate import fit_candidate_confidence_map
+
+    cmap = fit_candidate_confidence_map(rt.engine, version, block_id)
+    if cmap is None:
+        with session_scope(rt.engine) as sess:
+            n = len(resolved_confidences(sess, block_id)[0])
+        log_event("confidence_map_skipped", candidate=version_label(version), resolved=n,
+                  why="fewer resolved gate predictions than rewards.calibration.MIN_POINTS")
+        return None
+    log_event("confidence_map", candidate=version_label(version), n=cmap.n, accuracy=cmap.accuracy,
+              knots=len(cmap.stated), low=cmap.calibrated[0], high=cmap.calibrated[-1])
+    return cmap
 
 
 def gate_items(rt: Runtime, n: int, *, seed: int) -> tuple[Region, list[tuple[str, datetime]]]:

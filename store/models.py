@@ -236,7 +236,8 @@ class Prediction(Base):
     resolve_at: Mapped[date] = mapped_column(Date)
     direction: Mapped[str | None] = mapped_column(String(8), nullable=True)
     magnitude_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
-    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)  # published (after the map)
+    stated_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)  # what the model wrote
     rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
     citations: Mapped[list | None] = mapped_column(JSON, nullable=True)
     valid: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -198,8 +198,12 @@ def save_prediction(session: Session, *, episode_id: int, resolve_at: date, vali
                     direction: str | None = None, magnitude_pct: float | None = None,
                     confidence: float | None = None, rationale: str | None = None,
                     citations: list[int] | None = None, parse_error: str | None = None,
-                    raw_output: str | None = None, adapter_version: int | None = None) -> int:
-    """The episode's one prediction (idempotent: a second call returns the first row's id)."""
+                    raw_output: str | None = None, adapter_version: int | None = None,
+                    stated_confidence: float | None = None) -> int:
+    """The episode's one prediction (idempotent: a second call returns the first row's id).
+
+    `confidence` is the published one (after the adapter's confidence map); `stated_confidence`
+    what the model wrote (defaults to `confidence`: no map)."""
     existing = session.scalar(select(Prediction.id).where(Prediction.episode_id == episode_id))
     if existing is not None:
         return existing
@@ -209,7 +213,7 @@ def save_prediction(session: Session, *, episode_id: int, resolve_at: date, vali
     stmt = insert(session, Prediction.__table__).values(
         episode_id=episode_id, block_id=ep.block_id, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
         resolve_at=resolve_at, direction=direction, magnitude_pct=magnitude_pct, confidence=confidence,
-        rationale=rationale, citations=citations, valid=valid, parse_error=parse_error, raw_output=raw_output,
+        stated_confidence=confidence if stated_confidence is None else stated_confidence, rationale=rationale, citations=citations, valid=valid, parse_error=parse_error, raw_output=raw_output,
         adapter_version=adapter_version, target_score=ep.target_score, conditioning=ep.conditioning,
         created_at=utcnow(),
     ).on_conflict_do_nothing(index_elements=["episode_id"])

@@ -14,7 +14,10 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from store.models import Adapter, Block, Episode, Prediction, Reward, Step, TrainingRun, utcnow
+from store.db import StoreError
+from store.models import Adapter, Block, Episode, Outcome, Prediction, Reward, Step, TrainingRun, utcnow
+
+CONFIDENCE_MAP_KEY = "confidence_map"  # in adapters.metrics: a rewards.calibration.ConfidenceMap fitted at the gate
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,34 @@ def adapter_label_edges(session: Session, version: int | None) -> list[float] | 
                            .where(Adapter.version == version))
     found = (edges or {}).get("label_edges")
     return [float(e) for e in found] if found else None
+
+
+def adapter_confidence_map(session: Session, version: int | None) -> dict | None:
+    """The confidence map fitted for this adapter at its gate (adapters.metrics), or None."""
+    if version is None:
+        return None
+    metrics = session.scalar(select(Adapter.metrics).where(Adapter.version == version))
+    return (metrics or {}).get(CONFIDENCE_MAP_KEY)
+
+
+def set_adapter_confidence_map(session: Session, version: int, confidence_map: dict) -> None:
+    """Keep `confidence_map` (a rewards.calibration.ConfidenceMap dump) in the adapter's metrics."""
+    row = session.scalar(select(Adapter).where(Adapter.version == version))
+    if row is None:
+        raise StoreError(f"no adapter v{version} to attach a confidence map to")
+    row.metrics = {**(row.metrics or {}), CONFIDENCE_MAP_KEY: confidence_map}
+
+
+def resolved_confidences(session: Session, block_id: int) -> tuple[list[float], list[bool]]:
+    """(stated confidence, correct) of a block's valid, resolved predictions: what a confidence map is
+    fitted on (stated, not published: the map reads what the model wrote)."""
+    rows = session.execute(
+        select(func.coalesce(Prediction.stated_confidence, Prediction.confidence), Outcome.correct)
+        .join(Outcome, Outcome.prediction_id == Prediction.id)
+        .where(Prediction.block_id == block_id, Prediction.valid.is_(True), Outcome.correct.is_not(None),
+               Prediction.confidence.is_not(None))
+        .order_by(Prediction.id)).all()
+    return [float(c) for c, _ in rows], [bool(y) for _, y in rows]
 
 
 def next_adapter_version(session: Session) -> int:

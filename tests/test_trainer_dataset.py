@@ -161,3 +161,20 @@ def test_loss_mask_is_exactly_the_assistant_tokens(sqlite_db, tiny_model_dir, tm
     trained_text = tok.decode([t for t, lab in zip(input_ids, labels) if lab != -100])
     assert trained_text == "".join(m["content"] + "<|im_end|>" for m in ex.messages if m["role"] == "assistant")
     assert "Score: 0.80" not in trained_text and "date,close" not in trained_text
+
+
+def test_boost_repeats_each_blocks_top_episodes_under_their_own_labels(sqlite_db):
+    """boost_top_fraction: the top quartile comes back `boost_passes` more times, labelled with its own
+    score; the low episodes stay in once, labelled low (RAFT inside score conditioning)."""
+    from trainer.dataset import boosted
+
+    _, ids = add_block(sqlite_db, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9])
+    with session_scope(sqlite_db) as s:
+        plan = plan_round(s, CFG, RewardsConfig())
+        eps = boosted(plan.episodes, 0.25, 2)
+        got = build_examples(s, eps, RewardsConfig(), plan.edges)
+    counts = {i: sum(e.episode_id == i for e in got) for i in ids}
+    assert counts == {**{i: 1 for i in ids[:6]}, ids[6]: 3, ids[7]: 3}
+    assert {e.label for e in got if e.episode_id == ids[7]} == {"Score: 0.90"}
+    assert {e.label for e in got if e.episode_id == ids[0]} == {"Score: 0.10"}
+    assert boosted(plan.episodes, 0.0, 2) == plan.episodes == boosted(plan.episodes, 0.25, 0)

@@ -44,6 +44,9 @@ class TrainerConfig(BaseModel):
     gate_items: int = Field(
         100, ge=0, description="Gate items drawn from the gate region, answered by both adapters (0 = no gate). "
         "100 pairs detect a ~0.05 mean gain at a per-pair spread of 0.2; 20 only ~0.11.")
+    confidence_map: bool = Field(
+        True, description="Fit the candidate's confidence map on its gate items (isotonic, rewards/calibration.py) "
+        "and publish mapped confidences while it serves; a score-conditioned adapter states ~0.95 on everything.")
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory (off by default, unlike TRL: on a CPU it only costs time).")
     seed: int = Field(0, description="Seed for the LoRA init and the data order.")
@@ -51,3 +54,9 @@ class TrainerConfig(BaseModel):
         1.0, gt=0, le=1, description="Train only on each block's best-scoring fraction of episodes "
         "(0.25 = RAFT-style top quartile; 1.0 = all episodes)."
     )
+    boost_top_fraction: float = Field(
+        0.0, ge=0, le=1, description="Repeat each block's best-scoring fraction of episodes under their own "
+        "label (0 = off; 0.25 = the top quartile): RAFT inside score conditioning, so the label-independent "
+        "pull of the data points the way the top episodes went while the low ones still teach what scores low.")
+    boost_passes: int = Field(
+        2, ge=0, description="Extra copies of each boosted episode in a round (with boost_top_fraction > 0).")

@@ -122,6 +122,21 @@ def top_fraction(episodes: Sequence[ScoredEpisode], fraction: float) -> list[Sco
     return [e for e in episodes if e.episode_id in keep]
 
 
+def boosted(episodes: Sequence[ScoredEpisode], fraction: float, passes: int) -> list[ScoredEpisode]:
+    """The episodes, then `passes` extra copies of each block's top `fraction` (each under its own label).
+
+    Why: with every direction explored at random, a model that ignores the label sees no link
+    between a headline and the direction at all, because right and wrong calls are equally common;
+    only the label x headline x direction interaction carries the signal, and a 135M model did not
+    learn it in one round (bench/results/learning_curve.md). Repeating the top episodes gives the data a
+    label-independent pull toward what scored well (as the filtered arm has), while the low-scored
+    episodes stay in, labelled low, so the label still has something to steer."""
+    if fraction <= 0 or passes <= 0:
+        return list(episodes)
+    top = top_fraction(episodes, fraction)
+    return list(episodes) + top * passes
+
+
 def replay_sample(older: Sequence[ScoredEpisode], size: int, seed: str) -> list[ScoredEpisode]:
     """A fixed-size, deterministic sample of already-trained episodes (same seed, same sample)."""
     pool = sorted(older, key=lambda e: e.episode_id)

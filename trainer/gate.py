@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import Engine
 
+from rewards.calibration import ConfidenceMap, fit_confidence_map
 from store import gate_decisions
 from store.db import session_scope
 from trainer import registry
@@ -180,3 +181,20 @@ def apply_verdict(engine: Engine, version: int, verdict: GateVerdict, *, serving
         registry.reject(engine, version, {"rejected_by": "gate", "decision": verdict.decision})
     return verdict.passed
 
+
+
+def fit_candidate_confidence_map(engine: Engine, version: int, block_id: int) -> ConfidenceMap | None:
+    """Fit candidate `version`'s confidence map on its resolved gate block and keep it on its adapter row
+    (rewards/calibration.py says why); None, and nothing stored, with too few resolved predictions.
+
+    The gate decided on the candidate's stated confidences (it had no map yet) while the serving side
+    already published mapped ones, so that comparison errs against the candidate, never for it."""
+    from store.training import resolved_confidences, set_adapter_confidence_map
+
+    with session_scope(engine) as s:
+        conf, correct = resolved_confidences(s, block_id)
+    cmap = fit_confidence_map(conf, correct)
+    if cmap is not None:
+        with session_scope(engine) as s:
+            set_adapter_confidence_map(s, version, cmap.model_dump())
+    return cmap

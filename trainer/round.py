@@ -113,7 +113,7 @@ def model_name(model: ModelRef) -> str:
 def hyperparams(cfg: TrainerConfig, device: str) -> dict:
     keep = ("objective", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "epochs",
             "batch_size", "grad_accum", "max_length", "replay_size", "save_steps", "gradient_checkpointing", "seed",
-            "filter_top_fraction")
+            "filter_top_fraction", "boost_top_fraction", "boost_passes")
     return {**{k: getattr(cfg, k) for k in keep}, "device": device}
 
 
