@@ -424,7 +424,14 @@ def report(args, st: State, market) -> str:
             ys.append(mr or 0.0)
             ym.append(mm or 0.0)
         rho = spearman(xs, ys)
-        why = " (undefined: the same reward at every target, the label is ignored)" if len(set(ys)) == 1 else ""
+        answers = [[(r["direction"], r["confidence"]) for r in sorted(e["rows"], key=item_key) if item_key(r) in keys]
+                   for _, e in ctrl]
+        why = ""
+        if len(set(ys)) == 1:
+            why = " (undefined: the same reward at every target, the label is ignored)"
+        elif all(a == answers[0] for a in answers):
+            why = (f" (noise: every target got the same direction and confidence on every item; the rewards differ by "
+                   f"{max(ys) - min(ys):.4f}, from magnitude digits only, so the label is ignored)")
         lines += ["", f"Spearman(target, realized mean reward) = {fmt(rho, 2)}{why} as stated"
                   + (f", {fmt(spearman(xs, ym), 2)} as published (mapped)" if cmap else "") + " (target >= 0.9).", ""]
     return "\n".join(lines) + "\n"
