@@ -140,6 +140,26 @@ def block_rows(engine, block_id: int) -> list[dict]:
     return rows
 
 
+def headline_link(market, rows: list[dict]) -> dict:
+    """How often the generated episodes went the way their visible headline points, overall, in the top
+    quartile by reward and below it: the link a label-ignoring model would learn from this data."""
+    scored = [r for r in rows if r["composite"] is not None]
+    q3 = sorted(r["composite"] for r in scored)[int(0.75 * len(scored))] if scored else 0.0
+    out = {}
+    for name, part in (("all", scored), ("top", [r for r in scored if r["composite"] >= q3]),
+                       ("rest", [r for r in scored if r["composite"] < q3])):
+        agree = n = 0
+        for r in part:
+            t, day = market.prices._ticker(r["ticker"]), date.fromisoformat(str(r["as_of"])[:10])
+            b = market.prices.day_index(day)
+            lean = market.prices.visible_drift(t, b, market.horizon_days) - market.prices.base_drift * market.horizon_days
+            if abs(lean) > 1e-12:
+                n += 1
+                agree += r["direction"] == ("up" if lean > 0 else "down")
+        out[name] = {"signal_items": n, "went_with_headline": agree}
+    return out
+
+
 def generate(args, st: State, market, split, model_dir: str, work: Path) -> None:
     from agent.runner import run_block
     from policy.local import LocalPolicy
@@ -167,7 +187,8 @@ def generate(args, st: State, market, split, model_dir: str, work: Path) -> None
                            "accuracy": mean([r["correct"] for r in rows if r["correct"] is not None]),
                            "mean_reward": mean([r["composite"] for r in rows if r["composite"] is not None]),
                            "valid": mean([float(bool(r["valid"])) for r in rows]),
-                           "signal_in_context": mean([float(r["signal_in_context"]) for r in rows])}
+                           "signal_in_context": mean([float(r["signal_in_context"]) for r in rows]),
+                           "headline_link": headline_link(market, rows)}
     st.save()
     log(f"generate: {st.data['generate']}")
 
@@ -328,6 +349,16 @@ def report(args, st: State, market) -> str:
                   f"explore {args.explore}), accuracy {fmt(g['accuracy'])}, mean reward {fmt(g['mean_reward'])}, "
                   f"valid {fmt(g['valid'])}, a signal headline in context on {fmt(g['signal_in_context'])} of them; "
                   f"{g['seconds'] / 60:.1f} min."), ""]
+        link = g.get("headline_link")
+        if link:
+            k = ARMS["score"].get("passes", 0)
+            every, top = link["all"], link["top"]
+            boosted = (f"{every['went_with_headline'] + k * top['went_with_headline']}/"
+                       f"{every['signal_items'] + k * top['signal_items']}")
+            parts = "; ".join(f"{n} {v['went_with_headline']}/{v['signal_items']}" for n, v in link.items())
+            lines += [(f"Went the way the visible headline points (signal items only; what a model that ignores the "
+                       f"label can learn from this data): {parts} (top = the top quartile by reward). With the top "
+                       f"quartile repeated {k} more times (the score arm's data): {boosted}."), ""]
     for arm, t in st.data.get("train", {}).items():
         lines.append(f"- train `{arm}`: {t['n_examples']} examples, {t['steps']} logged steps, loss "
                      f"{fmt(t['loss_first'])} -> {fmt(t['loss_last'])}, {t['seconds'] / 60:.1f} min")
@@ -453,6 +484,14 @@ def main(argv: list[str] | None = None) -> None:
 
         model_dir = resolve_model(args.model)
     if args.report_only:
+        g = st.data.get("generate")
+        if g and "headline_link" not in g and (work / "gen.db").exists():  # runs from before it was recorded
+            from store.db import open_store
+
+            engine = open_store(f"sqlite:///{work / 'gen.db'}")
+            g["headline_link"] = headline_link(market, block_rows(engine, g["block_id"]))
+            engine.dispose()
+            st.save()
         Path(args.out).write_text(report(args, st, market))
         return
     st.data.setdefault("command", " ".join(sys.argv[1:] if argv is None else argv))
