@@ -17,6 +17,7 @@ runner does not need scikit-learn on its hot path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -39,7 +40,7 @@ class ConfidenceMap(BaseModel):
     def _knots(self) -> ConfidenceMap:
         if not self.stated or len(self.stated) != len(self.calibrated):
             raise ValueError("a confidence map needs as many calibrated values as stated knots (at least one)")
-        if any(b < a for a, b in zip(self.stated, self.stated[1:], strict=False)):
+        if any(b < a for a, b in pairwise(self.stated)):
             raise ValueError("confidence map knots must be sorted by stated confidence")
         return self
 

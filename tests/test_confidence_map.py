@@ -4,6 +4,7 @@ adapter serves; the stated confidence stays in the trace. Bad maps are refused b
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 from sqlalchemy import func, select
@@ -60,7 +61,7 @@ def test_the_map_is_monotone_and_bounded_away_from_certainty():
     assert cmap.apply(0.9) == pytest.approx(0.98)  # 20/20 right still publishes 0.98, not 1.0
     assert cmap.apply(0.45) == pytest.approx(0.35)  # linear between knots
     xs = [i / 100 for i in range(101)]
-    assert all(cmap.apply(a) <= cmap.apply(b) for a, b in zip(xs, xs[1:], strict=False))
+    assert all(cmap.apply(a) <= cmap.apply(b) for a, b in pairwise(xs))
     # an inverted relation (confident calls wrong more often) is pooled into one flat level
     flat = fit_confidence_map([0.3] * 20 + [0.9] * 20, [True] * 15 + [False] * 5 + [True] * 5 + [False] * 15)
     assert flat.apply(0.3) == pytest.approx(0.5) == flat.apply(0.9)
