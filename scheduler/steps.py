@@ -349,15 +349,13 @@ def gate_step(rt: Runtime, version: int, path: str | None = None) -> GateResult 
 
 def fit_confidence_map_step(rt: Runtime, version: int, block_id: int) -> ConfidenceMap | None:
     """Candidate `version`'s confidence map from its gate block (trainer.gate), logged either way."""
-    from store.training import resolved_confidences
+    from rewards.calibration import MIN_POINTS
     from trainer.gate import fit_candidate_confidence_map
 
     cmap = fit_candidate_confidence_map(rt.engine, version, block_id)
     if cmap is None:
-        with session_scope(rt.engine) as sess:
-            n = len(resolved_confidences(sess, block_id)[0])
-        log_event("confidence_map_skipped", candidate=version_label(version), resolved=n,
-                  why="fewer resolved gate predictions than rewards.calibration.MIN_POINTS")
+        log_event("confidence_map_skipped", candidate=version_label(version), block=block_id,
+                  why=f"fewer than {MIN_POINTS} resolved gate predictions")
         return None
     log_event("confidence_map", candidate=version_label(version), n=cmap.n, accuracy=cmap.accuracy,
               knots=len(cmap.stated), low=cmap.calibrated[0], high=cmap.calibrated[-1])
