@@ -36,6 +36,10 @@ class AgentConfig(PolicyConfig):
     explore_tool_rate: float = Field(
         0.0, ge=0, le=1, description="Share of train-block episodes whose research plan is one uniformly drawn tool "
         "(or none), so scored data shows which research earns reward. Gate/eval blocks never explore.")
+    label_each_turn: bool = Field(
+        True, description="Repeat the conditioning label as a user turn after every tool result, so it sits right "
+        "before each decision it steers (return-to-go placement); false keeps it only in the task turn, 150-400 "
+        "tokens before the prediction, where a 135M model did not learn it.")
     max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypedDict
 from langgraph.graph import END, START, StateGraph
 
 from agent.config import AgentConfig
-from agent.prompts import BUDGET_MESSAGE, REPAIR_TEMPLATE, system_prompt, user_prompt
+from agent.prompts import BUDGET_MESSAGE, REPAIR_TEMPLATE, label_turn, system_prompt, user_prompt
 from agent.recorder import EpisodeRecorder
 from agent.sanitize import storable_text
 from agent.schema import (
@@ -79,7 +79,7 @@ def _seed(base: int, episode_id: int, attempt: int, turn: int) -> int:
 
 def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
                 seed: int = 0, stop: threading.Event | None = None, explore_direction: str | None = None,
-                plan: list[str] | None = None, ticker: str = ""):
+                plan: list[str] | None = None, ticker: str = "", label: str = ""):
     """Compile the graph for one episode attempt (nodes close over its tools and recorder).
 
     With `explore_direction` the prediction schemas allow only that direction (exploration);
@@ -134,10 +134,12 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
         messages = [*messages, {"role": "tool", "content": text}]
         n = state.get("tool_calls", 0) + 1
         update: State = {"messages": messages, "tool_calls": n, "repairs": 0, "action": None}
-        if n >= cfg.max_steps:
-            recorder.step("user", BUDGET_MESSAGE)
-            update["messages"] = [*messages, {"role": "user", "content": BUDGET_MESSAGE}]
-            update["forced"] = True
+        budget_used = n >= cfg.max_steps
+        if budget_used or (cfg.label_each_turn and label):
+            turn = label_turn(label, budget_used=budget_used) if cfg.label_each_turn and label else BUDGET_MESSAGE
+            recorder.step("user", turn)
+            update["messages"] = [*messages, {"role": "user", "content": turn}]
+            update["forced"] = budget_used
         return update
 
     def tool_node(state: State) -> State:
@@ -199,7 +201,7 @@ def run_episode(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
     recorder.step("system", system)
     recorder.step("user", user)
     graph = build_graph(policy, tools, recorder, cfg, seed=seed, stop=stop, explore_direction=explore_direction,
-                        plan=plan, ticker=ticker)
+                        plan=plan, ticker=ticker, label=label)
     # Each turn visits at most 2 nodes; turns are bounded by tools + repairs + forcing.
     limit = 4 * (cfg.max_steps + 2) * (cfg.max_repairs + 2) + 12
     final = graph.invoke(

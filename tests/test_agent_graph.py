@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from agent.config import AgentConfig
+from agent.prompts import BUDGET_MESSAGE
 from agent.runner import run_block
 from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, TOOL_SCHEMA, ActionError, parse_action
 from market.config import MarketConfig
@@ -56,14 +57,16 @@ def test_valid_run_traces_every_message_and_tool_call(sqlite_db, market):
     policy = ScriptedPolicy([PRICES, NEWS, MARKET, pred(citations=[1])])
     block_id = run(sqlite_db, policy, market)
     tr = only_episode(sqlite_db, block_id)
-    assert [s.role for s in tr.steps] == ["system", "user", "assistant", "tool", "assistant", "tool",
-                                          "assistant", "tool", "assistant"]
+    assert [s.role for s in tr.steps] == ["system", "user", "assistant", "tool", "user", "assistant", "tool", "user",
+                                          "assistant", "tool", "user", "assistant"]
     assert tr.steps[1].content.splitlines()[-1] == "Score: 0.95"  # the task turn ends with the label
+    # ... and the label comes again right before every later decision (return-to-go placement)
+    assert [s.content for s in tr.steps if s.role == "user"][1:] == ["Score: 0.95"] * 3
     assert "Score" not in tr.steps[0].content.splitlines()[0]  # the system prompt is the same for every label
     assert [s.tool_name for s in tr.steps if s.role == "tool"] == ["get_prices", "search_news", "get_market_context"]
     assert all(s.tool_error is None for s in tr.steps)
     assert "closes" in tr.steps[3].content
-    news = tr.steps[5]
+    news = tr.steps[6]
     assert news.snippet_ids and news.content.startswith(f"[{news.snippet_ids[0]}] ")
     p = tr.prediction
     assert p.valid and p.direction == "up" and p.magnitude_pct == 1.5 and p.citations == [1]
@@ -75,12 +78,24 @@ def test_valid_run_traces_every_message_and_tool_call(sqlite_db, market):
         assert len(calls) == 3 and all(c.step_id is not None and c.as_of == tr.episode.as_of for c in calls)
         assert calls[0].args == {"lookback_days": 20}
         linked = s.scalar(select(func.count()).select_from(ToolCallSnippet))
-        assert linked == len(news.snippet_ids) + len(tr.steps[7].snippet_ids)
+        assert linked == len(news.snippet_ids) + len(tr.steps[9].snippet_ids)
         # Every snippet shown to the model is dated strictly before as_of (point-in-time).
         dates = s.scalars(select(Snippet.published_at).where(Snippet.id.in_(news.snippet_ids))).all()
         assert dates and all(d < tr.episode.as_of for d in dates)
     # Every call got a schema for constrained decoding; the first may only research (min_tool_calls 1).
     assert [c["json_schema"] for c in policy.calls] == [TOOL_SCHEMA] + [ACTION_SCHEMA] * 3
+
+
+def test_label_only_in_the_task_turn_when_not_repeated(sqlite_db, market):
+    """label_each_turn false: the trace shape of the earlier agent, the budget notice still forces an answer."""
+    policy = ScriptedPolicy([PRICES, pred()])
+    tr = only_episode(sqlite_db, run(sqlite_db, policy, market, label_each_turn=False, max_steps=1))
+    assert [s.role for s in tr.steps] == ["system", "user", "assistant", "tool", "user", "assistant"]
+    assert tr.steps[4].content == BUDGET_MESSAGE
+    assert sum("Score: 0.95" in s.content for s in tr.steps) == 1
+    # repeated, the budget turn carries the notice and then the label
+    tr = only_episode(sqlite_db, run(sqlite_db, ScriptedPolicy([PRICES, pred()]), market, max_steps=1))
+    assert tr.steps[4].content == f"{BUDGET_MESSAGE}\nScore: 0.95"
 
 
 def test_malformed_output_is_repaired(sqlite_db, market):
@@ -96,7 +111,8 @@ def test_a_prediction_before_any_research_is_sent_back(sqlite_db, market):
     """min_tool_calls 1: the first turn may only call a tool; an eager answer is repaired into research."""
     policy = ScriptedPolicy([pred("up"), NEWS, pred("down")])
     tr = only_episode(sqlite_db, run(sqlite_db, policy, market, max_repairs=1))
-    assert [s.role for s in tr.steps] == ["system", "user", "assistant", "user", "assistant", "tool", "assistant"]
+    assert [s.role for s in tr.steps] == ["system", "user", "assistant", "user", "assistant", "tool", "user",
+                                          "assistant"]
     assert "research first" in tr.steps[3].content
     assert [c["json_schema"] for c in policy.calls] == [TOOL_SCHEMA, TOOL_SCHEMA, ACTION_SCHEMA]
     assert tr.prediction.valid and tr.prediction.direction == "down"
@@ -259,7 +275,7 @@ def test_steps_are_unique_per_attempt_and_in_order(sqlite_db, market):
     block_id = run(sqlite_db, ScriptedPolicy([PRICES, NEWS, pred()]), market, size=6, concurrency=3)
     with session_scope(sqlite_db) as s:
         rows = s.execute(select(Step.episode_id, Step.attempt, Step.idx)).all()
-        assert len(rows) == len(set(rows)) == 6 * 7
+        assert len(rows) == len(set(rows)) == 6 * 9  # system, task, 2 x (call, result, label turn), answer
         assert s.scalar(select(func.count()).select_from(Prediction).where(Prediction.block_id == block_id)) == 6
 
 

@@ -15,6 +15,7 @@ from trainer.dataset import (
     build_examples,
     offline_set,
     plan_round,
+    relabel,
     replay_sample,
 )
 from trainer.errors import TrainerError
@@ -39,6 +40,22 @@ def test_system_label_is_the_achieved_score_from_the_latest_reward(sqlite_db):
     assert "Score: 0.87" in system and "Score: 0.95" not in system
     assert [m["role"] for m in high.messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert json.loads(high.messages[-1]["content"])["prediction"]["ticker"] == "MSFT"
+
+
+def test_every_turn_that_carries_the_target_gets_the_achieved_label():
+    """agent.label_each_turn repeats the label after each tool result: all copies are swapped, tool data is not."""
+    trace = [{"role": "system", "content": "sys"},
+             {"role": "user", "content": "Stock: MSFT\nScore: 0.95"},
+             {"role": "assistant", "content": '{"tool": "search_news", "args": {"query": "msft"}}'},
+             {"role": "tool", "content": "[1] a headline that quotes Score: 0.95"},
+             {"role": "user", "content": "Tool budget used up.\nScore: 0.95"},
+             {"role": "assistant", "content": '{"prediction": {}}'}]
+    out = relabel(trace, "Score: 0.95", "Score: 0.31", episode_id=7)
+    assert [m["content"] for m in out if m["role"] == "user"] == ["Stock: MSFT\nScore: 0.31",
+                                                                 "Tool budget used up.\nScore: 0.31"]
+    assert out[3] == trace[3] and trace[1]["content"].endswith("0.95")  # tool data and the input are untouched
+    with pytest.raises(TrainerError, match="episode 7: its conditioning label 'Score: 0.50' is not in its prompt"):
+        relabel(trace, "Score: 0.50", "Score: 0.31", episode_id=7)
 
 
 def test_parse_failures_are_kept_at_score_zero_and_pending_ones_wait(sqlite_db):

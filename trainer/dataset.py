@@ -78,18 +78,22 @@ def label_edges(episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig) -
 
 
 def relabel(messages: list[dict[str, str]], conditioning: str | None, label: str, episode_id: int) -> list[dict]:
-    """Swap the inference-time target label for the achieved one in the prompt that carries it (the
-    task turn; the system prompt in traces written before the label moved there)."""
+    """Swap the inference-time target label for the achieved one in every prompt turn that carries it (the
+    task turn and the turns after tool results, `agent.label_each_turn`; the system prompt in traces
+    written before the label moved there)."""
     if not conditioning:
         raise TrainerError(f"episode {episode_id} has no conditioning label stored (episodes.conditioning), "
                            "so its target cannot be swapped for the achieved score; re-run or delete that block")
-    for i, msg in enumerate(messages):
+    out = [dict(m) for m in messages]
+    found = False
+    for msg in out:
         if msg["role"] in ("system", "user") and conditioning in msg["content"]:
-            out = [dict(m) for m in messages]
-            out[i]["content"] = msg["content"].replace(conditioning, label)
-            return out
-    raise TrainerError(f"episode {episode_id}: its conditioning label {conditioning!r} is not in its prompt, "
-                       "so the achieved-score label cannot be written; the trace is inconsistent")
+            msg["content"] = msg["content"].replace(conditioning, label)
+            found = True
+    if not found:
+        raise TrainerError(f"episode {episode_id}: its conditioning label {conditioning!r} is not in its prompt, "
+                           "so the achieved-score label cannot be written; the trace is inconsistent")
+    return out
 
 
 def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig,
