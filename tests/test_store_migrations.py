@@ -2,7 +2,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from store.db import StoreError, current_revision, downgrade, head_revision, make_engine, open_store, upgrade
-from store.views import VIEWS
+from store.views import VIEWS, views_at
 
 TABLES = {
     "blocks", "episodes", "steps", "tool_calls", "snippets", "tool_call_snippets", "price_bars",
@@ -35,6 +35,23 @@ def test_downgrade_upgrade_round_trip(db_url):
     assert "blocks" not in inspect(engine).get_table_names()
     assert upgrade(engine) == head_revision()
     assert TABLES <= set(inspect(engine).get_table_names())
+
+
+def test_v_predictions_shows_stated_confidence_from_revision_0007(db_url):
+    """A view change is its own revision: stepping back to 0006 restores the earlier view, which the
+    fresh-database path (0001 builds views as of 0001) also relies on."""
+    engine = open_store(db_url)
+
+    def columns() -> list[str]:
+        with engine.connect() as conn:
+            return list(conn.execute(text("SELECT * FROM v_predictions")).keys())
+
+    assert "stated_confidence" in columns() and columns().index("stated_confidence") == columns().index("confidence") + 1
+    downgrade(engine, "0006")
+    assert "stated_confidence" not in columns() and "confidence" in columns()
+    assert upgrade(engine) == head_revision() and "stated_confidence" in columns()
+    assert "stated_confidence" not in views_at("0001")["v_predictions"]
+    assert views_at("0007") == VIEWS
 
 
 def test_newer_database_is_refused_and_untouched(db_url):

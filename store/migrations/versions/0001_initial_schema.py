@@ -4,8 +4,9 @@ Revision ID: 0001
 Revises: 
 Create Date: 2026-11-23
 
-Views are created from store.views; a later change to a view ships as a new revision
-that drops and recreates it.
+Views are created from store.views as they were at this revision (`create_views_sql("0001")`);
+a later change to a view ships as a new revision that drops and recreates it and files the
+earlier text in `store.views.REPLACED`.
 """
 import sqlalchemy as sa
 from alembic import op
@@ -308,7 +309,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('tool_call_id', 'snippet_id')
     )
     # ### end Alembic commands ###
-    for stmt in create_views_sql():
+    for stmt in create_views_sql("0001"):
         op.execute(stmt)
 
 
