@@ -2,7 +2,7 @@
 
 It separates a trainer problem from a data problem. The examples are episodes in the agent's exact chat
 format (system prompt, task turn ending with the label, the research plan's search_news call, this week's
-headlines, the budget message, the prediction), built straight from the synthetic market for items whose
+headlines, the budget message with the label again, the prediction), built straight from the synthetic market for items whose
 visible signal headline sets the Bayes direction. The direction is drawn up/down at random; the label is
 `Score: 1.00` when it agrees with the Bayes direction and `Score: 0.00` otherwise (noise-free: the question is
 capacity, not the market's noise). Arms, each trained by `trainer.sft.fit` (TRL + PEFT, as a round does):
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from datetime import timedelta
 
-from agent.prompts import BUDGET_MESSAGE, format_news, system_prompt, user_prompt
+from agent.prompts import format_news, label_turn, system_prompt, user_prompt
 from agent.schema import planned_call
 from market.config import MarketConfig
 from market.sources import build_market
@@ -78,7 +78,7 @@ def context(market, ticker: str, as_of, label: str) -> list[dict[str, str]]:
             {"role": "user", "content": user_prompt(ticker, as_of, market.horizon_days, label)},
             {"role": "assistant", "content": planned_call("search_news", ticker)[1]},
             {"role": "tool", "content": news},
-            {"role": "user", "content": BUDGET_MESSAGE}]
+            {"role": "user", "content": label_turn(label, budget_used=True)}]  # agent.label_each_turn
 
 
 def answer(direction: str) -> str:
