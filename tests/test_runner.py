@@ -87,7 +87,8 @@ def test_policy_crash_mid_block_then_resume_gives_exactly_n_predictions(fresh_db
         crashed = next(e for e in eps if e.ticker == "SYN04")
         assert crashed.attempt == 2
         old = traces.episode_trace(s, crashed.id, attempt=1)
-        assert [st.role for st in old.steps] == ["system", "user", "assistant", "tool"]
+        # the plan's call and its result, then the label turn before the decision the crash interrupted
+        assert [st.role for st in old.steps] == ["system", "user", "assistant", "tool", "user"]
         assert traces.unfinished_block_ids(s) == []
     # resuming a complete block is a no-op, never a second prediction
     resume_block(fresh_db, block_id, ScriptedPolicy([PRED]), market, cfg(), RewardsConfig(), progress=False)
@@ -173,7 +174,7 @@ def test_v_episode_trace_shows_the_episode_in_order(fresh_db, market):
             "(SELECT MIN(id) FROM episodes WHERE block_id = :b) ORDER BY step"), {"b": block_id}).all()
     assert [(r.step, r.role, r.tool_name) for r in rows] == [
         (0, "system", None), (1, "user", None), (2, "assistant", None), (3, "tool", "search_news"),
-        (4, "assistant", None)]
+        (4, "user", None), (5, "assistant", None)]
     assert rows[3].tool_error is None and rows[3].content.startswith("[")
 
 
