@@ -11,7 +11,7 @@ capacity, not the market's noise). Arms, each trained by `trainer.sft.fit` (TRL 
 Read-out: on fresh eval-region signal items, the model's choice between "up" and "down" at the direction
 position (one forward pass), agreement with the Bayes direction at each label.
 
-    .venv/bin/python bench/capacity.py --workdir /tmp/cap            # about 20 min on 2 idle cores
+    .venv/bin/python bench/capacity.py --workdir /tmp/cap --train-items 160   # about 40 min on 2 cores
 """
 
 from __future__ import annotations
@@ -132,24 +132,28 @@ def main(argv: list[str] | None = None) -> None:
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     rows = [("base", "Score: 1.00", agreement(base, tokenizer, market, held, "Score: 1.00"), 0.0, 0),
             ("base", "Score: 0.00", agreement(base, tokenizer, market, held, "Score: 0.00"), 0.0, 0)]
+    def write() -> None:  # after every arm, so a run cut short keeps what finished
+        lines = ["# Capacity check: headline -> direction by SFT with the trainer alone", "",
+                 f"Command: `.venv/bin/python bench/capacity.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+                 (f"{len(train)} train examples ({len(right)} agree with the Bayes direction), {len(held)} fresh "
+                  f"eval-region signal items; lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, LoRA r16 on "
+                  "every linear layer."),
+                 ("Agreement = the model prefers the Bayes direction at the direction token (0.5 = no reading; a "
+                  "model that learned the score's meaning goes up at 1.00 and down at 0.00)."), "",
+                 "| arm | label at read-out | agreement with Bayes direction | train examples | train minutes |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {a} | `{lbl}` | {acc:.3f} | {n} | {s / 60:.1f} |" for a, lbl, acc, s, n in rows]
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
+
+    write()
     for arm, data, labels in (("score", train, ("Score: 1.00", "Score: 0.00")), ("filtered", right, (NO_LABEL,))):
         t0 = time.perf_counter()
         out = fit(model_dir, None, data, cfg, work / f"run-{arm}", device="cpu")
         secs = time.perf_counter() - t0
         for label in labels:
             rows.append((arm, label, agreement(out.model, tokenizer, market, held, label), secs, len(data)))
-        print(rows[-1], flush=True)
-    lines = ["# Capacity check: headline -> direction by SFT with the trainer alone", "",
-             f"Command: `.venv/bin/python bench/capacity.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-             (f"{len(train)} train examples ({len(right)} agree with the Bayes direction), {len(held)} fresh eval-region "
-             f"signal items; lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, LoRA r16 on every linear layer."),
-             ("Agreement = the model prefers the Bayes direction at the direction token (0.5 = no reading; a model "
-             "that learned the score's meaning goes up at 1.00 and down at 0.00)."), "",
-             "| arm | label at read-out | agreement with Bayes direction | train examples | train minutes |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {a} | `{lbl}` | {acc:.3f} | {n} | {s / 60:.1f} |" for a, lbl, acc, s, n in rows]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write()
 
 
 if __name__ == "__main__":
