@@ -135,8 +135,8 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
         n = state.get("tool_calls", 0) + 1
         update: State = {"messages": messages, "tool_calls": n, "repairs": 0, "action": None}
         budget_used = n >= cfg.max_steps
-        if budget_used or (cfg.label_each_turn and label):
-            turn = label_turn(label, budget_used=budget_used) if cfg.label_each_turn and label else BUDGET_MESSAGE
+        turn = label_turn(label if cfg.label_each_turn else "", budget_used=budget_used)
+        if turn:
             recorder.step("user", turn)
             update["messages"] = [*messages, {"role": "user", "content": turn}]
             update["forced"] = budget_used

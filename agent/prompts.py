@@ -8,8 +8,8 @@ enforces the format instead. The label (rewards.labels) is the last line of the 
 every turn that follows a tool result (`label_turn`), written exactly as given, so the trainer can
 swap target for achieved label with a plain string replace, and it sits right before each decision
 it steers (return-to-go placement, as in Decision Transformer: a label 400 tokens back, at the top
-of the system prompt, was not learned at 135M: issue #13). Tool results are data: chat control tokens inside them are defused so a news snippet cannot
-open a new chat turn.
+of the system prompt, was not learned at 135M: issue #13). Tool results are data: chat control
+tokens inside them are defused so a news snippet cannot open a new chat turn.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def user_prompt(ticker: str, as_of: datetime, horizon: int, label: str) -> str:
 
 
 def label_turn(label: str, *, budget_used: bool = False) -> str:
-    """The user turn after a tool result: the budget notice when the budget is spent, then the label."""
-    return f"{BUDGET_MESSAGE}\n{label}" if budget_used else label
+    """The user turn after a tool result: the budget notice when the budget is spent, then the label
+    (if any); empty when there is nothing to say."""
+    return "\n".join(part for part in (BUDGET_MESSAGE if budget_used else "", label) if part)
 
 
 def defuse(text: str, limit: int | None = None) -> str:
