@@ -49,6 +49,10 @@ class TrainerConfig(BaseModel):
         "and publish mapped confidences while it serves; a score-conditioned adapter states ~0.95 on everything.")
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory (off by default, unlike TRL: on a CPU it only costs time).")
+    loss_on: Literal["assistant", "decision"] = Field(
+        "assistant", description="Which tokens carry the loss: every assistant token (TRL's assistant_only_loss), "
+        "or only the final prediction's direction and confidence (trainer/decision.py): the tokens a score label "
+        "can steer, about 1 in 70 of an answer; episodes without a parseable prediction are then left out.")
     seed: int = Field(0, description="Seed for the LoRA init and the data order.")
     filter_top_fraction: float = Field(
         1.0, gt=0, le=1, description="Train only on each block's best-scoring fraction of episodes "

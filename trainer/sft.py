@@ -11,6 +11,7 @@ Multi-GPU: the same code runs under `accelerate launch --num_processes N -m sche
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -201,8 +202,10 @@ def _trainer_class(fused_lm_head: bool):
 
 
 def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, str]]], args: Any,
-                  callbacks: Sequence[TrainerCallback] = (), *, fused_lm_head: bool | None = None):
-    """An SFTTrainer over conversational examples (`messages`), loss on assistant tokens only.
+                  callbacks: Sequence[TrainerCallback] = (), *, fused_lm_head: bool | None = None,
+                  loss_on: str = "assistant"):
+    """An SFTTrainer over conversational examples (`messages`), loss on assistant tokens only, or with
+    `loss_on="decision"` on the final prediction's direction and confidence only (trainer/decision.py).
 
     The fused (chunked) LM head is kept where Triton runs it (CUDA), where it saves memory.
     """
@@ -210,7 +213,14 @@ def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, 
 
     if fused_lm_head is None:
         fused_lm_head = not args.use_cpu and torch.cuda.is_available()
-    dataset = Dataset.from_list([{"messages": list(m)} for m in messages])
+    if loss_on == "decision":
+        from trainer.decision import decision_rows
+
+        dataset = Dataset.from_list(decision_rows(tokenizer, messages, args.max_length).rows)
+        if args.assistant_only_loss:  # TRL's flag is for chats; the rows' own assistant_masks now set the loss
+            args = dataclasses.replace(args, assistant_only_loss=False)
+    else:
+        dataset = Dataset.from_list([{"messages": list(m)} for m in messages])
     trainer = _trainer_class(fused_lm_head)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                             callbacks=[LossGuard(), *callbacks])
     quiet_printer(trainer, callbacks)
@@ -294,7 +304,8 @@ def fit(model: ModelRef, adapter_path: str | None, messages: Sequence[list[dict[
     last = last_complete_checkpoint(output_dir)
     tokenizer = load_tokenizer(model_name(model))
     peft_model = load_trainable_model(model, adapter_path, cfg, device)
-    trainer = build_trainer(peft_model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks)
+    trainer = build_trainer(peft_model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks,
+                            loss_on=cfg.loss_on)
     try:
         trainer.train(resume_from_checkpoint=last)
     except Exception as err:

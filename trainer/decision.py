@@ -1,0 +1,103 @@
+"""Loss on the decision only: token masks that cover the final prediction's direction and confidence.
+
+Why: in a scored episode the tokens that can depend on the score label are the decision's, the
+direction and the stated confidence. Everything else the model writes (tool calls, JSON keys, the
+rationale, citations) is the same whatever the label says, and the JSON schema enforces its form at
+decoding anyway. With the loss over every assistant token the direction is about 1 token in 70, so
+the label x headline x direction interaction that score conditioning must learn gets a small share
+of each update, and the capacity check (bench/results/capacity.md) saw it not learned at 135M.
+`trainer.loss_on = "decision"` puts the whole loss on those few tokens.
+
+The chat is tokenized once with the model's chat template (as TRL would); the decision's character
+spans in the rendered text are mapped to tokens through the fast tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from trainer.errors import TrainerError
+
+DECISION_FIELDS = ("direction", "confidence")
+DIRECTIONS = ("up", "down", "flat")
+_VALUE = {
+    "direction": re.compile(r'"direction"\s*:\s*"([a-z]+)"'),
+    "confidence": re.compile(r'"confidence"\s*:\s*(-?[0-9][0-9.eE+-]*)'),
+}
+
+
+@dataclass(frozen=True)
+class DecisionRows:
+    """Tokenized examples with a loss mask on the decision tokens, and how many chats had no decision."""
+
+    rows: list[dict[str, list[int]]]
+    skipped: int
+
+
+def decision_spans(text: str, fields: Sequence[str] = DECISION_FIELDS) -> list[tuple[int, int]]:
+    """Character spans of the values of `fields` in one assistant message: the first match of each, since
+    the schema writes direction and confidence before the free-text rationale."""
+    spans = []
+    for name in fields:
+        found = _VALUE[name].search(text)
+        if found:
+            spans.append(found.span(1))
+    return spans
+
+
+def parsed_decision(content: str) -> bool:
+    """Whether an assistant message is a prediction object with a valid direction and a numeric confidence
+    (a malformed answer has no decision to learn; it still teaches under the all-assistant loss)."""
+    try:
+        pred = json.loads(content).get("prediction")
+    except (ValueError, AttributeError):
+        return False
+    return (isinstance(pred, dict) and pred.get("direction") in DIRECTIONS
+            and isinstance(pred.get("confidence"), (int, float)) and not isinstance(pred.get("confidence"), bool))
+
+
+def decision_row(tokenizer, messages: list[dict[str, str]], max_length: int,
+                 fields: Sequence[str] = DECISION_FIELDS) -> dict[str, list[int]] | None:
+    """`input_ids` and `assistant_masks` (1 on the decision's tokens) for one chat; None when its last
+    assistant message is not a parseable prediction (nothing to learn on this loss)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return None
+    content = messages[last]["content"]
+    if not parsed_decision(content):
+        return None
+    spans = decision_spans(content, fields)
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    start = text.rfind(content)
+    if start < 0:
+        raise TrainerError("the chat template does not render the last assistant message verbatim, so its "
+                           "decision tokens cannot be located; use trainer.loss_on = 'assistant'")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    absolute = [(start + a, start + b) for a, b in spans]
+    mask = [int(any(s < hi and lo < e for lo, hi in absolute)) for s, e in offsets]
+    ids, mask = ids[:max_length], mask[:max_length]
+    if 1 not in mask:
+        return None  # the decision was cut off by max_length
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def decision_rows(tokenizer, chats: Sequence[list[dict[str, str]]], max_length: int) -> DecisionRows:
+    """Every chat as a decision-only example; chats without a decision are left out and counted."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TrainerError("trainer.loss_on = 'decision' needs a fast tokenizer (character offsets); this "
+                           f"model's is {type(tokenizer).__name__}")
+    rows, skipped = [], 0
+    for chat in chats:
+        row = decision_row(tokenizer, chat, max_length)
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+    if not rows:
+        raise TrainerError("trainer.loss_on = 'decision': none of the round's episodes ends in a parseable "
+                           "prediction, so there is no decision to train on")
+    return DecisionRows(rows, skipped)
