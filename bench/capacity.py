@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--loss-on", choices=("assistant", "decision"), default="assistant",
+                   help="trainer.loss_on: every assistant token, or the direction and confidence only")
+    p.add_argument("--arms", default="score,filtered")
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke run, numbers mean nothing)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "capacity.md"))
     return p.parse_args(argv)
@@ -86,21 +89,37 @@ def answer(direction: str) -> str:
                                       "rationale": "the latest headline", "citations": [1]}})
 
 
-def agreement(model, tokenizer, market, items, label: str) -> float:
-    """Share of items where the model prefers the Bayes direction ("up" vs "down" at the direction token)."""
+def margins(model, tokenizer, market, items, label: str) -> list[float]:
+    """Per item: logit("up") - logit("down") at the direction position (one forward pass each)."""
     import torch
 
     up, down = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("up", "down"))
-    hits = 0
+    out = []
     model.eval()
     with torch.no_grad():
-        for t, as_of, truth in items:
+        for t, as_of, _ in items:
             prompt = tokenizer.apply_chat_template(context(market, t, as_of, label), tokenize=False,
                                                    add_generation_prompt=True) + PREFIX
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             logits = model(**ids).logits[0, -1]
-            hits += ("up" if logits[up] > logits[down] else "down") == truth
-    return hits / len(items)
+            out.append(float(logits[up] - logits[down]))
+    return out
+
+
+def agreement(items, margin: list[float]) -> float:
+    """Share of items where the margin's sign picks the Bayes direction."""
+    return sum(("up" if m > 0 else "down") == truth for (_, _, truth), m in zip(items, margin, strict=True)) / len(items)
+
+
+def guided(high: list[float], low: list[float], w: float | None) -> list[float]:
+    """Classifier-free guidance between two labels: (1 + w) * high - w * low; w=None keeps the difference only.
+
+    Why: a model that ignores most of the label still answers one way on every item (a shared bias far
+    larger than its item-by-item reading). The bias is the same at both labels, so the guided margin
+    cancels it and keeps only what the label changes, item by item."""
+    if w is None:
+        return [h - lo for h, lo in zip(high, low, strict=True)]
+    return [(1 + w) * h - w * lo for h, lo in zip(high, low, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,31 +147,46 @@ def main(argv: list[str] | None = None) -> None:
             right.append([*context(market, t, as_of, NO_LABEL), {"role": "assistant", "content": answer(d)}])
     held = signal_items(market, split.eval, args.eval_items, "capacity-eval")
     cfg = TrainerConfig(learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, save_steps=10_000,
+                        loss_on=args.loss_on,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    rows = [("base", "Score: 1.00", agreement(base, tokenizer, market, held, "Score: 1.00"), 0.0, 0),
-            ("base", "Score: 0.00", agreement(base, tokenizer, market, held, "Score: 0.00"), 0.0, 0)]
+    rows: list[tuple[str, str, float, float, int]] = []
+
+    def read_out(arm: str, model, labels, secs: float, n: int) -> None:
+        got = {label: margins(model, tokenizer, market, held, label) for label in labels}
+        rows.extend((arm, f"`{label}`", agreement(held, m), secs, n) for label, m in got.items())
+        if len(labels) == 2:
+            high, low = (got[label] for label in labels)
+            for w in (1.0, 3.0, None):
+                how = "difference only" if w is None else f"w = {w:g}"
+                rows.append((arm, f"`{labels[0]}` guided against `{labels[1]}`, {how}",
+                             agreement(held, guided(high, low, w)), secs, n))
+
+    read_out("base", base, ("Score: 1.00", "Score: 0.00"), 0.0, 0)
     def write() -> None:  # after every arm, so a run cut short keeps what finished
         lines = ["# Capacity check: headline -> direction by SFT with the trainer alone", "",
                  f"Command: `.venv/bin/python bench/capacity.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
                  (f"{len(train)} train examples ({len(right)} agree with the Bayes direction), {len(held)} fresh "
                   f"eval-region signal items; lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, LoRA r16 on "
-                  "every linear layer."),
+                  f"every linear layer; loss on {args.loss_on} tokens."),
                  ("Agreement = the model prefers the Bayes direction at the direction token (0.5 = no reading; a "
-                  "model that learned the score's meaning goes up at 1.00 and down at 0.00)."), "",
+                  "model that learned the score's meaning goes up at 1.00 and down at 0.00). Guided: classifier-free "
+                  "guidance between the two labels' logits; ± is a 95% normal interval over the items."), "",
                  "| arm | label at read-out | agreement with Bayes direction | train examples | train minutes |",
                  "|---|---|---|---|---|"]
-        lines += [f"| {a} | `{lbl}` | {acc:.3f} | {n} | {s / 60:.1f} |" for a, lbl, acc, s, n in rows]
+        half = [1.96 * (acc * (1 - acc) / len(held)) ** 0.5 for _, _, acc, _, _ in rows]
+        lines += [f"| {a} | {lbl} | {acc:.3f} ± {h:.3f} | {n} | {s / 60:.1f} |"
+                  for (a, lbl, acc, s, n), h in zip(rows, half, strict=True)]
         Path(args.out).write_text("\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
 
     write()
-    for arm, data, labels in (("score", train, ("Score: 1.00", "Score: 0.00")), ("filtered", right, (NO_LABEL,))):
+    arms = (("score", train, ("Score: 1.00", "Score: 0.00")), ("filtered", right, (NO_LABEL,)))
+    for arm, data, labels in (a for a in arms if a[0] in args.arms.split(",")):
         t0 = time.perf_counter()
         out = fit(model_dir, None, data, cfg, work / f"run-{arm}", device="cpu")
         secs = time.perf_counter() - t0
-        for label in labels:
-            rows.append((arm, label, agreement(out.model, tokenizer, market, held, label), secs, len(data)))
+        read_out(arm, out.model, labels, secs, len(data))
         write()
 
 

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch; 2 accumulation steps make 8 per update")
     p.add_argument("--loss-on", choices=("assistant", "decision"), default="assistant",
                    help="trainer.loss_on for every arm: all assistant tokens, or the decision's only")
+    p.add_argument("--balance", action="store_true",
+                   help="trainer.balance_directions for every arm: up and down equally common at every score level")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--targets-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -208,7 +210,8 @@ def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0, grad_accum=2,
                         target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
                         save_steps=10, boost_top_fraction=spec.get("boost", 0.0),
-                        boost_passes=spec.get("passes", 0), loss_on=args.loss_on)
+                        boost_passes=spec.get("passes", 0), loss_on=args.loss_on,
+                        balance_directions=args.balance)
     t0 = time.perf_counter()
     res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
                       min_new_episodes=1)

@@ -37,6 +37,8 @@ class ScoredEpisode:
     # None = a parse failure that the reward module did not score; the trainer counts it as 0.
     score: float | None
     reward_version: str | None
+    # The direction the prediction took (None for a parse failure): the trainer balances on it.
+    direction: str | None = None
 
 
 def scored_episodes(session: Session, *, block_ids: Iterable[int] | None = None,
@@ -71,6 +73,7 @@ def scored_episodes(session: Session, *, block_ids: Iterable[int] | None = None,
             conditioning=ep.conditioning, valid=bool(pred.valid),
             score=None if rew is None else float(rew.composite),
             reward_version=None if rew is None else rew.reward_version,
+            direction=pred.direction if pred.valid else None,
         ))
     return out
 

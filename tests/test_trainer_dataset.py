@@ -195,3 +195,34 @@ def test_boost_repeats_each_blocks_top_episodes_under_their_own_labels(sqlite_db
     assert {e.label for e in got if e.episode_id == ids[7]} == {"Score: 0.90"}
     assert {e.label for e in got if e.episode_id == ids[0]} == {"Score: 0.10"}
     assert boosted(plan.episodes, 0.0, 2) == plan.episodes == boosted(plan.episodes, 0.25, 0)
+
+
+def test_balance_makes_up_and_down_equally_common_at_every_score_level(sqlite_db):
+    """Low scores went mostly down, high ones mostly up (the period's drift): copies of the minority
+    direction even each score bin out, so the label alone no longer says which way to go."""
+    from collections import Counter
+
+    from trainer.dataset import balanced
+
+    dirs = ["down", "down", "down", "up", "up", "up", "up", "down"]
+    _, ids = add_block(sqlite_db, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], directions=dirs)
+    with session_scope(sqlite_db) as s:
+        eps = plan_round(s, CFG, RewardsConfig()).episodes
+    out = balanced(eps, bins=2)
+    low = Counter(e.direction for e in out if e.score < 0.5)
+    high = Counter(e.direction for e in out if e.score >= 0.5)
+    assert low == {"down": 3, "up": 3} and high == {"up": 3, "down": 3}
+    copies = Counter(e.episode_id for e in out[len(eps):])
+    assert copies == {ids[3]: 2, ids[7]: 2}  # the one low `up` and the one high `down`, twice each
+    assert balanced([], bins=2) == []
+
+
+def test_balance_leaves_parse_failures_and_one_sided_bins_alone(sqlite_db):
+    from trainer.dataset import balanced
+
+    add_block(sqlite_db, [0.9, 0.8, None, 0.1], invalid=[2], directions=["up", "up", "up", "down"])
+    with session_scope(sqlite_db) as s:
+        eps = plan_round(s, CFG, RewardsConfig()).episodes
+    out = balanced(eps, bins=2)
+    assert [e.episode_id for e in out] == [e.episode_id for e in eps]  # each bin holds one direction only
+    assert sum(e.direction is None for e in out) == 1

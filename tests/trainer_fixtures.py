@@ -38,14 +38,15 @@ def trace(ticker: str, as_of: datetime, label: str, *, direction: str = "up", co
 def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "train", status: str = "complete",
               target: float = 0.95, invalid: Iterable[int] = (), unscored: Iterable[int] = (),
               no_conditioning: Iterable[int] = (), retried: Iterable[int] = (),
-              start: datetime | None = None) -> tuple[int, list[int]]:
+              start: datetime | None = None, directions: Iterable[str] | None = None) -> tuple[int, list[int]]:
     """A block with one episode per score; returns (block id, episode ids in order).
 
     invalid: indices that are parse failures (no reward row: the trainer counts them as 0);
     unscored: valid predictions still waiting for their outcome; retried: episodes whose current
-    attempt is 1 and whose attempt-0 steps must be ignored.
+    attempt is 1 and whose attempt-0 steps must be ignored; directions: each prediction's (default all up).
     """
     scores = list(scores)
+    dirs = list(directions) if directions is not None else ["up"] * len(scores)
     invalid, unscored, no_cond, retried = set(invalid), set(unscored), set(no_conditioning), set(retried)
     label = f"Score: {target:.2f}"
     start = start or datetime(2024, 3, 5, 21, 1, tzinfo=UTC)
@@ -68,10 +69,10 @@ def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "tr
             if attempt == 1:
                 for j, (role, content) in enumerate(trace(ticker, as_of, label, direction="down")[:3]):
                     s.add(Step(episode_id=ep.id, attempt=0, idx=j, role=role, content=content + " STALE"))
-            for j, (role, content) in enumerate(trace(ticker, as_of, label, raw_final=raw)):
+            for j, (role, content) in enumerate(trace(ticker, as_of, label, raw_final=raw, direction=dirs[i])):
                 s.add(Step(episode_id=ep.id, attempt=attempt, idx=j, role=role, content=content))
             pred = Prediction(episode_id=ep.id, block_id=block.id, ticker=ticker, as_of=as_of, horizon=5,
-                              resolve_at=date(2024, 3, 12), direction=None if bad else "up",
+                              resolve_at=date(2024, 3, 12), direction=None if bad else dirs[i],
                               magnitude_pct=None if bad else 1.2, confidence=None if bad else 0.6,
                               valid=not bad, parse_error="invalid direction" if bad else None, raw_output=raw,
                               target_score=target, conditioning=label)

@@ -49,6 +49,10 @@ class TrainerConfig(BaseModel):
         "and publish mapped confidences while it serves; a score-conditioned adapter states ~0.95 on everything.")
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory (off by default, unlike TRL: on a CPU it only costs time).")
+    balance_directions: bool = Field(
+        False, description="Copy episodes so `up` and `down` are equally common at every score level (quartile "
+        "bins), after boosting: the score label then says nothing about the direction by itself, only together "
+        "with the evidence (trainer.dataset.balanced; without it a small model learned the train period's drift).")
     loss_on: Literal["assistant", "decision"] = Field(
         "assistant", description="Which tokens carry the loss: every assistant token (TRL's assistant_only_loss), "
         "or only the final prediction's direction and confidence (trainer/decision.py): the tokens a score label "

@@ -141,6 +141,36 @@ def boosted(episodes: Sequence[ScoredEpisode], fraction: float, passes: int) -> 
     return list(episodes) + top * passes
 
 
+def balanced(episodes: Sequence[ScoredEpisode], bins: int = 4) -> list[ScoredEpisode]:
+    """The episodes, with copies added so that `up` and `down` are equally common within each score bin
+    (quantile bins of the achieved score over these episodes); flat calls and parse failures as they are.
+
+    Why: the achieved score of a direction carries the period's drift. When up-moves dominated the
+    train weeks, high-scoring episodes are mostly `up`, and a small model learns "high score -> up"
+    (label x direction) long before "high score -> the way the headline points" (label x headline x
+    direction): run D in bench/results/learning_history.md wrote `up` 0.95 on every held-out item. With
+    both directions equally common at every score level, the label says nothing about the direction by
+    itself, and only the evidence in the context can. Copies go round-robin through the minority
+    direction's episodes in id order (deterministic)."""
+    if not episodes:
+        return []
+    scores = sorted(achieved_score(e) for e in episodes)
+    edges = [scores[min(len(scores) - 1, (len(scores) * k) // bins)] for k in range(1, bins)]
+    out = list(episodes)
+    by_bin: dict[int, dict[str, list[ScoredEpisode]]] = {}
+    for e in episodes:
+        if e.direction in ("up", "down"):
+            b = sum(achieved_score(e) >= edge for edge in edges)
+            by_bin.setdefault(b, {"up": [], "down": []})[e.direction].append(e)
+    for _, sides in sorted(by_bin.items()):
+        few, many = sorted(sides.values(), key=len)
+        if not few:
+            continue  # one direction only in this bin: nothing to copy
+        few = sorted(few, key=lambda e: e.episode_id)
+        out += [few[i % len(few)] for i in range(len(many) - len(few))]
+    return out
+
+
 def replay_sample(older: Sequence[ScoredEpisode], size: int, seed: str) -> list[ScoredEpisode]:
     """A fixed-size, deterministic sample of already-trained episodes (same seed, same sample)."""
     pool = sorted(older, key=lambda e: e.episode_id)

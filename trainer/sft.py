@@ -274,7 +274,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, run: TrainingRun | None,
          need: int) -> RoundData | NothingToTrain:
     """New scored blocks + a replay sample as score-labelled chats (an interrupted run: its own data)."""
-    from trainer.dataset import boosted, build_examples, plan_round
+    from trainer.dataset import balanced, boosted, build_examples, plan_round
 
     if run is not None:
         p = plan_round(session, cfg, rewards_cfg, block_ids=run.block_ids, replay_episode_ids=run.replay_episode_ids)
@@ -283,8 +283,10 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
         if len(p.new) < need:
             return NothingToTrain(f"{len(p.new)} new scored episodes, {need} needed (trainer.min_new_episodes)",
                                   new_episodes=len(p.new), needed=need)
-    examples = build_examples(session, boosted(p.episodes, cfg.boost_top_fraction, cfg.boost_passes),
-                              rewards_cfg, p.edges)
+    chosen = boosted(p.episodes, cfg.boost_top_fraction, cfg.boost_passes)
+    if cfg.balance_directions:
+        chosen = balanced(chosen)
+    examples = build_examples(session, chosen, rewards_cfg, p.edges)
     if not examples:
         raise TrainerError("the new scored episodes have no assistant turns to train on")
     return RoundData(block_ids=p.new_block_ids, replay_episode_ids=[e.episode_id for e in p.replay],
@@ -292,7 +294,8 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
                      n_new=len(p.new),
                      hyperparams={"label_format": rewards_cfg.label_format, "label_edges": p.edges,
                                   "n_new": len(p.new), "n_replay": len(p.replay),
-                                  "n_boosted": len(examples) - len({e.episode_id for e in examples})})
+                                  "n_copies": len(examples) - len({e.episode_id for e in examples}),
+                                  "balance_directions": cfg.balance_directions, "loss_on": cfg.loss_on})
 
 
 def fit(model: ModelRef, adapter_path: str | None, messages: Sequence[list[dict[str, str]]], cfg: TrainerConfig,
