@@ -40,6 +40,13 @@ class AgentConfig(PolicyConfig):
         True, description="Repeat the conditioning label as a user turn after every tool result, so it sits right "
         "before each decision it steers (return-to-go placement); false keeps it only in the task turn, 150-400 "
         "tokens before the prediction, where a 135M model did not learn it.")
+    guidance: float = Field(
+        0.0, ge=0, description="Classifier-free guidance weight w for the prediction's direction (agent/guidance.py): "
+        "score the directions under the target label and under `guidance_against`'s, choose by (1 + w) * target - "
+        "w * against, then decode the rest with that direction; 0 = off. Needs a backend with choice_logprobs "
+        "(the local one). Explored episodes keep their drawn direction.")
+    guidance_against: float = Field(
+        0.0, ge=0, le=1, description="The score whose label guidance steers away from.")
     max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     max_repairs: int = Field(1, ge=0, description="Repair attempts for an invalid model output.")

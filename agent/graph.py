@@ -23,6 +23,7 @@ from typing import Any, Literal, TypedDict
 from langgraph.graph import END, START, StateGraph
 
 from agent.config import AgentConfig
+from agent.guidance import guided_direction
 from agent.prompts import BUDGET_MESSAGE, REPAIR_TEMPLATE, label_turn, system_prompt, user_prompt
 from agent.recorder import EpisodeRecorder
 from agent.sanitize import storable_text
@@ -79,11 +80,12 @@ def _seed(base: int, episode_id: int, attempt: int, turn: int) -> int:
 
 def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
                 seed: int = 0, stop: threading.Event | None = None, explore_direction: str | None = None,
-                plan: list[str] | None = None, ticker: str = "", label: str = ""):
+                plan: list[str] | None = None, ticker: str = "", label: str = "", guidance_label: str | None = None):
     """Compile the graph for one episode attempt (nodes close over its tools and recorder).
 
     With `explore_direction` the prediction schemas allow only that direction (exploration);
-    `plan` overrides `cfg.research_plan` (tool exploration draws it per item).
+    `plan` overrides `cfg.research_plan` (tool exploration draws it per item). With `cfg.guidance` > 0 and a
+    `guidance_label`, a forced prediction's direction is chosen by guidance between `label` and it.
     """
     research = list(cfg.research_plan if plan is None else plan)
     unknown = [t for t in research if t not in TOOL_NAMES]
@@ -103,8 +105,12 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
         forced = state.get("forced", False)
         must_research = not forced and state.get("tool_calls", 0) < cfg.min_tool_calls
         turn = state.get("turns", 0)
+        schema = final_schema if forced else TOOL_SCHEMA if must_research else action_schema
+        if forced and explore_direction is None and cfg.guidance > 0 and guidance_label is not None:
+            direction, _ = guided_direction(policy, state["messages"], label, guidance_label, cfg.guidance)
+            schema = with_direction(FINAL_SCHEMA, direction)
         out = policy.complete(
-            state["messages"], json_schema=final_schema if forced else TOOL_SCHEMA if must_research else action_schema,
+            state["messages"], json_schema=schema,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             seed=_seed(seed, recorder.episode_id, recorder.attempt, turn),
         )
@@ -194,14 +200,14 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
 def run_episode(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, cfg: AgentConfig, *,
                 ticker: str, as_of, horizon: int, label: str, seed: int = 0,
                 stop: threading.Event | None = None, explore_direction: str | None = None,
-                plan: list[str] | None = None) -> EpisodeResult:
+                plan: list[str] | None = None, guidance_label: str | None = None) -> EpisodeResult:
     """Commit the system and user turns, then run the graph to a prediction or a recorded failure."""
     system = system_prompt()
     user = user_prompt(ticker, as_of, horizon, label)
     recorder.step("system", system)
     recorder.step("user", user)
     graph = build_graph(policy, tools, recorder, cfg, seed=seed, stop=stop, explore_direction=explore_direction,
-                        plan=plan, ticker=ticker, label=label)
+                        plan=plan, ticker=ticker, label=label, guidance_label=guidance_label)
     # Each turn visits at most 2 nodes; turns are bounded by tools + repairs + forcing.
     limit = 4 * (cfg.max_steps + 2) * (cfg.max_repairs + 2) + 12
     final = graph.invoke(

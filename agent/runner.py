@@ -30,7 +30,7 @@ from agent.schema import TOOL_NAMES
 from agent.tools import EpisodeTools
 from market.protocols import MarketError, UnknownTickerError
 from market.split import draw_items, timeline_split, train_days
-from policy.protocol import Policy
+from policy.protocol import Policy, PolicyError
 from rewards.calibration import ConfidenceMap
 from rewards.config import RewardsConfig
 from rewards.labels import target_label
@@ -228,6 +228,7 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
         edges = (adapter_label_edges(s, policy.adapter_version) if rewards_cfg.label_format == "quantile"
                  else None)
         label = target_label(target, rewards_cfg, edges)
+        against = guidance_label(agent_cfg, rewards_cfg, edges, policy)
         confidence_map(s, policy.adapter_version)  # refuse a corrupt map before the block is planned
         planned = plan_items(s, market, mode=mode, size=size or agent_cfg.block_size, horizon=horizon, kind=kind,
                              as_of=as_of, tickers=tickers, items=items, seed=seed)
@@ -240,8 +241,21 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
             adapter_version=policy.adapter_version, target_score=target, conditioning=label,
             trigger_id=trigger_id, config={"agent": agent_cfg.model_dump(), "label_format": rewards_cfg.label_format},
         )
-    _execute(engine, block_id, policy, market, agent_cfg, progress=progress, stop=stop, clock=clock)
+    _execute(engine, block_id, policy, market, agent_cfg, progress=progress, stop=stop, clock=clock,
+             guidance_label=against)
     return block_id
+
+
+def guidance_label(agent_cfg: AgentConfig, rewards_cfg: RewardsConfig, edges, policy: Policy) -> str | None:
+    """The label agent.guidance steers away from (same format as the target's), or None when it is off.
+    A backend that cannot score choices is refused here, before a block is planned."""
+    if agent_cfg.guidance <= 0:
+        return None
+    if not callable(getattr(policy, "choice_logprobs", None)):
+        raise PolicyError(f"agent.guidance = {agent_cfg.guidance} needs a backend that scores choices "
+                          f"(choice_logprobs: the local backend); {type(policy).__name__} does not. "
+                          "Set agent.guidance = 0 or serve with backend = 'local'")
+    return target_label(agent_cfg.guidance_against, rewards_cfg, edges)
 
 
 def resume_block(engine: Engine, block_id: int, policy: Policy, market: Market, agent_cfg: AgentConfig,
@@ -252,12 +266,16 @@ def resume_block(engine: Engine, block_id: int, policy: Policy, market: Market, 
         block = traces.get_block(s, block_id)
         if block.market != market.name:
             raise BlockError(f"block {block_id} ran on the {block.market} market, not {market.name}")
-    _execute(engine, block_id, policy, market, agent_cfg, progress=progress, stop=stop, clock=clock)
+        edges = (adapter_label_edges(s, policy.adapter_version) if rewards_cfg.label_format == "quantile"
+                 else None)
+    _execute(engine, block_id, policy, market, agent_cfg, progress=progress, stop=stop, clock=clock,
+             guidance_label=guidance_label(agent_cfg, rewards_cfg, edges, policy))
     return block_id
 
 
 def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg: AgentConfig, *,
-             progress: bool, stop: threading.Event | None, clock: WriteClock | None) -> None:
+             progress: bool, stop: threading.Event | None, clock: WriteClock | None,
+             guidance_label: str | None = None) -> None:
     factory = session_factory(engine)
     with session_scope(factory) as s:
         block = traces.get_block(s, block_id)
@@ -284,7 +302,8 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
         try:
             result = run_episode(policy, tools, rec, cfg, ticker=ep.ticker, as_of=ep.as_of, horizon=ep.horizon,
                                  label=ep.conditioning or "", seed=ep.seed, stop=halt,
-                                 explore_direction=ep.explore_direction, plan=episode_plan(ep.explore_tool))
+                                 explore_direction=ep.explore_direction, plan=episode_plan(ep.explore_tool),
+                                 guidance_label=guidance_label)
             resolve_at = market.calendar.resolve_session(ep.as_of, ep.horizon)
         except EpisodeStopped:
             rec.write(lambda s: traces.release_episode(s, episode_id))

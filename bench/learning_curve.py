@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trainer.loss_on for every arm: all assistant tokens, or the decision's only")
     p.add_argument("--balance", action="store_true",
                    help="trainer.balance_directions for every arm: up and down equally common at every score level")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="also evaluate each arm with agent.guidance = W against Score 0.00 (arm name `<arm>+guided`)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--targets-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -125,10 +127,10 @@ def log(msg: str) -> None:
 # ---- phases --------------------------------------------------------------------------------------
 
 
-def agent_cfg(args, model_dir: str, *, temperature: float, explore: float) -> AgentConfig:
+def agent_cfg(args, model_dir: str, *, temperature: float, explore: float, guidance: float = 0.0) -> AgentConfig:
     return AgentConfig(model=model_dir, device="cpu", max_steps=1, min_tool_calls=1, temperature=temperature,
                        explore_rate=explore, max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
-                       max_batch_size=args.concurrency, max_repairs=1)
+                       max_batch_size=args.concurrency, max_repairs=1, guidance=guidance)
 
 
 def as_of_items(market, items: list[tuple[str, date]]):
@@ -255,11 +257,14 @@ def evaluate(args, st: State, market, split, model_dir: str, work: Path,
             if region not in regions:
                 regions[region] = as_of_items(market, draw_items(getattr(split, region), market.tickers,
                                                                  n, seed=f"learn-{region}"))
-            path = None if arm == "base" else st.data["train"][arm]["path"]
+            trained, _, how = arm.partition("+")  # `<arm>+guided`: the same adapter, direction by guidance
+            path = None if trained == "base" else st.data["train"][trained]["path"]
             policy.load_adapter(path, None if path is None else 1)
-            fmt = "score" if arm in ("base", "score") else ARMS[arm]["label_format"]
+            fmt = "score" if trained in ("base", "score") else ARMS[trained]["label_format"]
+            guidance = args.guidance if how == "guided" else 0.0
             t0 = time.perf_counter()
-            bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=0.0, explore=0.0),
+            bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=0.0, explore=0.0,
+                                                              guidance=guidance),
                             RewardsConfig(label_format=fmt), kind=region, items=regions[region][:n], size=n,
                             target_score=target, progress=False, horizon=market.horizon_days)
             resolve_pending(engine, market, RewardsConfig())
@@ -511,11 +516,15 @@ def main(argv: list[str] | None = None) -> None:
         generate(args, st, market, split, model_dir, work)
     evaluate(args, st, market, split, model_dir, work, [("base", 1.0, args.eval_items)])
     write()
+    if args.guidance > 0:
+        evaluate(args, st, market, split, model_dir, work, [("base+guided", 1.0, args.eval_items)])
+        write()
     for arm in arms:
         if arm not in st.data.get("train", {}):
             train(args, st, arm, model_dir, work)
         runs = [(arm, 1.0, args.eval_items), (arm, 1.0, args.gate_items, "gate")] + (
-            [("score", t, args.ctrl_items) for t in CTRL_TARGETS] if arm == "score" else [])
+            [("score", t, args.ctrl_items) for t in CTRL_TARGETS] if arm == "score" else []) + (
+            [(arm + "+guided", 1.0, args.eval_items)] if args.guidance > 0 and arm == "score" else [])
         for run in runs:
             evaluate(args, st, market, split, model_dir, work, [run])
             write()

@@ -30,6 +30,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -217,6 +218,30 @@ class LocalPolicy:
         )
         self._queue.put(request)
         return request.future.result()
+
+    def choice_logprobs(self, messages: list[dict[str, str]], prefix: str, options: Sequence[str]) -> dict[str, float]:
+        """Log-probability of each option's first token right after the assistant header and `prefix`,
+        under the serving adapter (one forward pass; agent.guidance scores directions with it). The text is
+        tokenized canonically; a grammar-constrained decoder may split the same prefix into other tokens."""
+        import torch
+
+        if self._closed:
+            raise PolicyError("the local policy is closed")
+        tok = self.tokenizer
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        head = tok(text, add_special_tokens=False)["input_ids"]
+        first = {}
+        for option in options:
+            full = tok(text + option, add_special_tokens=False)["input_ids"]
+            if full[: len(head)] != head or len(full) == len(head):
+                raise PolicyError(f"option {option!r} does not start a new token after {prefix!r}")
+            first[option] = full[len(head)]
+        if len(set(first.values())) != len(first):
+            raise PolicyError(f"options {list(options)} share a first token; they cannot be scored apart")
+        with self._gen_lock:  # between batches: the adapter cannot swap under it
+            out = self._forward(input_ids=torch.tensor([head], dtype=torch.long, device=self.device))
+        logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        return {o: float(logp[i]) for o, i in first.items()}
 
     def load_adapter(self, path: str | None, version: int | None) -> None:
         """Swap the LoRA adapter between batches; on any failure the old adapter keeps serving."""
