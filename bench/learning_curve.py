@@ -516,15 +516,17 @@ def main(argv: list[str] | None = None) -> None:
         generate(args, st, market, split, model_dir, work)
     evaluate(args, st, market, split, model_dir, work, [("base", 1.0, args.eval_items)])
     write()
-    if args.guidance > 0:
-        evaluate(args, st, market, split, model_dir, work, [("base+guided", 1.0, args.eval_items)])
-        write()
+    if args.guidance > 0:  # the untrained model with guidance, and its confidence map from the gate region
+        for run in [("base+guided", 1.0, args.eval_items), ("base+guided", 1.0, args.gate_items, "gate")]:
+            evaluate(args, st, market, split, model_dir, work, [run])
+            write()
     for arm in arms:
         if arm not in st.data.get("train", {}):
             train(args, st, arm, model_dir, work)
         runs = [(arm, 1.0, args.eval_items), (arm, 1.0, args.gate_items, "gate")] + (
             [("score", t, args.ctrl_items) for t in CTRL_TARGETS] if arm == "score" else []) + (
-            [(arm + "+guided", 1.0, args.eval_items)] if args.guidance > 0 and arm == "score" else [])
+            [(arm + "+guided", 1.0, args.eval_items), (arm + "+guided", 1.0, args.gate_items, "gate")]
+            if args.guidance > 0 and arm == "score" else [])
         for run in runs:
             evaluate(args, st, market, split, model_dir, work, [run])
             write()
