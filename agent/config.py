@@ -59,4 +59,7 @@ class AgentConfig(PolicyConfig):
             raise ValueError(f"research_plan has {len(self.research_plan)} calls, more than max_steps ({self.max_steps})")
         if self.min_tool_calls > self.max_steps:
             raise ValueError(f"min_tool_calls ({self.min_tool_calls}) must not exceed max_steps ({self.max_steps})")
+        if self.guidance > 0 and self.backend != "local":
+            raise ValueError(f"guidance = {self.guidance} needs backend = 'local' (it scores the directions' "
+                             f"log-probabilities in-process); backend is {self.backend!r}: set guidance = 0")
         return self

@@ -108,3 +108,12 @@ def test_a_backend_that_cannot_score_choices_is_refused_before_the_block(sqlite_
                   progress=False)
     with session_scope(sqlite_db) as s:
         assert s.scalars(select(Block)).first() is None  # nothing planned, nothing to clean up
+
+
+def test_guidance_with_a_server_backend_is_a_config_error():
+    """Caught when the settings load, before any daemon starts."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs backend = 'local'"):
+        AgentConfig(guidance=1.0, backend="openai")
+    assert AgentConfig(guidance=1.0).backend == "local"
