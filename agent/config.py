@@ -44,7 +44,8 @@ class AgentConfig(PolicyConfig):
         0.0, ge=0, description="Classifier-free guidance weight w for the prediction's direction (agent/guidance.py): "
         "score the directions under the target label and under `guidance_against`'s, choose by (1 + w) * target - "
         "w * against, then decode the rest with that direction; 0 = off. Needs a backend with choice_logprobs "
-        "(the local one). Explored episodes keep their drawn direction.")
+        "(the local one). Applies to a forced prediction (the tool budget spent: every prediction when max_steps "
+        "equals the research plan's length, as in the learning bench); explored episodes keep their drawn direction.")
     guidance_against: float = Field(
         0.0, ge=0, le=1, description="The score whose label guidance steers away from.")
     max_new_tokens: int = Field(160, ge=8, description="Token budget for one model turn.")
