@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-dropout", type=float, default=0.0,
                    help="score arm: share of examples trained with the no-label line instead of their label "
                         "(classifier-free guidance training: one model learns the unconditional answer too)")
+    p.add_argument("--export", metavar="FILE",
+                   help="write the tokenized train and eval sets to FILE (JSON) for bench/capacity_gpu.py and stop")
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke run, numbers mean nothing)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "capacity.md"))
     return p.parse_args(argv)
@@ -125,6 +127,56 @@ def guided(high: list[float], low: list[float], w: float | None) -> list[float]:
     return [(1 + w) * h - w * lo for h, lo in zip(high, low, strict=True)]
 
 
+def spans(mask: list[int]) -> list[list[int]]:
+    """A 0/1 token mask as [start, end) runs (the export stays small)."""
+    out, start = [], None
+    for i, bit in enumerate([*mask, 0]):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            out.append([start, i])
+            start = None
+    return out
+
+
+def export(tokenizer, market, train, held, path: Path) -> None:
+    """The same examples and read-out prompts as token ids, for a run on a GPU machine that has torch,
+    transformers and peft but not this repo's code or its tokenizer files.
+
+    Each train example carries its assistant-token runs (what `trainer.loss_on = "assistant"` trains on)
+    and its decision runs (`"decision"`), both made by this repo's own code; the no-label variant of each
+    example rides along so label dropout and the filtered arm need no second tokenization."""
+    from trainer.decision import decision_row
+
+    def row(chat):
+        enc = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        dec = decision_row(tokenizer, chat, 4096)
+        assert dec is not None and dec["input_ids"] == list(enc["input_ids"]), "decision tokens do not line up"
+        return {"ids": list(enc["input_ids"]), "assistant": spans(enc["assistant_masks"]),
+                "decision": spans(dec["assistant_masks"])}
+
+    rows = []
+    for chat in train:
+        label = next(m["content"] for m in chat if m["role"] == "user").rsplit("\n", 1)[-1]
+        unlabelled = [{**m, "content": m["content"].replace(label, NO_LABEL)} if m["role"] in ("system", "user")
+                      else m for m in chat]
+        agrees = "Score: 1.00" in chat[-2]["content"]
+        rows.append({"agrees": agrees, "labelled": row(chat), "unlabelled": row(unlabelled)})
+    prompts = []
+    for t, as_of, truth in held:
+        per = {}
+        for key, label in (("high", "Score: 1.00"), ("low", "Score: 0.00"), ("none", NO_LABEL)):
+            text = tokenizer.apply_chat_template(context(market, t, as_of, label), tokenize=False,
+                                                 add_generation_prompt=True) + PREFIX
+            per[key] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append({"truth": truth, **per})
+    up, down = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("up", "down"))
+    path.write_text(json.dumps({"up": up, "down": down, "pad": tokenizer.pad_token_id, "train": rows,
+                                "eval": prompts}))
+    print(f"wrote {path}: {len(rows)} train examples ({sum(r['agrees'] for r in rows)} agree), "
+          f"{len(prompts)} eval items, {path.stat().st_size / 1e6:.1f} MB")
+
+
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         if d == truth:
             right.append([*context(market, t, as_of, NO_LABEL), {"role": "assistant", "content": answer(d)}])
     held = signal_items(market, split.eval, args.eval_items, "capacity-eval")
+    if args.export:
+        export(tokenizer, market, train, held, Path(args.export))
+        return
     cfg = TrainerConfig(learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, save_steps=10_000,
                         loss_on=args.loss_on,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
