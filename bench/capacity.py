@@ -47,8 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--loss-on", choices=("assistant", "decision"), default="assistant",
-                   help="trainer.loss_on: every assistant token, or the direction and confidence only")
+    p.add_argument("--loss-on", choices=("assistant", "decision", "weighted"), default="assistant",
+                   help="trainer.loss_on: every assistant token, the direction and confidence only, or every "
+                        "assistant token with those weighted (--decision-weight)")
+    p.add_argument("--decision-weight", type=float, default=20.0, help="trainer.decision_weight (loss_on weighted)")
     p.add_argument("--arms", default="score,filtered")
     p.add_argument("--label-dropout", type=float, default=0.0,
                    help="score arm: share of examples trained with the no-label line instead of their label "
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         export(tokenizer, market, train, held, Path(args.export))
         return
     cfg = TrainerConfig(learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, save_steps=10_000,
-                        loss_on=args.loss_on,
+                        loss_on=args.loss_on, decision_weight=args.decision_weight,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     rows: list[tuple[str, str, float, float, int]] = []

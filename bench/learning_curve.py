@@ -88,8 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--explore", type=float, default=1.0, help="agent.explore_rate of the train items")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch; 2 accumulation steps make 8 per update")
-    p.add_argument("--loss-on", choices=("assistant", "decision"), default="assistant",
-                   help="trainer.loss_on for every arm: all assistant tokens, or the decision's only")
+    p.add_argument("--loss-on", choices=("assistant", "decision", "weighted"), default="assistant",
+                   help="trainer.loss_on for every arm: all assistant tokens, the decision's only, or all with the "
+                        "decision's weighted (--decision-weight)")
+    p.add_argument("--decision-weight", type=float, default=20.0, help="trainer.decision_weight (loss_on weighted)")
     p.add_argument("--balance", action="store_true",
                    help="trainer.balance_directions for every arm: up and down equally common at every score level")
     p.add_argument("--guidance", type=float, default=0.0,
@@ -213,7 +215,7 @@ def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
                         target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
                         save_steps=10, boost_top_fraction=spec.get("boost", 0.0),
                         boost_passes=spec.get("passes", 0), loss_on=args.loss_on,
-                        balance_directions=args.balance)
+                        decision_weight=args.decision_weight, balance_directions=args.balance)
     t0 = time.perf_counter()
     res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
                       min_new_episodes=1)

@@ -88,3 +88,93 @@ def test_a_round_trains_on_decisions_and_publishes_an_adapter(sqlite_db, tiny_mo
     res = train_round(sqlite_db, cfg, RewardsConfig(), tiny_model_dir, device="cpu")
     assert res.n_examples == 4 and res.path.endswith("v1")
     assert res.loss_curve and all(p["loss"] > 0 for p in res.loss_curve)
+
+
+# trainer.loss_on = "weighted": every assistant token trains, the decision's tokens count decision_weight times.
+
+WEIGHTED = CFG.model_copy(update={"loss_on": "weighted", "decision_weight": 20.0})
+
+
+def test_weighted_rows_weight_the_decision_and_keep_the_rest_of_the_answer(sqlite_db, tiny_model_dir, tmp_path):
+    """Prompt and tool results: -100 and weight 0. Every assistant token (the tool call, the JSON keys, the
+    rationale that quotes another direction): its own id and weight 1. The direction and confidence: 20."""
+    from trainer.sft import build_trainer, load_trainable_model, sft_config
+
+    _, ids = add_block(sqlite_db, [0.3])
+    chat = with_final(chats(sqlite_db)[ids[0]])
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_trainable_model(tiny_model_dir, None, WEIGHTED, "cpu")
+    trainer = build_trainer(model, tok, [chat], sft_config(WEIGHTED, tmp_path / "run", "cpu"), loss_on="weighted")
+    row = trainer.train_dataset[0]
+    enc = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert row["input_ids"] == list(enc["input_ids"])
+    assert [lab != -100 for lab in row["labels"]] == [bool(a) for a in enc["assistant_masks"]]
+    heavy = "".join(tok.decode([t]) for t, w in zip(row["input_ids"], row["loss_weights"], strict=True) if w == 20.0)
+    assert heavy == "down0.75"
+    assert {w for w, lab in zip(row["loss_weights"], row["labels"], strict=True) if lab == -100} == {0.0}
+    assert sum(w == 1.0 for w in row["loss_weights"]) > 20  # the tool call and the rest of the answer
+
+
+def test_weighted_loss_at_weight_one_is_the_models_own_loss(sqlite_db, tiny_model_dir, tmp_path):
+    """Through the trainer's own collator and compute_loss, on two chats of different lengths (padding):
+    with every weight 1 the loss is the model's token-mean loss over the same labels; at weight 20 it is
+    the weighted mean of the same per-token cross-entropies."""
+    import torch
+
+    from trainer.sft import build_trainer, load_trainable_model, sft_config
+
+    _, ids = add_block(sqlite_db, [0.3, 0.8])
+    by_id = chats(sqlite_db)
+    pair = [with_final(by_id[ids[0]]), with_final(by_id[ids[1]], rationale="short")]
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_trainable_model(tiny_model_dir, None, WEIGHTED, "cpu")
+    model.eval()
+    losses = {}
+    for weight in (1.0, 20.0):
+        cfg = WEIGHTED.model_copy(update={"decision_weight": weight})
+        trainer = build_trainer(model, tok, pair, sft_config(cfg, tmp_path / f"run{weight}", "cpu"),
+                                loss_on="weighted", decision_weight=weight)
+        batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+        assert batch["input_ids"].shape == batch["loss_weights"].shape
+        with torch.no_grad():
+            losses[weight] = float(trainer.compute_loss(model, dict(batch)))
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            logits = out.logits[:, :-1].float()
+            target, w = batch["labels"][:, 1:], batch["loss_weights"][:, 1:]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+        if weight == 1.0:
+            assert losses[weight] == pytest.approx(float(out.loss), rel=1e-5)
+        assert losses[weight] == pytest.approx(float((ce * w).sum() / w.sum()), rel=1e-5)
+    assert losses[1.0] != pytest.approx(losses[20.0], rel=1e-3)
+
+
+def test_weighted_keeps_malformed_answers_at_weight_one(sqlite_db, tiny_model_dir):
+    """Unlike loss_on = decision, an answer with no parseable prediction is not dropped: it has no decision
+    to weight but still teaches the format."""
+    from trainer.decision import weighted_rows
+
+    _, ids = add_block(sqlite_db, [0.3, None], invalid=[1])
+    by_id = chats(sqlite_db)
+    out = weighted_rows(load_tokenizer(tiny_model_dir), [by_id[i] for i in ids], 4096, 20.0)
+    assert (len(out.rows), out.skipped) == (2, 0)
+    assert 20.0 in out.rows[0]["loss_weights"] and 20.0 not in out.rows[1]["loss_weights"]
+    assert max(out.rows[1]["loss_weights"]) == 1.0
+
+
+def test_a_weighted_round_trains_and_records_its_weight(sqlite_db, tiny_model_dir, tmp_path):
+    """The product path: train_round with loss_on = weighted, one optimizer step on the tiny model; the
+    run's stored hyperparameters say which loss and weight made the adapter."""
+    from sqlalchemy import select
+
+    from store.models import TrainingRun
+    from trainer.round import train_round
+
+    add_block(sqlite_db, [0.2, 0.9, 0.4, 0.7])
+    cfg = WEIGHTED.model_copy(update={"adapters_dir": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs"),
+                                      "batch_size": 4})
+    res = train_round(sqlite_db, cfg, RewardsConfig(), tiny_model_dir, device="cpu")
+    assert res.n_examples == 4 and res.path.endswith("v1")
+    assert res.loss_curve and all(p["loss"] > 0 for p in res.loss_curve)
+    with session_scope(sqlite_db) as s:
+        hp = s.scalars(select(TrainingRun.hyperparams)).one()
+    assert (hp["loss_on"], hp["decision_weight"]) == ("weighted", 20.0)

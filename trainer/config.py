@@ -53,10 +53,14 @@ class TrainerConfig(BaseModel):
         False, description="Copy episodes so `up` and `down` are equally common at every score level (quartile "
         "bins), after boosting: the score label then says nothing about the direction by itself, only together "
         "with the evidence (trainer.dataset.balanced; without it a small model learned the train period's drift).")
-    loss_on: Literal["assistant", "decision"] = Field(
-        "assistant", description="Which tokens carry the loss: every assistant token (TRL's assistant_only_loss), "
-        "or only the final prediction's direction and confidence (trainer/decision.py): the tokens a score label "
-        "can steer, about 1 in 70 of an answer; episodes without a parseable prediction are then left out.")
+    loss_on: Literal["assistant", "decision", "weighted"] = Field(
+        "assistant", description="Which tokens carry the loss: every assistant token (TRL's assistant_only_loss); "
+        "only the final prediction's direction and confidence (trainer/decision.py), the tokens a score label "
+        "can steer, about 1 in 70 of an answer, episodes without a parseable prediction left out; or every "
+        "assistant token with the decision's weighted trainer.decision_weight times (the format stays trained).")
+    decision_weight: float = Field(
+        20.0, ge=1, description="With loss_on = 'weighted': the decision tokens' weight against 1 for the rest of "
+        "the answer (20 puts about half of a ~60-token answer's loss on its 2-3 decision tokens).")
     seed: int = Field(0, description="Seed for the LoRA init and the data order.")
     filter_top_fraction: float = Field(
         1.0, gt=0, le=1, description="Train only on each block's best-scoring fraction of episodes "

@@ -6,7 +6,11 @@ rationale, citations) is the same whatever the label says, and the JSON schema e
 decoding anyway. With the loss over every assistant token the direction is about 1 token in 70, so
 the label x headline x direction interaction that score conditioning must learn gets a small share
 of each update, and the capacity check (bench/results/capacity.md) saw it not learned at 135M.
-`trainer.loss_on = "decision"` puts the whole loss on those few tokens.
+`trainer.loss_on = "decision"` puts the whole loss on those few tokens. That learned the interaction on
+the capacity set (bench/results/capacity_gpu.md) but, with the rest of the answer untrained, broke 44%
+of answers on the product path (learning_history.md, run D). `trainer.loss_on = "weighted"` keeps the
+loss on every assistant token and weights the decision's tokens `trainer.decision_weight` times, so the
+format stays anchored while the decision gets most of each update.
 
 The chat is tokenized once with the model's chat template (as TRL would); the decision's character
 spans in the rendered text are mapped to tokens through the fast tokenizer's offsets.
@@ -31,9 +35,9 @@ _VALUE = {
 
 @dataclass(frozen=True)
 class DecisionRows:
-    """Tokenized examples with a loss mask on the decision tokens, and how many chats had no decision."""
+    """Tokenized examples for a decision-focused loss, and how many chats were left out."""
 
-    rows: list[dict[str, list[int]]]
+    rows: list[dict[str, list]]
     skipped: int
 
 
@@ -59,10 +63,10 @@ def parsed_decision(content: str) -> bool:
             and isinstance(pred.get("confidence"), (int, float)) and not isinstance(pred.get("confidence"), bool))
 
 
-def decision_row(tokenizer, messages: list[dict[str, str]], max_length: int,
-                 fields: Sequence[str] = DECISION_FIELDS) -> dict[str, list[int]] | None:
-    """`input_ids` and `assistant_masks` (1 on the decision's tokens) for one chat; None when its last
-    assistant message is not a parseable prediction (nothing to learn on this loss)."""
+def decision_mask(tokenizer, messages: Sequence[dict[str, str]],
+                  fields: Sequence[str] = DECISION_FIELDS) -> tuple[list[int], list[int]] | None:
+    """The chat's token ids and a 0/1 mask on its last prediction's decision tokens (untruncated); None
+    when the last assistant message is not a parseable prediction."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         return None
@@ -76,13 +80,62 @@ def decision_row(tokenizer, messages: list[dict[str, str]], max_length: int,
         raise TrainerError("the chat template does not render the last assistant message verbatim, so its "
                            "decision tokens cannot be located; use trainer.loss_on = 'assistant'")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     absolute = [(start + a, start + b) for a, b in spans]
-    mask = [int(any(s < hi and lo < e for lo, hi in absolute)) for s, e in offsets]
-    ids, mask = ids[:max_length], mask[:max_length]
+    return list(enc["input_ids"]), [int(any(s < hi and lo < e for lo, hi in absolute)) for s, e in enc["offset_mapping"]]
+
+
+def decision_row(tokenizer, messages: list[dict[str, str]], max_length: int,
+                 fields: Sequence[str] = DECISION_FIELDS) -> dict[str, list[int]] | None:
+    """`input_ids` and `assistant_masks` (1 on the decision's tokens) for one chat; None when its last
+    assistant message is not a parseable prediction (nothing to learn on this loss)."""
+    found = decision_mask(tokenizer, messages, fields)
+    if found is None:
+        return None
+    ids, mask = found[0][:max_length], found[1][:max_length]
     if 1 not in mask:
         return None  # the decision was cut off by max_length
     return {"input_ids": ids, "assistant_masks": mask}
+
+
+def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, weight: float
+                 ) -> dict[str, list] | None:
+    """`input_ids`, `labels` (-100 off the assistant's tokens) and `loss_weights` (1 on assistant tokens,
+    `weight` on the last prediction's decision tokens) for one chat; None when truncation leaves no
+    assistant token. A chat without a parseable prediction keeps weight 1 on its answer: it still
+    teaches the format, as under the all-assistant loss."""
+    enc = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, assistant = list(enc["input_ids"]), list(enc["assistant_masks"])
+    found = decision_mask(tokenizer, messages)
+    if found is not None and found[0] != ids:
+        raise TrainerError("the chat template tokenizes differently with and without character offsets, so the "
+                           "decision tokens cannot be weighted; use trainer.loss_on = 'assistant'")
+    decision = found[1] if found is not None else [0] * len(ids)
+    weights = [weight if d else float(a) for a, d in zip(assistant, decision, strict=True)][:max_length]
+    ids = ids[:max_length]
+    if not any(weights):
+        return None
+    return {"input_ids": ids, "labels": [t if w > 0 else -100 for t, w in zip(ids, weights, strict=True)],
+            "loss_weights": weights}
+
+
+def weighted_rows(tokenizer, chats: Sequence[list[dict[str, str]]], max_length: int, weight: float
+                  ) -> DecisionRows:
+    """Every chat as a decision-weighted example; chats whose answer was cut off entirely are counted."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TrainerError("trainer.loss_on = 'weighted' needs a fast tokenizer (character offsets); this "
+                           f"model's is {type(tokenizer).__name__}")
+    rows, skipped = [], 0
+    for chat in chats:
+        row = weighted_row(tokenizer, chat, max_length, weight)
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+    if not rows:
+        raise TrainerError(f"trainer.loss_on = 'weighted': no episode keeps an assistant token within "
+                           f"trainer.max_length = {max_length}")
+    return DecisionRows(rows, skipped)
 
 
 def decision_rows(tokenizer, chats: Sequence[list[dict[str, str]]], max_length: int) -> DecisionRows:

@@ -179,6 +179,33 @@ def raise_if_stopped(callbacks: Sequence[TrainerCallback], max_steps: int) -> No
                                   "the round resumes from it at the next start")
 
 
+def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each next token, weighted per token and normalised by the batch's total weight
+    (trainer.loss_on = "weighted"; with equal weights it is the model's own token-mean loss)."""
+    target, w = labels[:, 1:], weights[:, 1:].float()
+    keep = (target != -100) & (w > 0)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+    return (ce * w[keep]).sum() / w[keep].sum().clamp(min=1e-8)
+
+
+@dataclasses.dataclass
+class WeightedCollator:
+    """TRL's padding collator for `input_ids` / `labels`, plus the `loss_weights` column padded with 0."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        batch = DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id)(
+            [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        weights = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        for i, e in enumerate(examples):
+            weights[i, : len(e["loss_weights"])] = torch.tensor(e["loss_weights"], dtype=torch.float32)
+        batch["loss_weights"] = weights
+        return batch
+
+
 def _trainer_class(fused_lm_head: bool):
     from transformers import Trainer
     from trl import SFTTrainer
@@ -196,16 +223,25 @@ def _trainer_class(fused_lm_head: bool):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            weights = inputs.pop("loss_weights", None)
+            if weights is None:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            # Per-token weights (loss_on = "weighted"): each micro-batch's weighted mean; the Trainer then
+            # divides by the accumulation steps (loss_is_scaled_for_ga = False, set in build_trainer).
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = weighted_token_loss(outputs.logits, labels, weights)
+            return (loss, outputs) if return_outputs else loss
 
     return PlainLossSFTTrainer
 
 
 def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, str]]], args: Any,
                   callbacks: Sequence[TrainerCallback] = (), *, fused_lm_head: bool | None = None,
-                  loss_on: str = "assistant"):
+                  loss_on: str = "assistant", decision_weight: float = 20.0):
     """An SFTTrainer over conversational examples (`messages`), loss on assistant tokens only, or with
-    `loss_on="decision"` on the final prediction's direction and confidence only (trainer/decision.py).
+    `loss_on="decision"` on the final prediction's direction and confidence only, or with `loss_on="weighted"`
+    on every assistant token and the decision's weighted `decision_weight` times (trainer/decision.py).
 
     The fused (chunked) LM head is kept where Triton runs it (CUDA), where it saves memory.
     """
@@ -213,7 +249,17 @@ def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, 
 
     if fused_lm_head is None:
         fused_lm_head = not args.use_cpu and torch.cuda.is_available()
-    if loss_on == "decision":
+    collator = None
+    if loss_on == "weighted":
+        from trainer.decision import weighted_rows
+
+        dataset = Dataset.from_list(weighted_rows(tokenizer, messages, args.max_length, decision_weight).rows)
+        # The rows carry their own labels and weights: TRL must neither re-tokenize them nor drop the column.
+        args = dataclasses.replace(args, assistant_only_loss=False, remove_unused_columns=False,
+                                   dataset_kwargs={**(args.dataset_kwargs or {}), "skip_prepare_dataset": True})
+        collator = WeightedCollator(tokenizer.pad_token_id)
+        fused_lm_head = False  # the weighted loss is computed from the model's logits
+    elif loss_on == "decision":
         from trainer.decision import decision_rows
 
         dataset = Dataset.from_list(decision_rows(tokenizer, messages, args.max_length).rows)
@@ -222,7 +268,9 @@ def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, 
     else:
         dataset = Dataset.from_list([{"messages": list(m)} for m in messages])
     trainer = _trainer_class(fused_lm_head)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                            callbacks=[LossGuard(), *callbacks])
+                                            data_collator=collator, callbacks=[LossGuard(), *callbacks])
+    if collator is not None:
+        trainer.loss_is_scaled_for_ga = False
     quiet_printer(trainer, callbacks)
     return trainer
 
@@ -295,7 +343,8 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
                      hyperparams={"label_format": rewards_cfg.label_format, "label_edges": p.edges,
                                   "n_new": len(p.new), "n_replay": len(p.replay),
                                   "n_copies": len(examples) - len({e.episode_id for e in examples}),
-                                  "balance_directions": cfg.balance_directions, "loss_on": cfg.loss_on})
+                                  "balance_directions": cfg.balance_directions, "loss_on": cfg.loss_on,
+                                  **({"decision_weight": cfg.decision_weight} if cfg.loss_on == "weighted" else {})})
 
 
 def fit(model: ModelRef, adapter_path: str | None, messages: Sequence[list[dict[str, str]]], cfg: TrainerConfig,
@@ -308,7 +357,7 @@ def fit(model: ModelRef, adapter_path: str | None, messages: Sequence[list[dict[
     tokenizer = load_tokenizer(model_name(model))
     peft_model = load_trainable_model(model, adapter_path, cfg, device)
     trainer = build_trainer(peft_model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks,
-                            loss_on=cfg.loss_on)
+                            loss_on=cfg.loss_on, decision_weight=cfg.decision_weight)
     try:
         trainer.train(resume_from_checkpoint=last)
     except Exception as err:
