@@ -93,7 +93,23 @@ def batch(rows, pad: int, device: str):
     return ids.to(device), att.to(device), w.to(device)
 
 
-def train(base, data: dict, arm: tuple, device: str, log) -> tuple[torch.nn.Module, dict]:
+def weighted_ce(model, ids: torch.Tensor, att: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Token-weighted cross-entropy, the LM head applied only where a weight is set: the same value as
+    the full logits would give, without the (batch x length x 49k) logits tensor that dominates a CPU
+    update."""
+    inner = model.get_base_model()
+    hidden = inner.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
+    tw = w[:, 1:]
+    keep = tw > 0
+    logits = inner.lm_head(hidden[keep]).float()
+    ce = torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
+    return (ce * tw[keep]).sum() / tw.sum().clamp(min=1e-8)
+
+
+def train(base, data: dict, arm: tuple, device: str, log, every: int = 0, probe=None,
+          max_updates: int = 0) -> tuple[torch.nn.Module, dict]:
+    """Train one arm; with `every`, call `probe(model, updates, loss)` every that many updates (the
+    onset curve), and with `max_updates`, stop there (a CPU run sized to the session)."""
     from peft import LoraConfig, get_peft_model
 
     name, n, epochs, loss, dropout, lr, filtered = arm
@@ -114,17 +130,19 @@ def train(base, data: dict, arm: tuple, device: str, log) -> tuple[torch.nn.Modu
         for i in range(0, len(order), 8):
             ids, att, w = batch([rows[j] for j in order[i: i + 8]], data["pad"], device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                logits = model(input_ids=ids, attention_mask=att).logits
-            ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
-                                                   reduction="none")
-            tw = w[:, 1:]
-            value = (ce * tw).sum() / tw.sum().clamp(min=1e-8)
+                value = weighted_ce(model, ids, att, w)
             opt.zero_grad(set_to_none=True)
             value.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             steps += 1
             losses.append(value.item())
+            if every and probe is not None and steps % every == 0:
+                probe(model, steps, sum(losses[-10:]) / len(losses[-10:]), time.perf_counter() - t0)
+            if max_updates and steps >= max_updates:
+                break
+        if max_updates and steps >= max_updates:
+            break
     secs = time.perf_counter() - t0
     log(f"{name}: {len(rows)} examples, {steps} updates, {secs:.0f} s, loss first 10 "
         f"{sum(losses[:10]) / max(1, len(losses[:10])):.4f}, last 10 {sum(losses[-10:]) / max(1, len(losses[-10:])):.4f}")
@@ -141,9 +159,10 @@ def margins(model, data: dict, key: str, device: str) -> list[float]:
     for i in range(0, len(items), 32):
         rows = [(it[key], [0.0] * len(it[key])) for it in items[i: i + 32]]
         ids, att, _ = batch(rows, data["pad"], device)
-        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = inner.model(input_ids=ids, attention_mask=att).last_hidden_state
         last = att.sum(1) - 1
-        at = logits[torch.arange(len(rows)), last]
+        at = inner.lm_head(hidden[torch.arange(len(rows)), last]).float()
         out += (at[:, data["up"]] - at[:, data["down"]]).tolist()
     model.train()
     return out
@@ -153,8 +172,8 @@ def agreement(data: dict, m: list[float]) -> float:
     return sum(("up" if x > 0 else "down") == it["truth"] for it, x in zip(data["eval"], m, strict=True)) / len(m)
 
 
-def read_out(model, data: dict, device: str, with_none: bool) -> dict[str, float]:
-    got = {k: margins(model, data, k, device) for k in ("high", "low", "none")}
+def read_out(model, data: dict, device: str, with_none: bool, labels=("high", "low", "none")) -> dict[str, float]:
+    got = {k: margins(model, data, k, device) for k in labels}
     res = {f"at {k}": agreement(data, m) for k, m in got.items()}
     for w in (1.0, 3.0):
         res[f"high guided vs low, w={w:g}"] = agreement(
@@ -175,6 +194,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="2 updates per arm on 16 eval items (checks the code path)")
     p.add_argument("--arms", default="", help="comma-separated arm names (default: all, in order)")
+    p.add_argument("--readout-every", type=int, default=0,
+                   help="also read out every N updates on the first --readout-items eval items (the onset curve)")
+    p.add_argument("--readout-items", type=int, default=100)
+    p.add_argument("--max-updates", type=int, default=0, help="stop each arm after N updates (0: its epochs)")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -205,13 +228,25 @@ def main() -> None:
         got = margins(base_dev, {**data, "eval": data["eval"][: len(check)]}, "high", device)
         log(f"base margins vs the CPU's on {len(check)} items: max abs diff "
             f"{max(abs(a - b) for a, b in zip(got, check, strict=True)):.4f}")
-    results.append({"arm": "base", **read_out(base_dev, data, device, True)})
+    if args.readout_every:  # the onset curve's zero point, on the probe's items (the full read-out is on record)
+        part = {**data, "eval": data["eval"][: args.readout_items]}
+        results.append({"arm": "base", "updates": 0, "readout_items": len(part["eval"]),
+                        **read_out(base_dev, part, device, False, ("high", "low"))})
+    else:
+        results.append({"arm": "base", **read_out(base_dev, data, device, True)})
     log(json.dumps(results[-1]))
     (out / "capacity_gpu.json").write_text(json.dumps(results, indent=1))
     base = base_dev.cpu()
     chosen = [a for a in ARMS if not args.arms or a[0] in args.arms.split(",")]
     for arm in chosen:
-        model, info = train(base, data, arm, device, log)
+        def probe(model, steps: int, loss: float, secs: float, arm: tuple = arm) -> None:
+            part = {**data, "eval": data["eval"][: args.readout_items]}
+            results.append({"arm": arm[0], "updates": steps, "seconds": round(secs, 1), "loss_last10": round(loss, 5),
+                            "readout_items": len(part["eval"]), **read_out(model, part, device, False, ("high", "low"))})
+            log(json.dumps(results[-1]))
+            (out / "capacity_gpu.json").write_text(json.dumps(results, indent=1))
+
+        model, info = train(base, data, arm, device, log, args.readout_every, probe, args.max_updates)
         results.append({"arm": arm[0], **info, **read_out(model, data, device, arm[4] > 0 or arm[6])})
         log(json.dumps(results[-1]))
         (out / "capacity_gpu.json").write_text(json.dumps(results, indent=1))
