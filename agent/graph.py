@@ -38,6 +38,7 @@ from agent.schema import (
     ToolAction,
     parse_action,
     planned_call,
+    with_citations,
     with_direction,
 )
 from agent.tools import EpisodeTools
@@ -109,6 +110,7 @@ def build_graph(policy: Policy, tools: EpisodeTools, recorder: EpisodeRecorder, 
         if forced and explore_direction is None and cfg.guidance > 0 and guidance_label is not None:
             direction, _ = guided_direction(policy, state["messages"], label, guidance_label, cfg.guidance)
             schema = with_direction(FINAL_SCHEMA, direction)
+        schema = with_citations(schema, tools.shown_snippets)  # a no-op on the tool-only schema
         out = policy.complete(
             state["messages"], json_schema=schema,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

@@ -71,6 +71,11 @@ class EpisodeTools:
         self.news_days = news_days
         self._seen: dict[str, ToolOutput] = {}  # identical calls of this episode -> their first result
 
+    @property
+    def shown_snippets(self) -> list[int]:
+        """Ids of the news snippets this episode's tool results have shown so far (what it may cite)."""
+        return list(dict.fromkeys(i for out in self._seen.values() for i in out.snippet_ids))
+
     def run(self, action: ToolAction) -> str:
         """Execute one tool call, commit the tool step and its tool_calls row; returns the tool text."""
         args = action.args.model_dump()

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from agent.config import AgentConfig
 from agent.prompts import BUDGET_MESSAGE
 from agent.runner import run_block
-from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, TOOL_SCHEMA, ActionError, parse_action
+from agent.schema import ACTION_SCHEMA, FINAL_SCHEMA, TOOL_SCHEMA, ActionError, parse_action, with_citations
 from market.config import MarketConfig
 from market.protocols import Fetched, NewsItem
 from market.sources import build_market
@@ -45,6 +45,18 @@ def run(engine, policy, market, size=1, **cfg):
     # research_plan=[]: these scenarios script every tool call the model makes (the plan has its own tests)
     agent_cfg = AgentConfig(concurrency=cfg.pop("concurrency", 2), research_plan=cfg.pop("research_plan", []), **cfg)
     return run_block(engine, policy, market, agent_cfg, RewardsConfig(), size=size, progress=False)
+
+
+def bound(tr, schemas: list[dict]) -> list[dict]:
+    """Each decoded turn's expected schema: `schemas[i]` with its citations bound to the snippet ids the
+    episode's tool results had shown before that turn (agent.schema.with_citations)."""
+    seen, out = [], []
+    for step in tr.steps:
+        if step.role == "tool":
+            seen += step.snippet_ids or []
+        elif step.role == "assistant":
+            out.append(with_citations(schemas[len(out)], seen))
+    return out
 
 
 def only_episode(engine, block_id):
@@ -83,7 +95,11 @@ def test_valid_run_traces_every_message_and_tool_call(sqlite_db, market):
         dates = s.scalars(select(Snippet.published_at).where(Snippet.id.in_(news.snippet_ids))).all()
         assert dates and all(d < tr.episode.as_of for d in dates)
     # Every call got a schema for constrained decoding; the first may only research (min_tool_calls 1).
-    assert [c["json_schema"] for c in policy.calls] == [TOOL_SCHEMA] + [ACTION_SCHEMA] * 3
+    assert [c["json_schema"] for c in policy.calls] == bound(tr, [TOOL_SCHEMA] + [ACTION_SCHEMA] * 3)
+    # ... and a prediction may cite only the news shown so far: none before search_news, its ids after
+    cites = [c["json_schema"]["anyOf"][-1]["properties"]["prediction"]["properties"]["citations"]
+             for c in policy.calls[1:]]
+    assert cites[0]["maxItems"] == 0 and cites[1]["items"]["enum"] == sorted(news.snippet_ids)
 
 
 def test_label_only_in_the_task_turn_when_not_repeated(sqlite_db, market):
@@ -114,13 +130,13 @@ def test_a_prediction_before_any_research_is_sent_back(sqlite_db, market):
     assert [s.role for s in tr.steps] == ["system", "user", "assistant", "user", "assistant", "tool", "user",
                                           "assistant"]
     assert "research first" in tr.steps[3].content
-    assert [c["json_schema"] for c in policy.calls] == [TOOL_SCHEMA, TOOL_SCHEMA, ACTION_SCHEMA]
+    assert [c["json_schema"] for c in policy.calls] == bound(tr, [TOOL_SCHEMA, TOOL_SCHEMA, ACTION_SCHEMA])
     assert tr.prediction.valid and tr.prediction.direction == "down"
     # A model that never researches is forced to answer once its repairs are spent: recorded, not lost.
     stubborn = ScriptedPolicy([pred("up")])
     tr = only_episode(sqlite_db, run(sqlite_db, stubborn, market, max_repairs=1))
     assert tr.prediction.valid and not [s for s in tr.steps if s.role == "tool"]
-    assert [c["json_schema"] for c in stubborn.calls] == [TOOL_SCHEMA, TOOL_SCHEMA, FINAL_SCHEMA]
+    assert [c["json_schema"] for c in stubborn.calls] == [TOOL_SCHEMA, TOOL_SCHEMA, with_citations(FINAL_SCHEMA, [])]
 
 
 def test_research_minimum_must_fit_the_tool_budget():
@@ -139,7 +155,7 @@ def test_unrepairable_output_is_a_recorded_parse_failure(sqlite_db, market):
     # turn 1 invalid -> repair -> invalid -> forced prediction -> invalid -> repair -> invalid -> failure
     assert [s.role for s in tr.steps].count("assistant") == 4
     assert tr.episode.status == "done"
-    assert policy.calls[-1]["json_schema"] is FINAL_SCHEMA
+    assert policy.calls[-1]["json_schema"] == with_citations(FINAL_SCHEMA, [])
 
 
 def test_looping_model_is_forced_to_predict_when_the_budget_is_spent(sqlite_db, market):
@@ -149,7 +165,7 @@ def test_looping_model_is_forced_to_predict_when_the_budget_is_spent(sqlite_db, 
     assert [s.tool_name for s in tr.steps if s.role == "tool"] == ["get_prices"] * 3
     assert tr.steps[-2].role == "user" and "budget" in tr.steps[-2].content
     assert tr.prediction.valid and tr.prediction.direction == "flat"
-    assert [c["json_schema"] is FINAL_SCHEMA for c in policy.calls] == [False, False, False, True]
+    assert [c["json_schema"] == with_citations(FINAL_SCHEMA, []) for c in policy.calls] == [False, False, False, True]
 
 
 def test_model_that_never_predicts_ends_as_a_recorded_failure(sqlite_db, market):
@@ -288,7 +304,7 @@ def test_exploration_episode_constrains_only_the_direction(sqlite_db, market):
     drawn = tr.episode.explore_direction
     assert drawn in ("up", "down", "flat")
     tool_turn, final_turn = (c["json_schema"] for c in policy.calls)
-    assert tool_turn is TOOL_SCHEMA
+    assert tool_turn == TOOL_SCHEMA
     allowed = final_turn["properties"]["prediction"]["properties"]["direction"]["enum"]
     assert allowed == [drawn]
     assert final_turn["properties"]["prediction"]["properties"]["confidence"] == \

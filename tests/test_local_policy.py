@@ -207,3 +207,16 @@ def test_exploration_schema_makes_the_model_take_the_drawn_direction(policy, dir
         done = policy.complete(chat("ACME"), json_schema=with_direction(FINAL_SCHEMA, direction),
                                max_new_tokens=24, temperature=1.0, seed=seed)
         assert done.text.replace(" ", "").startswith(f'{{"prediction":{{"direction":"{direction}"')
+
+
+@pytest.mark.parametrize(("shown", "seeds"), [([5, 9], range(4)), ([], range(2))])
+def test_citation_schema_lets_the_model_cite_only_what_it_was_shown(policy, shown, seeds):
+    """agent.schema.with_citations through the decoder: a random model sampling at temperature 1 writes only
+    the shown snippet ids, at most that many, and `[]` when it was shown none (no runaway numbers)."""
+    from agent.schema import FINAL_SCHEMA, Final, with_citations
+
+    for seed in seeds:
+        done = policy.complete(chat("ACME"), json_schema=with_citations(FINAL_SCHEMA, shown), max_new_tokens=200,
+                               temperature=1.0, seed=seed)
+        cited = Final.model_validate_json(done.text).prediction.citations
+        assert set(cited) <= set(shown) and len(cited) <= len(shown)
