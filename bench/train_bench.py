@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from policy.model_files import load_tokenizer, make_tiny_model, resolve_model
 from trainer.config import TrainerConfig
-from trainer.sft import build_trainer, load_trainable_model, sft_config
+from trainer.sft import build_trainer, load_trainable_model, loss_positions, sft_config
 
 
 def clocks() -> tuple[float, float]:
@@ -67,16 +67,26 @@ def median_step(times: list[tuple[float, float]]) -> tuple[float, float]:
     return min(t[0] for t in kept), min(t[1] for t in kept)
 
 
-def bare_step(model_dir: str, cfg: TrainerConfig, batch: dict, steps: int) -> tuple[float, float]:
-    """The floor: PEFT LoRA forward + backward + AdamW step on the same batch, no Trainer."""
+def bare_step(model_dir: str, cfg: TrainerConfig, batch: dict, steps: int, loss_positions_only: bool = False
+              ) -> tuple[float, float]:
+    """The floor: PEFT LoRA forward + backward + AdamW step on the same batch, no Trainer; with
+    `loss_positions_only` the LM head runs only where the loss reads (what our trainer does)."""
+    from trainer.sft import token_loss
+
     model = load_trainable_model(model_dir, None, cfg, "cpu")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     times = []
     for _ in range(steps + 1):
         t = clocks()
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
+        if loss_positions_only:
+            keep = loss_positions(batch["labels"])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+            loss = token_loss(out.logits, batch["labels"], keep)
+        else:
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         w, c = clocks()
@@ -121,14 +131,19 @@ def first_batch(model_dir: str, cfg: TrainerConfig) -> dict:
     return {k: v.cpu() for k, v in batch.items()}
 
 
-def step_bench(model_dir: str, steps: int, with_default: bool) -> None:
-    cfg = TrainerConfig(batch_size=4, max_length=128, lora_r=16, lora_alpha=32)
+def step_bench(model_dir: str, steps: int, with_default: bool, max_length: int = 128,
+               variants: list[str] | None = None) -> None:
+    cfg = TrainerConfig(batch_size=4, max_length=max_length, lora_r=16, lora_alpha=32)
     batch = first_batch(model_dir, cfg)
     print(f"\n== step time: {Path(model_dir).name}, batch {tuple(batch['input_ids'].shape)} tokens, "
           f"LoRA r={cfg.lora_r} on {cfg.target_modules}, CPU threads={torch.get_num_threads()}")
     bare = bare_step(model_dir, cfg, batch, steps)
     print(f"bare PEFT fwd+bwd+AdamW : wall {bare[0]:7.2f} s/step, cpu {bare[1]:7.2f} s/step", flush=True)
-    variants = ["ours", "fp32+fused", "fp32+gc+fused"] + (["trl-default"] if with_default else [])
+    kept = bare_step(model_dir, cfg, batch, steps, loss_positions_only=True)
+    share = len(loss_positions(batch["labels"])) / batch["input_ids"].shape[1]
+    print(f"bare, LM head at the loss positions only ({share:.0%} of positions): wall {kept[0]:7.2f} s/step = "
+          f"{kept[0] / bare[0]:5.2f} x bare, cpu {kept[1]:7.2f} s/step = {kept[1] / bare[1]:5.2f} x bare", flush=True)
+    variants = variants or ["ours", "fp32+fused", "fp32+gc+fused"] + (["trl-default"] if with_default else [])
     for variant in variants:
         n = 1 if variant in {"trl-default", "fp32+gc+fused"} else steps
         (w, c), flags = trainer_step(model_dir, cfg, n, variant)
@@ -174,11 +189,14 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--replay", type=int, default=16)
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--max-length", type=int, default=128,
+                    help="step comparison: truncate the chats here (1024 keeps whole agent episodes, as a round does)")
+    ap.add_argument("--variants", default="", help="step comparison: comma-separated trainer variants (default all)")
     ap.add_argument("--skip-rounds", action="store_true")
     a = ap.parse_args()
     model_dir = resolve_model(a.model)
     if not a.skip_steps:
-        step_bench(model_dir, a.steps, a.trl_default)
+        step_bench(model_dir, a.steps, a.trl_default, a.max_length, [v for v in a.variants.split(",") if v])
     if not a.skip_rounds:
         tiny = make_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "tiny", resolve_model())
         round_bench(str(tiny), a.rounds, a.block_size, a.replay)

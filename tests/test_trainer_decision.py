@@ -178,3 +178,33 @@ def test_a_weighted_round_trains_and_records_its_weight(sqlite_db, tiny_model_di
     with session_scope(sqlite_db) as s:
         hp = s.scalars(select(TrainingRun.hyperparams)).one()
     assert (hp["loss_on"], hp["decision_weight"]) == ("weighted", 20.0)
+
+
+def test_the_plain_trainer_loss_reads_only_the_loss_positions_and_equals_the_models_own(sqlite_db, tiny_model_dir,
+                                                                                         tmp_path):
+    """The CPU trainer (PlainLossSFTTrainer) projects only the positions whose next token is a label onto the
+    vocabulary (`logits_to_keep`); its loss is still the model's own causal-LM loss, with and without the
+    Trainer's token count across accumulated micro-batches."""
+    import torch
+
+    from trainer.sft import build_trainer, load_trainable_model, loss_positions, sft_config
+
+    _, ids = add_block(sqlite_db, [0.3, 0.8])
+    by_id = chats(sqlite_db)
+    pair = [with_final(by_id[ids[0]]), with_final(by_id[ids[1]], rationale="short")]
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = CFG.model_copy(update={"loss_on": "assistant"})
+    model = load_trainable_model(tiny_model_dir, None, cfg, "cpu")
+    model.eval()
+    trainer = build_trainer(model, tok, pair, sft_config(cfg, tmp_path / "run", "cpu"), loss_on="assistant",
+                            fused_lm_head=False)
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    keep = loss_positions(batch["labels"])
+    assert 0 < len(keep) < batch["input_ids"].shape[1] // 2  # the prompt and the tool results are skipped
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        plain = trainer.compute_loss(model, dict(batch))
+        halved = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(2 * n))
+    assert float(plain) == pytest.approx(float(own.loss), rel=1e-5)
+    assert float(halved) == pytest.approx(float(own.loss) / 2, rel=1e-5)

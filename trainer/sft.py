@@ -179,13 +179,29 @@ def raise_if_stopped(callbacks: Sequence[TrainerCallback], max_steps: int) -> No
                                   "the round resumes from it at the next start")
 
 
-def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each next token, weighted per token and normalised by the batch's total weight
-    (trainer.loss_on = "weighted"; with equal weights it is the model's own token-mean loss)."""
-    target, w = labels[:, 1:], weights[:, 1:].float()
-    keep = (target != -100) & (w > 0)
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
-    return (ce * w[keep]).sum() / w[keep].sum().clamp(min=1e-8)
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token carries a loss in any row of the batch: the only positions whose
+    logits the loss reads (the model's `logits_to_keep`)."""
+    return (labels[:, 1:] != -100).any(0).nonzero().flatten()
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor | None = None,
+               num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy from logits at positions `keep` (logits[:, k] predicts labels[:, keep[k] + 1]).
+
+    Without weights it is the model's own causal-LM loss: the sum over label tokens divided by
+    `num_items_in_batch` (the Trainer's count across accumulated micro-batches) or by this batch's count.
+    With per-token `weights` (trainer.loss_on = "weighted") it is the weighted mean over this batch.
+    """
+    target = labels[:, 1:][:, keep]
+    flat_logits, flat_target = logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1)
+    if weights is None:
+        total = torch.nn.functional.cross_entropy(flat_logits, flat_target, ignore_index=-100, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
+        return total / count
+    w = weights[:, 1:][:, keep].float().reshape(-1) * (flat_target != -100)
+    ce = torch.nn.functional.cross_entropy(flat_logits, flat_target, ignore_index=-100, reduction="none")
+    return (ce * w).sum() / w.sum().clamp(min=1e-8)
 
 
 @dataclasses.dataclass
@@ -207,30 +223,31 @@ class WeightedCollator:
 
 
 def _trainer_class(fused_lm_head: bool):
-    from transformers import Trainer
     from trl import SFTTrainer
 
     if fused_lm_head:
         return SFTTrainer
 
     class PlainLossSFTTrainer(SFTTrainer):
-        """SFTTrainer with the model's own logits + cross-entropy loss.
+        """SFTTrainer with a plain cross-entropy over the model's logits at the loss positions only.
 
         TRL's fused LM head runs as torch tiles without Triton (CPU): it scores every position,
         masked ones included, and adds entropy/top-1 passes over the vocabulary for its metrics,
-        which made a CPU step several times slower than a bare forward+backward.
+        which made a CPU step several times slower than a bare forward+backward. The model's own loss
+        still projects every position onto the 49k vocabulary, prompt and tool results included, though
+        only the answer's tokens are labels; `logits_to_keep` limits the LM head to the positions the
+        loss reads (the same value: tests/test_trainer_decision.py).
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
             weights = inputs.pop("loss_weights", None)
-            if weights is None:
-                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-            # Per-token weights (loss_on = "weighted"): each micro-batch's weighted mean; the Trainer then
-            # divides by the accumulation steps (loss_is_scaled_for_ga = False, set in build_trainer).
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = weighted_token_loss(outputs.logits, labels, weights)
+            keep = loss_positions(labels)
+            outputs = model(**inputs, logits_to_keep=keep)
+            # With weights (loss_on = "weighted") each micro-batch's weighted mean; the Trainer then divides
+            # by the accumulation steps (loss_is_scaled_for_ga = False, set in build_trainer).
+            loss = token_loss(outputs.logits, labels, keep, weights, None if weights is not None else num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
     return PlainLossSFTTrainer
