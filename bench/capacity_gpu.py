@@ -93,21 +93,22 @@ def batch(rows, pad: int, device: str):
     return ids.to(device), att.to(device), w.to(device)
 
 
-def weighted_ce(model, ids: torch.Tensor, att: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def weighted_ce(model, ids: torch.Tensor, att: torch.Tensor, w: torch.Tensor, total: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Token-weighted cross-entropy, the LM head applied only where a weight is set: the same value as
     the full logits would give, without the (batch x length x 49k) logits tensor that dominates a CPU
-    update."""
+    update. `total`: the whole batch's weight when this is one micro-batch of it."""
     inner = model.get_base_model()
     hidden = inner.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
     tw = w[:, 1:]
     keep = tw > 0
     logits = inner.lm_head(hidden[keep]).float()
     ce = torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep], reduction="none")
-    return (ce * tw[keep]).sum() / tw.sum().clamp(min=1e-8)
+    return (ce * tw[keep]).sum() / (tw.sum() if total is None else total).clamp(min=1e-8)
 
 
 def train(base, data: dict, arm: tuple, device: str, log, every: int = 0, probe=None,
-          max_updates: int = 0) -> tuple[torch.nn.Module, dict]:
+          max_updates: int = 0, micro: int = 8) -> tuple[torch.nn.Module, dict]:
     """Train one arm; with `every`, call `probe(model, updates, loss)` every that many updates (the
     onset curve), and with `max_updates`, stop there (a CPU run sized to the session)."""
     from peft import LoraConfig, get_peft_model
@@ -128,11 +129,16 @@ def train(base, data: dict, arm: tuple, device: str, log, every: int = 0, probe=
         if ep == full and part:
             order = order[: int(len(order) * part)]
         for i in range(0, len(order), 8):
-            ids, att, w = batch([rows[j] for j in order[i: i + 8]], data["pad"], device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                value = weighted_ce(model, ids, att, w)
+            chosen = [rows[j] for j in order[i: i + 8]]
+            total = torch.tensor(sum(x for _, wt in chosen for x in wt[1:]), device=device)
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            value = 0.0
+            for k in range(0, len(chosen), micro):  # micro-batches: the same gradient, less activation memory
+                ids, att, w = batch(chosen[k: k + micro], data["pad"], device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                    part = weighted_ce(model, ids, att, w, total)
+                part.backward()
+                value += part.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             steps += 1
@@ -198,6 +204,8 @@ def main() -> None:
                    help="also read out every N updates on the first --readout-items eval items (the onset curve)")
     p.add_argument("--readout-items", type=int, default=100)
     p.add_argument("--max-updates", type=int, default=0, help="stop each arm after N updates (0: its epochs)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="rows per forward pass within the batch of 8 (the same update; 2 or 4 bound a CPU's memory)")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -246,7 +254,8 @@ def main() -> None:
             log(json.dumps(results[-1]))
             (out / "capacity_gpu.json").write_text(json.dumps(results, indent=1))
 
-        model, info = train(base, data, arm, device, log, args.readout_every, probe, args.max_updates)
+        model, info = train(base, data, arm, device, log, args.readout_every, probe, args.max_updates,
+                            args.micro_batch)
         results.append({"arm": arm[0], **info, **read_out(model, data, device, arm[4] > 0 or arm[6])})
         log(json.dumps(results[-1]))
         (out / "capacity_gpu.json").write_text(json.dumps(results, indent=1))
