@@ -32,6 +32,19 @@ def with_final(chat: list[dict[str, str]], **fields) -> list[dict[str, str]]:
     return [*chat[:-1], {"role": "assistant", "content": json.dumps({"prediction": pred})}]
 
 
+def one_row(engine, model_dir, tmp_path, cfg: TrainerConfig):
+    """One scored episode ending in a fixed prediction, as the trainer's first dataset row under cfg.loss_on."""
+    from trainer.sft import build_trainer, load_trainable_model, sft_config
+
+    _, ids = add_block(engine, [0.3])
+    chat = with_final(chats(engine)[ids[0]])
+    tok = load_tokenizer(model_dir)
+    model = load_trainable_model(model_dir, None, cfg, "cpu")
+    trainer = build_trainer(model, tok, [chat], sft_config(cfg, tmp_path / "run", "cpu"), loss_on=cfg.loss_on,
+                            decision_weight=cfg.decision_weight)
+    return tok, chat, trainer.train_dataset[0]
+
+
 def trained_text(tok, row) -> list[str]:
     return [tok.decode([t]) for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]
 
@@ -39,14 +52,7 @@ def trained_text(tok, row) -> list[str]:
 def test_only_the_direction_and_confidence_tokens_carry_the_loss(sqlite_db, tiny_model_dir, tmp_path):
     """The tool call, the JSON keys, the magnitude and the rationale (which quotes another direction) are all
     -100; the direction value and the confidence digits are labels, with their own token ids."""
-    from trainer.sft import build_trainer, load_trainable_model, sft_config
-
-    _, ids = add_block(sqlite_db, [0.3])
-    chat = with_final(chats(sqlite_db)[ids[0]])
-    tok = load_tokenizer(tiny_model_dir)
-    model = load_trainable_model(tiny_model_dir, None, CFG, "cpu")
-    trainer = build_trainer(model, tok, [chat], sft_config(CFG, tmp_path / "run", "cpu"), loss_on="decision")
-    row = trainer.train_dataset[0]
+    tok, chat, row = one_row(sqlite_db, tiny_model_dir, tmp_path, CFG)
     assert row["input_ids"] == list(tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
     assert "".join(trained_text(tok, row)) == "down0.75"
     assert all(lab in (-100, tid) for tid, lab in zip(row["input_ids"], row["labels"], strict=True))
@@ -78,18 +84,6 @@ def test_a_decision_cut_off_by_max_length_is_left_out(sqlite_db, tiny_model_dir)
     assert decision_row(tok, chat, max_length=4096) is not None
 
 
-def test_a_round_trains_on_decisions_and_publishes_an_adapter(sqlite_db, tiny_model_dir, tmp_path):
-    """The product path: train_round with loss_on = decision, one optimizer step on the tiny model."""
-    from trainer.round import train_round
-
-    add_block(sqlite_db, [0.2, 0.9, 0.4, 0.7])
-    cfg = CFG.model_copy(update={"adapters_dir": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs"),
-                                 "batch_size": 4})
-    res = train_round(sqlite_db, cfg, RewardsConfig(), tiny_model_dir, device="cpu")
-    assert res.n_examples == 4 and res.path.endswith("v1")
-    assert res.loss_curve and all(p["loss"] > 0 for p in res.loss_curve)
-
-
 # trainer.loss_on = "weighted": every assistant token trains, the decision's tokens count decision_weight times.
 
 WEIGHTED = CFG.model_copy(update={"loss_on": "weighted", "decision_weight": 20.0})
@@ -98,14 +92,7 @@ WEIGHTED = CFG.model_copy(update={"loss_on": "weighted", "decision_weight": 20.0
 def test_weighted_rows_weight_the_decision_and_keep_the_rest_of_the_answer(sqlite_db, tiny_model_dir, tmp_path):
     """Prompt and tool results: -100 and weight 0. Every assistant token (the tool call, the JSON keys, the
     rationale that quotes another direction): its own id and weight 1. The direction and confidence: 20."""
-    from trainer.sft import build_trainer, load_trainable_model, sft_config
-
-    _, ids = add_block(sqlite_db, [0.3])
-    chat = with_final(chats(sqlite_db)[ids[0]])
-    tok = load_tokenizer(tiny_model_dir)
-    model = load_trainable_model(tiny_model_dir, None, WEIGHTED, "cpu")
-    trainer = build_trainer(model, tok, [chat], sft_config(WEIGHTED, tmp_path / "run", "cpu"), loss_on="weighted")
-    row = trainer.train_dataset[0]
+    tok, chat, row = one_row(sqlite_db, tiny_model_dir, tmp_path, WEIGHTED)
     enc = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert row["input_ids"] == list(enc["input_ids"])
     assert [lab != -100 for lab in row["labels"]] == [bool(a) for a in enc["assistant_masks"]]
@@ -161,9 +148,10 @@ def test_weighted_keeps_malformed_answers_at_weight_one(sqlite_db, tiny_model_di
     assert max(out.rows[1]["loss_weights"]) == 1.0
 
 
-def test_a_weighted_round_trains_and_records_its_weight(sqlite_db, tiny_model_dir, tmp_path):
-    """The product path: train_round with loss_on = weighted, one optimizer step on the tiny model; the
-    run's stored hyperparameters say which loss and weight made the adapter."""
+@pytest.mark.parametrize("loss_on", ["decision", "weighted"])
+def test_a_round_trains_and_records_its_loss(sqlite_db, tiny_model_dir, tmp_path, loss_on):
+    """The product path: train_round with a decision-focused loss, one optimizer step on the tiny model,
+    publishes an adapter; the run's stored hyperparameters say which loss (and weight) made it."""
     from sqlalchemy import select
 
     from store.models import TrainingRun
@@ -171,13 +159,13 @@ def test_a_weighted_round_trains_and_records_its_weight(sqlite_db, tiny_model_di
 
     add_block(sqlite_db, [0.2, 0.9, 0.4, 0.7])
     cfg = WEIGHTED.model_copy(update={"adapters_dir": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs"),
-                                      "batch_size": 4})
+                                      "batch_size": 4, "loss_on": loss_on})
     res = train_round(sqlite_db, cfg, RewardsConfig(), tiny_model_dir, device="cpu")
     assert res.n_examples == 4 and res.path.endswith("v1")
     assert res.loss_curve and all(p["loss"] > 0 for p in res.loss_curve)
     with session_scope(sqlite_db) as s:
         hp = s.scalars(select(TrainingRun.hyperparams)).one()
-    assert (hp["loss_on"], hp["decision_weight"]) == ("weighted", 20.0)
+    assert hp["loss_on"] == loss_on and hp.get("decision_weight") == (20.0 if loss_on == "weighted" else None)
 
 
 def test_the_plain_trainer_loss_reads_only_the_loss_positions_and_equals_the_models_own(sqlite_db, tiny_model_dir,
