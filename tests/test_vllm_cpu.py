@@ -166,6 +166,19 @@ def test_guided_json_from_response_format(policy):
         assert out.prompt_tokens > 40 and out.completion_tokens > 0
 
 
+@pytest.mark.parametrize("shown", [[5, 9], []])
+def test_the_agents_bound_citation_schema_through_vllm(policy, shown):
+    """The agent's final-answer schema with citations bound to the shown snippet ids (an integer enum, or
+    an empty array) compiles in vLLM's guided decoding and holds there as in LocalPolicy's llguidance."""
+    from agent.schema import FINAL_SCHEMA, Final, with_citations
+
+    for seed in range(2):
+        out = policy.complete(CHAT, json_schema=with_citations(FINAL_SCHEMA, shown), max_new_tokens=JSON_BUDGET,
+                              temperature=1.0, seed=seed)
+        cited = Final.model_validate_json(out.text).prediction.citations
+        assert set(cited) <= set(shown) and len(cited) <= len(shown)
+
+
 def test_eight_concurrent_requests(policy, figures):
     schema = Forecast.model_json_schema()
     policy.complete(CHAT, max_new_tokens=4)  # warm
