@@ -150,13 +150,18 @@ def with_direction(schema: dict[str, Any], direction: str) -> dict[str, Any]:
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return _with_prediction_field(schema, "direction", {"type": "string", "enum": [direction]})
+
+
+def _with_prediction_field(schema: dict[str, Any], name: str, bound: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` with field `name` of every prediction object (in any union branch) replaced by `bound`."""
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
             out = {k: walk(v) for k, v in node.items()}
             props = out.get("properties")
             if isinstance(props, dict) and "direction" in props and "magnitude_pct" in props:
-                props["direction"] = {"type": "string", "enum": [direction]}
+                props[name] = dict(bound)
             return out
         if isinstance(node, list):
             return [walk(v) for v in node]
@@ -166,8 +171,9 @@ def with_direction(schema: dict[str, Any], direction: str) -> dict[str, Any]:
 
 
 def with_citations(schema: dict[str, Any], snippet_ids: list[int]) -> dict[str, Any]:
-    """A copy of `schema` whose prediction may cite only `snippet_ids` (the news this episode was shown), each
-    at most once and at most MAX_CITATIONS of them; none at all when it was shown none.
+    """A copy of `schema` whose prediction may cite only `snippet_ids` (the news this episode was shown), at
+    most MAX_CITATIONS ids and no more than were shown (llguidance has no uniqueItems); none at all when it
+    was shown none.
 
     Why: under a decision-focused loss the LoRA drifted on the answer's other tokens and 44% of held-out
     answers ran away inside `citations` (`[1000000...`) until the token budget cut them (run D,
@@ -177,19 +183,7 @@ def with_citations(schema: dict[str, Any], snippet_ids: list[int]) -> dict[str, 
     ids = sorted(dict.fromkeys(int(i) for i in snippet_ids))
     bound: dict[str, Any] = ({"type": "array", "items": {"type": "integer", "enum": ids},
                               "maxItems": min(MAX_CITATIONS, len(ids))} if ids else {"type": "array", "maxItems": 0})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            out = {k: walk(v) for k, v in node.items()}
-            props = out.get("properties")
-            if isinstance(props, dict) and "citations" in props and "direction" in props:
-                props["citations"] = dict(bound)
-            return out
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(schema)
+    return _with_prediction_field(schema, "citations", bound)
 
 
 def _first_json_object(text: str) -> str:

@@ -210,11 +210,13 @@ class WeightedCollator:
 
     pad_token_id: int
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __post_init__(self) -> None:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-        batch = DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id)(
-            [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        self._pad = DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._pad([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
         weights = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
         for i, e in enumerate(examples):
             weights[i, : len(e["loss_weights"])] = torch.tensor(e["loss_weights"], dtype=torch.float32)
