@@ -196,3 +196,19 @@ def test_the_plain_trainer_loss_reads_only_the_loss_positions_and_equals_the_mod
         halved = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(2 * n))
     assert float(plain) == pytest.approx(float(own.loss), rel=1e-5)
     assert float(halved) == pytest.approx(float(own.loss) / 2, rel=1e-5)
+
+
+def test_a_weighted_round_cut_to_nothing_by_max_length_fails_clearly(sqlite_db, tiny_model_dir):
+    """Bad configuration: a max_length that leaves no assistant token in any chat is refused in one line naming
+    the setting; a chat that keeps part of its answer is trained on (its decision may be cut, the rest stays)."""
+    from trainer.decision import weighted_row, weighted_rows
+
+    _, ids = add_block(sqlite_db, [0.5])
+    chat = chats(sqlite_db)[ids[0]]
+    tok = load_tokenizer(tiny_model_dir)
+    with pytest.raises(TrainerError, match="trainer.max_length = 64"):
+        weighted_rows(tok, [chat], 64, 20.0)
+    full = weighted_row(tok, chat, 4096, 20.0)
+    first_answer = full["loss_weights"].index(1.0)
+    cut = weighted_row(tok, chat, first_answer + 3, 20.0)
+    assert cut is not None and len(cut["input_ids"]) == first_answer + 3 and 20.0 not in cut["loss_weights"]
