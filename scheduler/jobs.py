@@ -58,8 +58,7 @@ def _block(rt: Runtime) -> None:
         log_event("round_done", block=res.block.block_id, trained=res.trained, serving=res.serving_version,
                   skipped="; ".join(res.skipped) or None)
     else:
-        run_block_step(rt)
-    rt.blocks_run += 1
+        run_block_step(rt)  # counts the block in rt.blocks_run once it is complete
     limit = rt.settings.scheduler.max_blocks
     if limit and rt.blocks_run >= limit and not rt.stop.is_set():
         log_event("max_blocks_reached", blocks=rt.blocks_run)

@@ -190,7 +190,12 @@ def run_block_step(rt: Runtime, *, size: int | None = None, kind: str = "train",
     bid = run_block(rt.engine, rt.policy, rt.market, s.agent, s.rewards, mode=mode, size=n,
                     as_of=as_of, items=items, kind=kind, trigger_id=trigger_id, progress=rt.progress,
                     stop=rt.stop, horizon=s.market.horizon_days)
-    return finished_block(rt, bid, time.monotonic() - t0)
+    res = finished_block(rt, bid, time.monotonic() - t0)
+    if kind == "train" and trigger_id is None and res.complete:
+        # A scheduled block is counted (for max_blocks and `daemon_stopped blocks=`) when the block itself
+        # is done, not when its whole cycle is: a stop during the round's training must not forget it.
+        rt.blocks_run += 1
+    return res
 
 
 def finished_block(rt: Runtime, block_id: int, seconds: float) -> BlockResult:

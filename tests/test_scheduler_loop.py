@@ -123,6 +123,7 @@ def test_recovery_requeues_an_unstarted_trigger_and_closes_a_finished_one(tmp_pa
         claim_next_trigger(engine)
         bid = run_block_step(rt, size=2, trigger_id=third).block_id
         assert get_trigger(engine, third).status == "running"
+        assert rt.blocks_run == 0  # manual blocks do not count toward scheduler.max_blocks
         recover(rt)
         assert get_trigger(engine, third).status == "done" and get_trigger(engine, third).result == {"block_id": bid}
         with session_scope(engine) as s:
@@ -141,6 +142,7 @@ def test_stop_during_training_checkpoints_and_the_next_start_resumes(tmp_path, t
     rt = Runtime(settings=settings, engine=engine, stop=threading.Event()).open()
     try:
         run_block_step(rt, size=4)
+        assert rt.blocks_run == 1  # counted now: the stop below, mid-round, must not lose it
         resolve_step(rt)
 
         def stop_when_training() -> None:
