@@ -212,6 +212,13 @@ def confidence_map(session: Session, version: int | None) -> ConfidenceMap | Non
                          "stated confidences, or run the gate again to refit it") from None
 
 
+def block_config(cfg: AgentConfig, kind: str) -> AgentConfig:
+    """The agent settings a block of this kind runs with. Gate blocks decode greedily (as held-out
+    evaluation does): the gate compares two adapters' decisions on the same items, and sampling noise at
+    agent.temperature would only widen its interval. Train blocks keep the configured temperature."""
+    return cfg.model_copy(update={"temperature": 0.0}) if kind == "gate" and cfg.temperature else cfg
+
+
 def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig,
               rewards_cfg: RewardsConfig, *, mode: str = "replay", size: int | None = None,
               as_of: datetime | None = None, tickers: Sequence[str] | None = None,
@@ -220,6 +227,7 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
               clock: WriteClock | None = None, items: Sequence[tuple[str, datetime]] | None = None,
               seed: int | str = 0) -> int:
     """Plan a block (or take `items`), run it, return its id (complete, or left `running` if stopped)."""
+    agent_cfg = block_config(agent_cfg, kind)  # what the block records is what it runs with
     target = agent_cfg.target_score if target_score is None else target_score
     horizon = market.horizon_days if horizon is None else horizon
     factory = session_factory(engine)
@@ -280,6 +288,7 @@ def _execute(engine: Engine, block_id: int, policy: Policy, market: Market, cfg:
     with session_scope(factory) as s:
         block = traces.get_block(s, block_id)
         size, status = block.size, block.status
+        cfg = block_config(cfg, block.kind)  # a resumed gate block decodes greedily too
         todo = traces.unfinished_episode_ids(s, block_id)
         done = traces.count_done(s, block_id)
         # The serving adapter's confidence map (fitted at its gate): the published confidence is the

@@ -81,7 +81,7 @@ class ScriptedPolicy:
         script = self.per_ticker.get(ticker or "", self.turns) or self.turns
         entry = script[min(turn, len(script) - 1)]
         with self._lock:
-            self.calls.append({"ticker": ticker, "turn": turn, "json_schema": json_schema})
+            self.calls.append({"ticker": ticker, "turn": turn, "json_schema": json_schema, "temperature": temperature})
         if isinstance(entry, BaseException):
             raise entry
         # Whitespace-separated pieces stand in for token counts: there is no tokenizer here.

@@ -237,3 +237,17 @@ def test_exploration_marks_train_items_only_and_is_reproducible(sqlite_db, marke
                       for b in (train, gate)}
     assert all(d in ("up", "down", "flat") for d in directions[train])
     assert directions[gate] == [None, None, None]  # gate and eval blocks measure the policy, never explore
+
+
+def test_gate_blocks_decode_greedily_and_record_it(sqlite_db, market):
+    """The gate compares decisions, not sampling noise: its blocks run at temperature 0 whatever
+    agent.temperature says (train blocks keep it), and the block's recorded config says so."""
+    temps = {}
+    for kind in ("train", "gate"):
+        policy = ScriptedPolicy([NEWS, PRED])
+        bid = run_block(sqlite_db, policy, market, cfg(temperature=0.7, max_steps=1), RewardsConfig(), size=2,
+                        kind=kind, progress=False)
+        temps[kind] = {c["temperature"] for c in policy.calls}
+        with session_scope(sqlite_db) as s:
+            assert s.get(Block, bid).config["agent"]["temperature"] == (0.0 if kind == "gate" else 0.7)
+    assert temps == {"train": {0.7}, "gate": {0.0}}
