@@ -21,7 +21,8 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
 Each phase writes its results to --workdir/state.json before the next starts, so a run cut short keeps what
 finished, and rerunning the same command resumes after the last finished phase.
 
-    .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms score,filtered   # the reported run (~1 h 50 min, 2 cores)
+    .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms score --temperature 0 --explore 0.3 \
+        --loss-on weighted --balance   # the reported run (~1 h 50 min, 2 cores)
     .venv/bin/python bench/learning_curve.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt
 """
 
