@@ -213,10 +213,10 @@ def confidence_map(session: Session, version: int | None) -> ConfidenceMap | Non
 
 
 def block_config(cfg: AgentConfig, kind: str) -> AgentConfig:
-    """The agent settings a block of this kind runs with. Gate blocks decode greedily (as held-out
-    evaluation does): the gate compares two adapters' decisions on the same items, and sampling noise at
-    agent.temperature would only widen its interval. Train blocks keep the configured temperature."""
-    return cfg.model_copy(update={"temperature": 0.0}) if kind == "gate" and cfg.temperature else cfg
+    """The agent settings a block of this kind runs with. Only train blocks sample (at agent.temperature);
+    gate and eval blocks decode greedily: they compare adapters' decisions on the same items, and sampling
+    noise would only widen their intervals. (Exploration is already train-only, in `run_block`.)"""
+    return cfg.model_copy(update={"temperature": 0.0}) if kind != "train" and cfg.temperature else cfg
 
 
 def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentConfig,
