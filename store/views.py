@@ -13,9 +13,10 @@ SELECT p.id AS prediction_id, p.block_id, b.kind AS block_kind, p.episode_id, p.
        r.direction AS reward_direction, r.magnitude AS reward_magnitude,
        r.calibration AS reward_calibration, r.data_use AS reward_data_use,
        r.composite AS reward, r.reward_version, r.reason AS reward_reason,
-       a.status AS adapter_status
+       a.status AS adapter_status, e.explore_direction AS explored_direction, e.explore_tool AS explored_tool
 FROM predictions p
 JOIN blocks b ON b.id = p.block_id
+LEFT JOIN episodes e ON e.id = p.episode_id
 LEFT JOIN outcomes o ON o.prediction_id = p.id
 LEFT JOIN rewards r ON r.id = (SELECT MAX(r2.id) FROM rewards r2 WHERE r2.prediction_id = p.id)
 LEFT JOIN adapters a ON a.version = p.adapter_version
@@ -61,6 +62,25 @@ GROUP BY e.block_id, tc.name
 # at its own revision (`views_at`), so a fresh database upgrades step by step: revision 0001 cannot
 # create a view over a column that 0006 adds.
 REPLACED: dict[str, dict[str, str]] = {
+    "0008": {"v_predictions": """
+SELECT p.id AS prediction_id, p.block_id, b.kind AS block_kind, p.episode_id, p.ticker,
+       p.as_of, p.horizon, p.resolve_at, p.direction, p.magnitude_pct, p.confidence,
+       p.stated_confidence, p.valid, p.parse_error, p.rationale, p.citations, p.adapter_version,
+       p.target_score, p.conditioning, p.pending_reason,
+       CASE WHEN r.id IS NULL THEN 'pending' ELSE 'scored' END AS state,
+       o.close_as_of, o.close_resolve, o.realized_return_pct, o.realized_direction,
+       CASE WHEN o.id IS NULL OR p.direction IS NULL THEN NULL
+            WHEN p.direction = o.realized_direction THEN 1 ELSE 0 END AS correct,
+       r.direction AS reward_direction, r.magnitude AS reward_magnitude,
+       r.calibration AS reward_calibration, r.data_use AS reward_data_use,
+       r.composite AS reward, r.reward_version, r.reason AS reward_reason,
+       a.status AS adapter_status
+FROM predictions p
+JOIN blocks b ON b.id = p.block_id
+LEFT JOIN outcomes o ON o.prediction_id = p.id
+LEFT JOIN rewards r ON r.id = (SELECT MAX(r2.id) FROM rewards r2 WHERE r2.prediction_id = p.id)
+LEFT JOIN adapters a ON a.version = p.adapter_version
+"""},  # before explored episodes were marked
     "0007": {"v_predictions": """
 SELECT p.id AS prediction_id, p.block_id, b.kind AS block_kind, p.episode_id, p.ticker,
        p.as_of, p.horizon, p.resolve_at, p.direction, p.magnitude_pct, p.confidence,

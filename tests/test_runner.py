@@ -233,10 +233,14 @@ def test_exploration_marks_train_items_only_and_is_reproducible(sqlite_db, marke
     gate = run_block(sqlite_db, policy, market, cfg(explore_rate=1.0, max_steps=1), RewardsConfig(), size=3,
                      kind="gate", progress=False)
     with session_scope(sqlite_db) as s:
-        directions = {b: [e.explore_direction for e in s.scalars(select(Episode).where(Episode.block_id == b))]
+        directions = {b: [e.explore_direction for e in s.scalars(select(Episode).where(Episode.block_id == b).order_by(Episode.id))]
                       for b in (train, gate)}
     assert all(d in ("up", "down", "flat") for d in directions[train])
     assert directions[gate] == [None, None, None]  # gate and eval blocks measure the policy, never explore
+    with sqlite_db.connect() as c:  # users see which predictions were explored without a join
+        shown = {b: [r for (r,) in c.execute(text("SELECT explored_direction FROM v_predictions WHERE block_id = :b "
+                                                  "ORDER BY episode_id"), {"b": b})] for b in (train, gate)}
+    assert shown == directions
 
 
 def test_gate_blocks_decode_greedily_and_record_it(sqlite_db, market):

@@ -51,7 +51,20 @@ def test_v_predictions_shows_stated_confidence_from_revision_0007(db_url):
     assert "stated_confidence" not in columns() and "confidence" in columns()
     assert upgrade(engine) == head_revision() and "stated_confidence" in columns()
     assert "stated_confidence" not in views_at("0001")["v_predictions"]
-    assert views_at("0007") == VIEWS
+    assert views_at("0008") == VIEWS
+
+
+def test_v_predictions_marks_explored_predictions_from_revision_0008(db_url):
+    engine = open_store(db_url)
+
+    def columns() -> list[str]:
+        with engine.connect() as conn:
+            return list(conn.execute(text("SELECT * FROM v_predictions")).keys())
+
+    assert {"explored_direction", "explored_tool"} <= set(columns())
+    downgrade(engine, "0007")
+    assert "explored_direction" not in columns() and "stated_confidence" in columns()
+    assert upgrade(engine) == head_revision() and "explored_direction" in columns()
 
 
 def test_newer_database_is_refused_and_untouched(db_url):

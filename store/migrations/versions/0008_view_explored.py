@@ -1,0 +1,31 @@
+"""v_predictions marks explored predictions (explored_direction, explored_tool)
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-01
+
+Train blocks explore by default (agent.explore_rate = 0.3): about three in ten of their directions are
+drawn, not the model's. A user reading accuracy off v_predictions needs to tell them apart without a
+join to episodes; the view now carries what was explored (NULL = the model's own choice).
+"""
+from alembic import op
+
+from store.views import views_at
+
+revision = '0008'
+down_revision = '0007'
+branch_labels = None
+depends_on = None
+
+
+def _replace_view(revision_sql: str) -> None:
+    op.execute("DROP VIEW IF EXISTS v_predictions")  # no other view reads v_predictions
+    op.execute(f"CREATE VIEW v_predictions AS {revision_sql}")
+
+
+def upgrade() -> None:
+    _replace_view(views_at("0008")["v_predictions"])
+
+
+def downgrade() -> None:
+    _replace_view(views_at("0007")["v_predictions"])
