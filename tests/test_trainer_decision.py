@@ -17,7 +17,8 @@ from trainer.dataset import build_examples, plan_round
 from trainer.decision import decision_row, decision_rows
 from trainer.errors import TrainerError
 
-CFG = TrainerConfig(replay_size=0, min_new_episodes=1, max_length=4096, lora_r=2, lora_alpha=4, loss_on="decision")
+CFG = TrainerConfig(replay_size=0, min_new_episodes=1, max_length=4096, lora_r=2, lora_alpha=4, loss_on="decision",
+                    boost_top_fraction=0.0, balance_directions=False)  # one example per episode
 
 
 def chats(engine) -> dict[int, list[dict[str, str]]]:

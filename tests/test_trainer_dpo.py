@@ -32,7 +32,7 @@ def test_dpo_round_trains_a_candidate(sqlite_db, tiny_model_dir, tmp_path):
     add_block(sqlite_db, [0.9, 0.1, 0.8, 0.2], start=T0)
     add_block(sqlite_db, [0.1, 0.9, 0.2, 0.8], start=T0)
     cfg = TrainerConfig(objective="dpo", adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"),
-                        lora_r=4, lora_alpha=8, batch_size=2, max_length=384, min_new_episodes=1)
+                        lora_r=4, lora_alpha=8, batch_size=2, max_length=384, min_new_episodes=1, grad_accum=1)
     r = train_round(sqlite_db, cfg, RewardsConfig(), tiny_model_dir, device="cpu")
     assert r.adapter_version == 1 and r.n_examples == 4 and len(r.loss_curve) == 2
     assert all(p["loss"] > 0 for p in r.loss_curve)

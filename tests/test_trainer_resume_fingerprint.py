@@ -24,7 +24,8 @@ REWARDS = RewardsConfig()
 
 def tcfg(tmp_path: Path) -> TrainerConfig:
     return TrainerConfig(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=4,
-                         lora_alpha=8, batch_size=2, max_length=384, save_steps=2, min_new_episodes=1, replay_size=0)
+                         lora_alpha=8, batch_size=2, max_length=384, save_steps=2, min_new_episodes=1, replay_size=0,
+                         grad_accum=1, boost_top_fraction=0.0, balance_directions=False)  # steps = examples / 2
 
 
 class Crash(TrainerCallback):

@@ -26,7 +26,9 @@ REWARDS = RewardsConfig()
 
 def tcfg(tmp_path: Path, **kw) -> TrainerConfig:
     base = {"adapters_dir": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs"), "lora_r": 4, "lora_alpha": 8,
-                "batch_size": 2, "max_length": 384, "save_steps": 2, "min_new_episodes": 1, "replay_size": 3}
+                "batch_size": 2, "max_length": 384, "save_steps": 2, "min_new_episodes": 1, "replay_size": 3,
+            # the mechanics below count examples and steps: one example per episode, one micro-batch per step
+            "grad_accum": 1, "boost_top_fraction": 0.0, "balance_directions": False}
     return TrainerConfig(**{**base, **kw})
 
 
@@ -221,6 +223,7 @@ def test_cli_train_runs_a_round_and_publishes(sqlite_url, sqlite_db, tiny_model_
     add_block(sqlite_db, [0.3, 0.6, 0.9, 0.2])
     res = CliRunner().invoke(app, ["--db", sqlite_url, "train", "--publish"])
     assert res.exit_code == 0, res.output
-    assert "adapter v1 (parent None): 4 examples" in res.output and "v1 is serving" in res.output
+    # the default recipe: 4 episodes + the top one boosted twice (trainer.boost_top_fraction = 0.25)
+    assert "adapter v1 (parent None): 6 examples" in res.output and "v1 is serving" in res.output
     with session_scope(sqlite_db) as s:
         assert serving_adapter(s) == (str(Path("adapters") / "v1"), 1)

@@ -22,7 +22,8 @@ def test_one_round_lowers_training_loss_on_smollm2(sqlite_db, smollm2_dir, tmp_p
 
     cfg = TrainerConfig(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=8,
                         lora_alpha=16, batch_size=4, max_length=192, epochs=3, learning_rate=2e-3,
-                        min_new_episodes=1, save_steps=100)
+                        min_new_episodes=1, save_steps=100, grad_accum=1, boost_top_fraction=0.0,
+                        balance_directions=False, loss_on="assistant")  # one example per episode, the loss measured
     add_block(sqlite_db, [0.15, 0.55, 0.95, 0.05], invalid=[3])
     with session_scope(sqlite_db) as s:
         plan = plan_round(s, cfg, RewardsConfig())
