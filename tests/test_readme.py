@@ -20,6 +20,15 @@ def test_readme_toml_example_loads(tmp_path):
     assert s.market.source == "synthetic"
     assert s.rewards.label_format == "score"
     assert s.agent.target_score == 0.95
+    # The recipe lines of the example are the defaults the README describes (learning_history.md, run F).
+    from agent.config import AgentConfig
+    from trainer.config import TrainerConfig
+
+    agent, trainer = AgentConfig(), TrainerConfig()
+    for key in ("temperature", "explore_rate"):
+        assert getattr(s.agent, key) == getattr(agent, key), key
+    for key in ("learning_rate", "boost_top_fraction", "loss_on", "balance_directions", "decision_weight"):
+        assert getattr(s.trainer, key) == getattr(trainer, key), key
 
 
 def readme_sql_statements() -> list[str]:
