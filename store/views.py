@@ -118,5 +118,11 @@ def create_views_sql(revision: str | None = None) -> list[str]:
     return [f"CREATE VIEW {name} AS {sql}" for name, sql in views.items()]
 
 
+def replace_view_sql(name: str, revision: str) -> list[str]:
+    """Statements that swap one view for its text as of `revision`: a view-only migration's whole body
+    (no view reads another, so one can be dropped alone)."""
+    return [f"DROP VIEW IF EXISTS {name}", f"CREATE VIEW {name} AS {views_at(revision)[name]}"]
+
+
 def drop_views_sql() -> list[str]:
     return [f"DROP VIEW IF EXISTS {name}" for name in reversed(list(VIEWS))]

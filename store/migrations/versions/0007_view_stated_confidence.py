@@ -9,7 +9,7 @@ could only reach `stated_confidence` through the predictions table; the view now
 """
 from alembic import op
 
-from store.views import views_at
+from store.views import replace_view_sql
 
 revision = '0007'
 down_revision = '0006'
@@ -17,14 +17,11 @@ branch_labels = None
 depends_on = None
 
 
-def _replace_view(revision_sql: str) -> None:
-    op.execute("DROP VIEW IF EXISTS v_predictions")  # no other view reads v_predictions
-    op.execute(f"CREATE VIEW v_predictions AS {revision_sql}")
-
-
 def upgrade() -> None:
-    _replace_view(views_at("0007")["v_predictions"])
+    for stmt in replace_view_sql("v_predictions", "0007"):
+        op.execute(stmt)
 
 
 def downgrade() -> None:
-    _replace_view(views_at("0006")["v_predictions"])
+    for stmt in replace_view_sql("v_predictions", "0006"):
+        op.execute(stmt)
