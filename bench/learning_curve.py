@@ -8,6 +8,8 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
                  score     every episode, its achieved score as the label (`Score: 0.83`), 1 epoch
                  filtered  each block's top quartile, no label (RAFT-style), 2 epochs (half the score arm's passes)
                  uncond    every episode, no label (the same fixed line for all), 1 epoch
+                 boosted   uncond plus the score arm's boost (top quartile repeated twice): the score arm
+                           without its label, so score - boosted is what the label itself adds
                An optimizer step of 8 episodes (~500 tokens each) takes ~30 s on 2 cores in fp32, so one
                epoch over 320 episodes is ~20 min; micro-batches of 4 with 2 accumulation steps keep the
                eager-attention activations of a step under ~8 GB (batch 8 in one go was OOM-killed at 17 GB).
@@ -19,7 +21,9 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
                whether the item has a visible signal headline; p* with the rewards' flat band; ECE; Spearman.
 
 Each phase writes its results to --workdir/state.json before the next starts, so a run cut short keeps what
-finished, and rerunning the same command resumes after the last finished phase.
+finished, and rerunning the same command resumes after the last finished phase. Run it from a git worktree
+(`git worktree add /tmp/benchtree HEAD`), not the tree you edit: each eval phase opens a fresh database, and
+Alembic loads the migration files from disk, so an edit mid-run can break a run hours in.
 
     .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms score --temperature 0 --explore 0.3 \
         --loss-on weighted --balance   # the reported run (~1 h 50 min, 2 cores)
@@ -59,6 +63,7 @@ ARMS: dict[str, dict] = {
     "score": {"label_format": "score", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 2},
     "filtered": {"label_format": "none", "top": 0.25, "epochs": 2.0},
     "uncond": {"label_format": "none", "top": 1.0, "epochs": 1.0},
+    "boosted": {"label_format": "none", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 2},
 }
 CTRL_TARGETS = (0.0, 0.25, 0.5, 0.75)
 SIGNAL_WORDS = ("estimates", "contract", "record revenue", "key customer", "recall")
@@ -426,7 +431,7 @@ def report(args, st: State, market) -> str:
                   "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
         names = list(views)
         pairs = [(a, "base") for a in names if a != "base"]
-        for other in ("filtered", "uncond"):
+        for other in ("filtered", "uncond", "boosted"):
             for suffix in ("", " (mapped)"):
                 if "score" + suffix in views and other + suffix in views:
                     pairs.append(("score" + suffix, other + suffix))
