@@ -26,7 +26,7 @@ run: install  ## set up and run the daemon on the offline default (SQLite, synth
 	$(BIN)/scoreloop daemon $(RUN_FLAGS)
 
 test: install  ## the whole suite: fast tier and slow tier (real SmolLM2, PostgreSQL, fault injection)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"

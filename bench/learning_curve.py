@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--train-items", type=int, default=320)
+    p.add_argument("--train-seed", default="learn-train",
+                   help="seed of the train-region draw: another value is a second, independent training set "
+                        "(the held-out items do not change)")
     p.add_argument("--eval-items", type=int, default=300)
     p.add_argument("--ctrl-items", type=int, default=60)
     p.add_argument("--gate-items", type=int, default=100,
@@ -184,7 +187,7 @@ def generate(args, st: State, market, split, model_dir: str, work: Path) -> None
     if db.exists():
         db.unlink()
     engine = open_store(f"sqlite:///{db}")
-    items = draw_items(split.train, market.tickers, args.train_items, seed="learn-train")
+    items = draw_items(split.train, market.tickers, args.train_items, seed=args.train_seed)
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
     t0 = time.perf_counter()
     try:
@@ -431,10 +434,11 @@ def report(args, st: State, market) -> str:
                   "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
         names = list(views)
         pairs = [(a, "base") for a in names if a != "base"]
-        for other in ("filtered", "uncond", "boosted"):
+        # score vs each unlabelled arm; boosted vs uncond is what the boost alone adds
+        for one, other in [("score", "filtered"), ("score", "uncond"), ("score", "boosted"), ("boosted", "uncond")]:
             for suffix in ("", " (mapped)"):
-                if "score" + suffix in views and other + suffix in views:
-                    pairs.append(("score" + suffix, other + suffix))
+                if one + suffix in views and other + suffix in views:
+                    pairs.append((one + suffix, other + suffix))
         for a, b in pairs:
             ra = {item_key(r): r for r in views[a][0]}
             rb = {item_key(r): r for r in views[b][0]}
