@@ -10,6 +10,9 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
                  uncond    every episode, no label (the same fixed line for all), 1 epoch
                  boosted   uncond plus the score arm's boost (top quartile repeated twice): the score arm
                            without its label, so score - boosted is what the label itself adds
+                 filtered_r2, filtered_r3  later rounds of the loop: the parent arm's adapter writes a fresh
+                           train block (items no earlier round had), and the round resumes its LoRA on that
+                           block's top quartile; round minus parent is what one more turn of the loop adds
                An optimizer step of 8 episodes (~500 tokens each) takes ~30 s on 2 cores in fp32, so one
                epoch over 320 episodes is ~20 min; micro-batches of 4 with 2 accumulation steps keep the
                eager-attention activations of a step under ~8 GB (batch 8 in one go was OOM-killed at 17 GB).
@@ -27,6 +30,8 @@ Alembic loads the migration files from disk, so an edit mid-run can break a run 
 
     .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms score --temperature 0 --explore 0.3 \
         --loss-on weighted --balance   # the reported run (~1 h 50 min, 2 cores)
+    .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms filtered,filtered_r2,filtered_r3 \
+        --temperature 0 --explore 0.3 --loss-on weighted --balance --out bench/results/learning_rounds.md
     .venv/bin/python bench/learning_curve.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt
 """
 
@@ -64,6 +69,10 @@ ARMS: dict[str, dict] = {
     "filtered": {"label_format": "none", "top": 0.25, "epochs": 2.0},
     "uncond": {"label_format": "none", "top": 1.0, "epochs": 1.0},
     "boosted": {"label_format": "none", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 2},
+    # Later rounds of the loop: the parent's adapter serves a fresh train block (its own answers, explored as
+    # the first round's), and the round resumes the parent's LoRA on that block alone, as the product does.
+    "filtered_r2": {"label_format": "none", "top": 0.25, "epochs": 2.0, "parent": "filtered"},
+    "filtered_r3": {"label_format": "none", "top": 0.25, "epochs": 2.0, "parent": "filtered_r2"},
 }
 CTRL_TARGETS = (0.0, 0.25, 0.5, 0.75)
 SIGNAL_WORDS = ("estimates", "contract", "record revenue", "key customer", "recall")
@@ -187,7 +196,7 @@ def generate(args, st: State, market, split, model_dir: str, work: Path) -> None
     if db.exists():
         db.unlink()
     engine = open_store(f"sqlite:///{db}")
-    items = draw_items(split.train, market.tickers, args.train_items, seed=args.train_seed)
+    items = train_draw(args, market, split)
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
     t0 = time.perf_counter()
     try:
@@ -210,13 +219,83 @@ def generate(args, st: State, market, split, model_dir: str, work: Path) -> None
     log(f"generate: {st.data['generate']}")
 
 
+def lineage(arm: str) -> list[str]:
+    """The round arms from the first later round down to `arm` (empty for a first-round arm)."""
+    chain = []
+    while "parent" in ARMS[arm]:
+        chain.append(arm)
+        arm = ARMS[arm]["parent"]
+    return chain[::-1]
+
+
+def train_draw(args, market, split, arm: str | None = None) -> list[tuple[str, date]]:
+    """The train items an arm's generation runs on: the first round's seeded draw, and for each later round
+    a fresh draw of --train-items from the same region that leaves out every earlier round's items, so a
+    round never trains twice on one (ticker, session)."""
+    items = draw_items(split.train, market.tickers, args.train_items, seed=args.train_seed)
+    if arm is None:
+        return items
+    order = {t: i for i, t in enumerate(market.tickers)}
+    seen = set(items)
+    for a in lineage(arm):
+        rest = [(t, d) for d in split.train.sessions for t in market.tickers if (t, d) not in seen]
+        items = sorted(random.Random(f"{args.train_seed}|{a}").sample(rest, args.train_items),
+                       key=lambda it: (it[1], order[it[0]]))
+        seen |= set(items)
+    return items
+
+
+def generate_round(args, st: State, arm: str, market, split, model_dir: str, work: Path) -> None:
+    """A later round's data: the parent arm's store, its adapter made the serving one, writes a new train block
+    on fresh items (the same temperature and exploration as the first round) that `scoring.resolve` scores."""
+    from agent.runner import run_block
+    from policy.local import LocalPolicy
+    from scoring.resolve import resolve_pending
+    from store.db import open_store, session_scope
+    from store.training import flip_serving
+
+    parent = ARMS[arm]["parent"]
+    trained = st.data["train"][parent]
+    db = work / f"{arm}.db"
+    shutil.copyfile(work / f"{parent}.db", db)
+    engine = open_store(f"sqlite:///{db}")
+    with session_scope(engine) as s:
+        flip_serving(s, trained["version"])
+    items = train_draw(args, market, split, arm)
+    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
+    policy.load_adapter(trained["path"], trained["version"])
+    t0 = time.perf_counter()
+    try:
+        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=args.temperature,
+                                                          explore=args.explore),
+                        RewardsConfig(label_format=ARMS[parent]["label_format"]), kind="train",
+                        items=as_of_items(market, items), size=len(items), target_score=0.95, progress=False,
+                        horizon=market.horizon_days)
+    finally:
+        policy.close()
+    resolve_pending(engine, market, RewardsConfig())
+    rows = block_rows(engine, bid)
+    engine.dispose()
+    st.data.setdefault("generate_rounds", {})[arm] = {
+        "parent": parent, "block_id": bid, "n": len(rows), "seconds": time.perf_counter() - t0,
+        "accuracy": mean([r["correct"] for r in rows if r["correct"] is not None]),
+        "mean_reward": mean([r["composite"] for r in rows if r["composite"] is not None]),
+        "valid": mean([float(bool(r["valid"])) for r in rows]),
+        "signal_in_context": mean([float(r["signal_in_context"]) for r in rows]),
+        "directions": {d: sum(r["direction"] == d for r in rows) for d in ("up", "down", "flat")},
+        "headline_link": headline_link(market, rows)}
+    st.save()
+    log(f"generate {arm}: {st.data['generate_rounds'][arm]}")
+
+
 def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
     from store.db import open_store
     from trainer.round import train_round
 
     spec = ARMS[arm]
     db = work / f"{arm}.db"
-    shutil.copyfile(work / "gen.db", db)
+    if "parent" not in spec:  # a later round trains in the store its generation wrote (the parent's, resumed)
+        shutil.copyfile(work / "gen.db", db)
     engine = open_store(f"sqlite:///{db}")
     cfg = TrainerConfig(adapters_dir=str(work / f"adapters-{arm}"), runs_dir=str(work / f"runs-{arm}"),
                         learning_rate=args.lr, epochs=spec["epochs"], batch_size=args.batch_size,
@@ -231,7 +310,8 @@ def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
     engine.dispose()
     losses = [p.get("loss") for p in getattr(res, "loss_curve", []) if p.get("loss") is not None]
     st.data.setdefault("train", {})[arm] = {
-        "path": res.path, "n_examples": res.n_examples, "seconds": time.perf_counter() - t0,
+        "path": res.path, "version": res.adapter_version, "parent_version": res.parent_version,
+        "n_examples": res.n_examples, "seconds": time.perf_counter() - t0,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "steps": len(losses)}
     st.save()
@@ -380,6 +460,14 @@ def report(args, st: State, market) -> str:
             lines += [(f"Went the way the visible headline points (signal items only; what a model that ignores the "
                        f"label can learn from this data): {parts} (top = the top quartile by reward). With the top "
                        f"quartile repeated {k} more times (the score arm's data): {boosted}."), ""]
+    for arm, r in st.data.get("generate_rounds", {}).items():
+        link = r["headline_link"]
+        parts = "; ".join(f"{n} {v['went_with_headline']}/{v['signal_items']}" for n, v in link.items())
+        dirs = ", ".join(f"{d} {n}" for d, n in r["directions"].items() if n)
+        lines += [(f"Round `{arm}`: {r['n']} fresh train items written by `{r['parent']}`'s adapter (the same "
+                   f"temperature and exploration), accuracy {fmt(r['accuracy'])}, mean reward {fmt(r['mean_reward'])}, "
+                   f"valid {fmt(r['valid'])}, directions {dirs}; went the way the visible headline points: {parts}; "
+                   f"{r['seconds'] / 60:.1f} min."), ""]
     for arm, t in st.data.get("train", {}).items():
         lines.append(f"- train `{arm}`: {t['n_examples']} examples, {t['steps']} logged steps, loss "
                      f"{fmt(t['loss_first'])} -> {fmt(t['loss_last'])}, {t['seconds'] / 60:.1f} min")
@@ -435,7 +523,9 @@ def report(args, st: State, market) -> str:
         names = list(views)
         pairs = [(a, "base") for a in names if a != "base"]
         # score vs each unlabelled arm; boosted vs uncond is what the boost alone adds
-        for one, other in [("score", "filtered"), ("score", "uncond"), ("score", "boosted"), ("boosted", "uncond")]:
+        rounds = [(a, ARMS[a]["parent"]) for a in ARMS if "parent" in ARMS[a]]  # what each later round adds
+        for one, other in [("score", "filtered"), ("score", "uncond"), ("score", "boosted"), ("boosted", "uncond"),
+                           *rounds]:
             for suffix in ("", " (mapped)"):
                 if one + suffix in views and other + suffix in views:
                     pairs.append((one + suffix, other + suffix))
@@ -533,6 +623,10 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(args, st, market, split, model_dir, work, [run])
             write()
     for arm in arms:
+        if "parent" in ARMS[arm] and arm not in st.data.get("generate_rounds", {}):
+            if ARMS[arm]["parent"] not in st.data.get("train", {}):
+                raise SystemExit(f"{arm} continues {ARMS[arm]['parent']}: list that arm before it in --arms")
+            generate_round(args, st, arm, market, split, model_dir, work)
         if arm not in st.data.get("train", {}):
             train(args, st, arm, model_dir, work)
         runs = [(arm, 1.0, args.eval_items), (arm, 1.0, args.gate_items, "gate")] + (
