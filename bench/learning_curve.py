@@ -62,6 +62,7 @@ from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
 from rewards.metrics import brier_score, expected_calibration_error
+from rewards.outcomes import realized_direction
 from trainer.config import TrainerConfig
 
 ARMS: dict[str, dict] = {
@@ -404,6 +405,24 @@ def visible_signal(market, r: dict) -> bool:
     return market.prices.signal_visible(r["ticker"], date.fromisoformat(str(r["as_of"])[:10]), market.horizon_days)
 
 
+def bayes_rows(market, rows: list[dict]) -> list[dict]:
+    """The Bayes rule on the same items: the likeliest of up / flat / down given every headline up to as_of
+    (the generating process's exact class probabilities, as p*band uses), scored against the realized return
+    with the rewards' flat band. The ceiling on *these* items, paired, where p*band is the whole history's."""
+    syn, h, band = market.prices, market.horizon_days, RewardsConfig().flat_band_pct
+    out = []
+    for r in rows:
+        if r["realized_return_pct"] is None:
+            continue
+        mu = syn.visible_drift(syn.tickers.index(r["ticker"]), syn.day_index(date.fromisoformat(str(r["as_of"])[:10])), h)
+        probs = dict(zip(("up", "flat", "down"), syn.item_class_probs(mu, h, band), strict=True))
+        best = max(probs, key=probs.get)
+        out.append({"ticker": r["ticker"], "as_of": r["as_of"], "direction": best, "confidence": probs[best],
+                    "correct": int(realized_direction(r["realized_return_pct"], band) == best), "composite": None,
+                    "realized_return_pct": r["realized_return_pct"]})
+    return out
+
+
 def arm_confidence_map(st: State, arm: str) -> ConfidenceMap | None:
     """The arm's confidence map, fitted on its gate-region answers exactly as the product's gate does."""
     g = st.data.get("eval", {}).get(run_key(arm, 1.0, "gate"))
@@ -481,8 +500,13 @@ def report(args, st: State, market) -> str:
             views[e["arm"]] = (e["rows"], e["seconds"] / 60)
             if maps.get(e["arm"]) is not None:
                 views[e["arm"] + " (mapped)"] = (as_published(e["rows"], maps[e["arm"]]), e["seconds"] / 60)
+    if base and hasattr(market.prices, "item_class_probs"):  # the synthetic market's exact ceiling, same items
+        views["Bayes rule"] = (bayes_rows(market, base["rows"]), 0.0)
     if base:
         lines += ["## Held-out figures at target 1.0 (same items, greedy)", "",
+                  ("`Bayes rule`: the likeliest of up / flat / down given every headline before as_of, from the "
+                   "market's generating process (what p*band averages over the whole history), on the same items: "
+                   "the ceiling an agent can reach on them. It writes no magnitude, so it has no reward."), "",
                   ("`(mapped)`: the same answers as the product publishes them once the arm's confidence map "
                   "(fitted on its gate-region answers, below) is applied; direction and accuracy do not change."), "",
                   ("| arm | n | accuracy | acc, signal visible | acc, no signal | mean reward | Brier | ECE | "
@@ -521,7 +545,8 @@ def report(args, st: State, market) -> str:
         lines += ["## Paired differences (arm minus other, same items); 95% interval resampling dates", "",
                   "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
         names = list(views)
-        pairs = [(a, "base") for a in names if a != "base"]
+        pairs = [(a, "base") for a in names if a not in ("base", "Bayes rule")]
+        pairs += [(a, "Bayes rule") for a in names if "(mapped)" not in a and a != "Bayes rule"]
         # score vs each unlabelled arm; boosted vs uncond is what the boost alone adds
         rounds = [(a, ARMS[a]["parent"]) for a in ARMS if "parent" in ARMS[a]]  # what each later round adds
         for one, other in [("score", "filtered"), ("score", "uncond"), ("score", "boosted"), ("boosted", "uncond"),
@@ -533,7 +558,17 @@ def report(args, st: State, market) -> str:
             ra = {item_key(r): r for r in views[a][0]}
             rb = {item_key(r): r for r in views[b][0]}
             common = sorted(set(ra) & set(rb))
-            for fig in ("correct", "composite"):
+            for fig in ("correct", "composite", "visible"):
+                if (fig == "composite") == (b == "Bayes rule") and fig != "correct":
+                    continue  # against the Bayes rule: accuracy, all items and those with a visible signal
+                if fig == "visible":
+                    vis = [k for k in common if visible_signal(market, ra[k])]
+                    d = paired_difference({k: ra[k]["correct"] for k in vis}, {k: rb[k]["correct"] for k in vis},
+                                          on_date, n_boot=args.boot)
+                    if d is not None:
+                        lines.append(f"| {a} - {b} | acc, signal visible | {d.mean:+.3f} | "
+                                     f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
+                    continue
                 if fig == "correct" and "(mapped)" in a and a.replace(" (mapped)", "") in views and (
                         b == "base" or "(mapped)" in b):
                     continue  # the map does not change a direction: same accuracy row as unmapped
