@@ -187,6 +187,16 @@ def headline_link(market, rows: list[dict]) -> dict:
     return out
 
 
+def data_stats(market, rows: list[dict]) -> dict:
+    """What a generated train block holds: how right it is, and how often it follows a visible headline."""
+    return {"n": len(rows), "accuracy": mean([r["correct"] for r in rows if r["correct"] is not None]),
+            "mean_reward": mean([r["composite"] for r in rows if r["composite"] is not None]),
+            "valid": mean([float(bool(r["valid"])) for r in rows]),
+            "signal_in_context": mean([float(r["signal_in_context"]) for r in rows]),
+            "directions": {d: sum(r["direction"] == d for r in rows) for d in ("up", "down", "flat")},
+            "headline_link": headline_link(market, rows)}
+
+
 def generate(args, st: State, market, split, model_dir: str, work: Path) -> None:
     from agent.runner import run_block
     from policy.local import LocalPolicy
@@ -210,12 +220,7 @@ def generate(args, st: State, market, split, model_dir: str, work: Path) -> None
     resolve_pending(engine, market, RewardsConfig())
     rows = block_rows(engine, bid)
     engine.dispose()
-    st.data["generate"] = {"block_id": bid, "n": len(rows), "seconds": time.perf_counter() - t0,
-                           "accuracy": mean([r["correct"] for r in rows if r["correct"] is not None]),
-                           "mean_reward": mean([r["composite"] for r in rows if r["composite"] is not None]),
-                           "valid": mean([float(bool(r["valid"])) for r in rows]),
-                           "signal_in_context": mean([float(r["signal_in_context"]) for r in rows]),
-                           "headline_link": headline_link(market, rows)}
+    st.data["generate"] = {"block_id": bid, **data_stats(market, rows), "seconds": time.perf_counter() - t0}
     st.save()
     log(f"generate: {st.data['generate']}")
 
@@ -277,14 +282,8 @@ def generate_round(args, st: State, arm: str, market, split, model_dir: str, wor
     resolve_pending(engine, market, RewardsConfig())
     rows = block_rows(engine, bid)
     engine.dispose()
-    st.data.setdefault("generate_rounds", {})[arm] = {
-        "parent": parent, "block_id": bid, "n": len(rows), "seconds": time.perf_counter() - t0,
-        "accuracy": mean([r["correct"] for r in rows if r["correct"] is not None]),
-        "mean_reward": mean([r["composite"] for r in rows if r["composite"] is not None]),
-        "valid": mean([float(bool(r["valid"])) for r in rows]),
-        "signal_in_context": mean([float(r["signal_in_context"]) for r in rows]),
-        "directions": {d: sum(r["direction"] == d for r in rows) for d in ("up", "down", "flat")},
-        "headline_link": headline_link(market, rows)}
+    st.data.setdefault("generate_rounds", {})[arm] = {"parent": parent, "block_id": bid, **data_stats(market, rows),
+                                                      "seconds": time.perf_counter() - t0}
     st.save()
     log(f"generate {arm}: {st.data['generate_rounds'][arm]}")
 
