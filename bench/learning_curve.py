@@ -197,30 +197,39 @@ def data_stats(market, rows: list[dict]) -> dict:
             "headline_link": headline_link(market, rows)}
 
 
-def generate(args, st: State, market, split, model_dir: str, work: Path) -> None:
+def write_block(args, engine, market, model_dir: str, items: list[tuple[str, date]], *,
+                adapter: tuple[str, int] | None = None, label_format: str = "score") -> tuple[int, list[dict], float]:
+    """Run the agent (the base model, or `adapter` = (path, version)) over `items` as a train block at the
+    run's temperature and exploration, score it with `scoring.resolve`; (block id, its rows, seconds)."""
     from agent.runner import run_block
     from policy.local import LocalPolicy
     from scoring.resolve import resolve_pending
+
+    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
+    if adapter is not None:
+        policy.load_adapter(*adapter)
+    t0 = time.perf_counter()
+    try:
+        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=args.temperature,
+                                                          explore=args.explore),
+                        RewardsConfig(label_format=label_format), kind="train", items=as_of_items(market, items),
+                        size=len(items), target_score=0.95, progress=False, horizon=market.horizon_days)
+    finally:
+        policy.close()
+    resolve_pending(engine, market, RewardsConfig())
+    return bid, block_rows(engine, bid), time.perf_counter() - t0
+
+
+def generate(args, st: State, market, split, model_dir: str, work: Path) -> None:
     from store.db import open_store
 
     db = work / "gen.db"
     if db.exists():
         db.unlink()
     engine = open_store(f"sqlite:///{db}")
-    items = train_draw(args, market, split)
-    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
-    t0 = time.perf_counter()
-    try:
-        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=args.temperature,
-                                                          explore=args.explore),
-                        RewardsConfig(), kind="train", items=as_of_items(market, items), size=len(items),
-                        target_score=0.95, progress=False, horizon=market.horizon_days)
-    finally:
-        policy.close()
-    resolve_pending(engine, market, RewardsConfig())
-    rows = block_rows(engine, bid)
+    bid, rows, seconds = write_block(args, engine, market, model_dir, train_draw(args, market, split))
     engine.dispose()
-    st.data["generate"] = {"block_id": bid, **data_stats(market, rows), "seconds": time.perf_counter() - t0}
+    st.data["generate"] = {"block_id": bid, **data_stats(market, rows), "seconds": seconds}
     st.save()
     log(f"generate: {st.data['generate']}")
 
@@ -254,9 +263,6 @@ def train_draw(args, market, split, arm: str | None = None) -> list[tuple[str, d
 def generate_round(args, st: State, arm: str, market, split, model_dir: str, work: Path) -> None:
     """A later round's data: the parent arm's store, its adapter made the serving one, writes a new train block
     on fresh items (the same temperature and exploration as the first round) that `scoring.resolve` scores."""
-    from agent.runner import run_block
-    from policy.local import LocalPolicy
-    from scoring.resolve import resolve_pending
     from store.db import open_store, session_scope
     from store.training import flip_serving
 
@@ -267,23 +273,12 @@ def generate_round(args, st: State, arm: str, market, split, model_dir: str, wor
     engine = open_store(f"sqlite:///{db}")
     with session_scope(engine) as s:
         flip_serving(s, trained["version"])
-    items = train_draw(args, market, split, arm)
-    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
-    policy.load_adapter(trained["path"], trained["version"])
-    t0 = time.perf_counter()
-    try:
-        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=args.temperature,
-                                                          explore=args.explore),
-                        RewardsConfig(label_format=ARMS[parent]["label_format"]), kind="train",
-                        items=as_of_items(market, items), size=len(items), target_score=0.95, progress=False,
-                        horizon=market.horizon_days)
-    finally:
-        policy.close()
-    resolve_pending(engine, market, RewardsConfig())
-    rows = block_rows(engine, bid)
+    bid, rows, seconds = write_block(args, engine, market, model_dir, train_draw(args, market, split, arm),
+                                     adapter=(trained["path"], trained["version"]),
+                                     label_format=ARMS[parent]["label_format"])
     engine.dispose()
     st.data.setdefault("generate_rounds", {})[arm] = {"parent": parent, "block_id": bid, **data_stats(market, rows),
-                                                      "seconds": time.perf_counter() - t0}
+                                                      "seconds": seconds}
     st.save()
     log(f"generate {arm}: {st.data['generate_rounds'][arm]}")
 
@@ -557,25 +552,18 @@ def report(args, st: State, market) -> str:
             ra = {item_key(r): r for r in views[a][0]}
             rb = {item_key(r): r for r in views[b][0]}
             common = sorted(set(ra) & set(rb))
-            for fig in ("correct", "composite", "visible"):
-                if (fig == "composite") == (b == "Bayes rule") and fig != "correct":
-                    continue  # against the Bayes rule: accuracy, all items and those with a visible signal
-                if fig == "visible":
-                    vis = [k for k in common if visible_signal(market, ra[k])]
-                    d = paired_difference({k: ra[k]["correct"] for k in vis}, {k: rb[k]["correct"] for k in vis},
-                                          on_date, n_boot=args.boot)
-                    if d is not None:
-                        lines.append(f"| {a} - {b} | acc, signal visible | {d.mean:+.3f} | "
-                                     f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
-                    continue
+            # the Bayes rule has no reward: against it, accuracy on all items and on those with a visible signal
+            for fig in (("correct", "visible") if b == "Bayes rule" else ("correct", "composite")):
                 if fig == "correct" and "(mapped)" in a and a.replace(" (mapped)", "") in views and (
                         b == "base" or "(mapped)" in b):
                     continue  # the map does not change a direction: same accuracy row as unmapped
-                d = paired_difference({k: ra[k][fig] for k in common}, {k: rb[k][fig] for k in common}, on_date,
+                keys = [k for k in common if visible_signal(market, ra[k])] if fig == "visible" else common
+                col = "correct" if fig == "visible" else fig
+                d = paired_difference({k: ra[k][col] for k in keys}, {k: rb[k][col] for k in keys}, on_date,
                                       n_boot=args.boot)
                 if d is None:
                     continue
-                name = "accuracy" if fig == "correct" else "mean reward"
+                name = {"correct": "accuracy", "composite": "mean reward", "visible": "acc, signal visible"}[fig]
                 lines.append(f"| {a} - {b} | {name} | {d.mean:+.3f} | "
                              f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
         lines.append("")
