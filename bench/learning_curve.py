@@ -198,9 +198,10 @@ def data_stats(market, rows: list[dict]) -> dict:
 
 
 def write_block(args, engine, market, model_dir: str, items: list[tuple[str, date]], *,
-                adapter: tuple[str, int] | None = None, label_format: str = "score") -> tuple[int, list[dict], float]:
+                adapter: tuple[str, int] | None = None, label_format: str = "score",
+                cfg: AgentConfig | None = None) -> tuple[int, list[dict], float]:
     """Run the agent (the base model, or `adapter` = (path, version)) over `items` as a train block at the
-    run's temperature and exploration, score it with `scoring.resolve`; (block id, its rows, seconds)."""
+    run's temperature and exploration (or with `cfg`), score it with `scoring.resolve`; (block id, rows, seconds)."""
     from agent.runner import run_block
     from policy.local import LocalPolicy
     from scoring.resolve import resolve_pending
@@ -210,8 +211,8 @@ def write_block(args, engine, market, model_dir: str, items: list[tuple[str, dat
         policy.load_adapter(*adapter)
     t0 = time.perf_counter()
     try:
-        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, temperature=args.temperature,
-                                                          explore=args.explore),
+        cfg = cfg or agent_cfg(args, model_dir, temperature=args.temperature, explore=args.explore)
+        bid = run_block(engine, policy, market, cfg,
                         RewardsConfig(label_format=label_format), kind="train", items=as_of_items(market, items),
                         size=len(items), target_score=0.95, progress=False, horizon=market.horizon_days)
     finally:
@@ -283,14 +284,18 @@ def generate_round(args, st: State, arm: str, market, split, model_dir: str, wor
     log(f"generate {arm}: {st.data['generate_rounds'][arm]}")
 
 
-def train(args, st: State, arm: str, model_dir: str, work: Path) -> None:
+def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict | None = None,
+          source_db: Path | None = None) -> None:
+    """Train `arm` (its ARMS entry, or `spec`) with the product's `train_round` in `work/<arm>.db`: a copy of
+    `source_db` (default gen.db) for a first-round arm; a later round trains in the store its generation wrote
+    (the parent's, resumed)."""
     from store.db import open_store
     from trainer.round import train_round
 
-    spec = ARMS[arm]
+    spec = spec or ARMS[arm]
     db = work / f"{arm}.db"
-    if "parent" not in spec:  # a later round trains in the store its generation wrote (the parent's, resumed)
-        shutil.copyfile(work / "gen.db", db)
+    if "parent" not in spec:
+        shutil.copyfile(source_db or work / "gen.db", db)
     engine = open_store(f"sqlite:///{db}")
     cfg = TrainerConfig(adapters_dir=str(work / f"adapters-{arm}"), runs_dir=str(work / f"runs-{arm}"),
                         learning_rate=args.lr, epochs=spec["epochs"], batch_size=args.batch_size,
