@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=2, help="agent.max_steps: tool calls before a forced prediction")
     p.add_argument("--explore", type=float, default=0.3, help="agent.explore_rate (directions) of train blocks")
     p.add_argument("--explore-tools", type=float, default=0.5, help="agent.explore_tool_rate of train blocks")
+    p.add_argument("--train-plan", default="",
+                   help="comma-separated research plan of the train blocks (e.g. search_news, the product default; "
+                        "no tool exploration then); empty = free tool choice there too. Held-out items always "
+                        "run with free tool choice: does a habit the plan demonstrated outlive the plan?")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -88,11 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def free_cfg(args, model_dir: str, *, train: bool) -> AgentConfig:
-    """Free tool choice: no research plan, the model picks every call (at least one, at most --max-steps)."""
-    return AgentConfig(model=model_dir, device="cpu", research_plan=[], max_steps=args.max_steps, min_tool_calls=1,
+    """Free tool choice: no research plan, the model picks every call (at least one, at most --max-steps).
+    With --train-plan, train blocks run that plan first instead (and explore no tools); the step budget, and so
+    the prompt, stay the same as the held-out items'."""
+    plan = [t for t in args.train_plan.split(",") if t] if train else []
+    return AgentConfig(model=model_dir, device="cpu", research_plan=plan, max_steps=args.max_steps, min_tool_calls=1,
                        temperature=0.0, explore_rate=args.explore if train else 0.0,
-                       explore_tool_rate=args.explore_tools if train else 0.0, max_new_tokens=args.max_new_tokens,
-                       concurrency=args.concurrency, max_batch_size=args.concurrency, max_repairs=1)
+                       explore_tool_rate=args.explore_tools if train and not plan else 0.0,
+                       max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+                       max_batch_size=args.concurrency, max_repairs=1)
 
 
 def with_tools(engine, block_id: int, rows: list[dict]) -> list[dict]:
@@ -226,9 +234,13 @@ def report(args, st: lc.State, market) -> str:
              (f"Synthetic market, seed {MarketConfig().synthetic.seed} (unchanged). Free tool choice: "
               f"`agent.research_plan = []`, 1 to {args.max_steps} tool calls per episode. Train blocks: "
               f"{args.train_items} fresh train-region items per round, greedy, directions explored {args.explore}, "
-              f"research plans explored {args.explore_tools} (one of get_prices, search_news, get_market_context "
-              "or none, drawn uniformly). Each round trains on its block's top quartile by reward (no label, "
-              "directions balanced, 2 epochs, decision-weighted loss), resuming the previous round's LoRA."), ""]
+              + (f"research plan `{args.train_plan}` first (written as the assistant's own calls; the model may "
+                 "then call more tools within the same budget), no tool exploration" if args.train_plan else
+                 f"research plans explored {args.explore_tools} (one of get_prices, search_news, "
+                 "get_market_context or none, drawn uniformly)")
+              + ". Each round trains on its block's top quartile by reward (no label, directions balanced, "
+              "2 epochs, decision-weighted loss), resuming the previous round's LoRA. Held-out items: free tool "
+              "choice, greedy, no exploration."), ""]
     gen = [(k, r["generate"]) for k, r in sorted(rounds.items()) if "generate" in r]
     if gen:
         lines += ["## Train blocks: who read the news, and what it earned", "",
