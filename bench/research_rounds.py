@@ -30,6 +30,7 @@ Run it from a git worktree (see bench/learning_curve.py).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import sys
@@ -85,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "research_rounds.md"))
     p.add_argument("--report-only", action="store_true", help="rewrite --out from --workdir/state.json and stop")
+    p.add_argument("--against", metavar="STATE",
+                   help="another run's state.json (its held-out items must be these): pair each round with its round")
     args = p.parse_args(argv)
     # what learning_curve's train() reads: the filtered recipe of run J
     args.loss_on, args.decision_weight, args.balance = "weighted", 20.0, True
@@ -174,7 +177,7 @@ def generate(args, st: lc.State, k: int, market, split, model_dir: str, work: Pa
     rows = with_tools(engine, bid, rows)
     engine.dispose()
     st.data.setdefault("rounds", {}).setdefault(str(k), {})["generate"] = {
-        "block_id": bid, "seconds": seconds, **block_stats(market, rows)}
+        "block_id": bid, "seconds": seconds, **block_stats(market, rows), "rows": rows}
     st.save()
     lc.log(f"generate r{k}: {st.data['rounds'][str(k)]['generate']['all']}")
 
@@ -227,6 +230,30 @@ def tools_text(first: dict) -> str:
     return ", ".join(f"{t} {n}" for t, n in sorted(first.items(), key=lambda kv: -kv[1]))
 
 
+def train_pairs(args, rounds: dict, other: dict, market) -> list[str]:
+    """Each round's train block against the other run's same round: the same items and the same explored
+    directions (both seeded by item), so the difference is what the research choice alone did to the data."""
+    lines = []
+    for k, r in sorted(rounds.items()):
+        mine, theirs = r.get("generate", {}).get("rows"), other.get(str(k), {}).get("generate", {}).get("rows")
+        if not mine or not theirs:
+            continue
+        a, b = ({lc.item_key(x): x for x in rows} for rows in (mine, theirs))
+        vis = {key for key in a if lc.visible_signal(market, a[key])}
+        for col, fig, keys in (("read_news", "read news", a), ("correct", "accuracy", a),
+                               ("correct", "acc, signal visible", vis), ("composite", "mean reward", a)):
+            d = paired_difference({key: a[key][col] for key in keys}, {key: b[key][col] for key in keys if key in b},
+                                  lc.on_date, n_boot=args.boot)
+            if d is not None and d.low is not None:
+                lines.append(f"| round {k}'s train block - the other run's | {fig} | {d.mean:+.3f} | "
+                             f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
+    if not lines:
+        return []
+    return ["Train blocks against the other run's (same items, same explored directions):", "",
+            "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|",
+            *lines, ""]
+
+
 def report(args, st: lc.State, market) -> str:
     rounds = {int(k): v for k, v in st.data.get("rounds", {}).items()}
     lines = ["# Free tool choice: does the loop learn which research earns reward?", "",
@@ -244,7 +271,8 @@ def report(args, st: lc.State, market) -> str:
     gen = [(k, r["generate"]) for k, r in sorted(rounds.items()) if "generate" in r]
     if gen:
         lines += ["## Train blocks: who read the news, and what it earned", "",
-                  ("`own choice` = episodes whose research the serving model chose (plan not explored); `top "
+                  ("`own choice` = episodes whose research plan was not explored: the serving model chose every "
+                   "call" + (f" after the plan's `{args.train_plan}`" if args.train_plan else "") + "; `top "
                    "quartile` = what the round trains on."), "",
                   ("| written by | for round | read news: all / own choice / top quartile | first tool (own choice) "
                    "| reward: read news / not | accuracy: read news / not | examples, updates, min |"),
@@ -279,16 +307,27 @@ def report(args, st: lc.State, market) -> str:
                          f"{lc.fmt(lc.mean([r['composite'] for r in rows]))} | {sec / 60:.1f} |")
         lines += ["", "Paired differences (same items; 95% interval resampling dates):", "",
                   "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
-        by = {k: {lc.item_key(r): r for r in rows} for k, rows, _ in ev}
-        pairs = [(k, k - 1) for k in by if k - 1 in by] + [(k, 0) for k in by if k > 1 and 0 in by]
+        name = {k: "base" if k == 0 else f"round {k}" for k in rounds}
+        by = {name[k]: {lc.item_key(r): r for r in rows} for k, rows, _ in ev}
+        pairs = [(name[k], name[k - 1]) for k, _, _ in ev if k - 1 in rounds and "eval" in rounds[k - 1]]
+        pairs += [(name[k], "base") for k, _, _ in ev if k > 1 and "base" in by]
+        if args.against:  # the same round of the other run, on the same items
+            other = json.loads(Path(args.against).read_text()).get("rounds", {})
+            for k, _, _ in ev:
+                if k > 0 and "eval" in other.get(str(k), {}):
+                    by[f"{name[k]} (other run)"] = {lc.item_key(r): r for r in other[str(k)]["eval"]["rows"]}
+                    pairs.append((name[k], f"{name[k]} (other run)"))
         for a, b in pairs:
-            for col, name in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
+            for col, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
                 d = paired_difference({key: r[col] for key, r in by[a].items()},
                                       {key: r[col] for key, r in by[b].items()}, lc.on_date, n_boot=args.boot)
                 if d is not None and d.low is not None:
-                    lines.append(f"| round {a} - {'base' if b == 0 else f'round {b}'} | {name} | {d.mean:+.3f} | "
-                                 f"[{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |")
+                    lines.append(f"| {a} - {b} | {fig} | {d.mean:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | "
+                                 f"{d.n_items} | {d.n_clusters} |")
         lines.append("")
+        if args.against:
+            lines += [f"`(other run)`: the rounds of `{args.against}`.", ""]
+            lines += train_pairs(args, rounds, other, market)
     return "\n".join(lines) + "\n"
 
 
