@@ -115,14 +115,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trainer.balance_directions for every arm: up and down equally common at every score level")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="also evaluate each arm with agent.guidance = W against Score 0.00 (arm name `<arm>+guided`)")
+    shared_args(p, "learning_curve.md")
+    return p.parse_args(argv)
+
+
+def shared_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The LoRA, decoding and report options every learning bench takes (bench/research_rounds.py too)."""
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--targets-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_curve.md"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / out))
     p.add_argument("--report-only", action="store_true", help="rewrite --out from --workdir/state.json and stop")
-    return p.parse_args(argv)
 
 
 # ---- state ---------------------------------------------------------------------------------------

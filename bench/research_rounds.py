@@ -79,13 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--targets-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "research_rounds.md"))
-    p.add_argument("--report-only", action="store_true", help="rewrite --out from --workdir/state.json and stop")
+    lc.shared_args(p, "research_rounds.md")
     p.add_argument("--against", metavar="STATE",
                    help="another run's state.json (its held-out items must be these): pair each round with its round")
     args = p.parse_args(argv)
@@ -239,7 +233,7 @@ def train_pairs(args, rounds: dict, other: dict, market) -> list[str]:
         if not mine or not theirs:
             continue
         a, b = ({lc.item_key(x): x for x in rows} for rows in (mine, theirs))
-        vis = {key for key in a if lc.visible_signal(market, a[key])}
+        vis = [key for key in a if lc.visible_signal(market, a[key])]  # a list: the bootstrap's order is fixed
         for col, fig, keys in (("read_news", "read news", a), ("correct", "accuracy", a),
                                ("correct", "acc, signal visible", vis), ("composite", "mean reward", a)):
             d = paired_difference({key: a[key][col] for key in keys}, {key: b[key][col] for key in keys if key in b},
