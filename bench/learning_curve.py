@@ -176,7 +176,7 @@ def headline_link(market, rows: list[dict]) -> dict:
     """How often the generated episodes went the way their visible headline points, overall, in the top
     quartile by reward and below it: the link a label-ignoring model would learn from this data."""
     scored = [r for r in rows if r["composite"] is not None]
-    q3 = sorted(r["composite"] for r in scored)[int(0.75 * len(scored))] if scored else 0.0
+    q3 = top_cut(scored)
     out = {}
     for name, part in (("all", scored), ("top", [r for r in scored if r["composite"] >= q3]),
                        ("rest", [r for r in scored if r["composite"] < q3])):
@@ -256,14 +256,25 @@ def train_draw(args, market, split, arm: str | None = None) -> list[tuple[str, d
     items = draw_items(split.train, market.tickers, args.train_items, seed=args.train_seed)
     if arm is None:
         return items
-    order = {t: i for i, t in enumerate(market.tickers)}
     seen = set(items)
     for a in lineage(arm):
-        rest = [(t, d) for d in split.train.sessions for t in market.tickers if (t, d) not in seen]
-        items = sorted(random.Random(f"{args.train_seed}|{a}").sample(rest, args.train_items),
-                       key=lambda it: (it[1], order[it[0]]))
+        items = fresh_draw(market, split, args.train_items, f"{args.train_seed}|{a}", seen)
         seen |= set(items)
     return items
+
+
+def fresh_draw(market, split, n: int, seed: str, seen: set[tuple[str, date]]) -> list[tuple[str, date]]:
+    """`n` train-region items (fewer if the region runs out) none of which is in `seen`, seeded, in session
+    order: a later round's items, so a round never trains twice on one (ticker, session)."""
+    order = {t: i for i, t in enumerate(market.tickers)}
+    rest = [(t, d) for d in split.train.sessions for t in market.tickers if (t, d) not in seen]
+    return sorted(random.Random(seed).sample(rest, min(n, len(rest))), key=lambda it: (it[1], order[it[0]]))
+
+
+def top_cut(rows: list[dict]) -> float:
+    """The reward at which a block's top quartile starts (what a filtered round trains on)."""
+    scored = sorted(r["composite"] for r in rows if r["composite"] is not None)
+    return scored[int(0.75 * len(scored))] if scored else 0.0
 
 
 def generate_round(args, st: State, arm: str, market, split, model_dir: str, work: Path) -> None:

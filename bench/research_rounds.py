@@ -23,7 +23,9 @@ trains on) reads compared with the whole block; that enrichment is what can teac
 Each phase saves --workdir/state.json; rerunning the same command resumes after the last finished phase.
 Run it from a git worktree (see bench/learning_curve.py).
 
-    .venv/bin/python bench/research_rounds.py --workdir /tmp/research --rounds 2   # the reported run
+    .venv/bin/python bench/research_rounds.py --workdir /tmp/research --rounds 1    # run K1: free choice
+    .venv/bin/python bench/research_rounds.py --workdir /tmp/research_plan --rounds 2 --train-plan search_news \
+        --against bench/results/research_rounds_state.json --out bench/results/research_rounds_plan.md   # K2
     .venv/bin/python bench/research_rounds.py --tiny --train-items 12 --eval-items 8 --rounds 1 --workdir /tmp/rt
 """
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
@@ -116,13 +117,10 @@ def with_tools(engine, block_id: int, rows: list[dict]) -> list[dict]:
 
 def round_items(args, market, split, k: int) -> list[tuple[str, date]]:
     """Round k's train items: a seeded draw of the train region that leaves out every earlier round's items."""
-    order = {t: i for i, t in enumerate(market.tickers)}
     seen: set[tuple[str, date]] = set()
     items: list[tuple[str, date]] = []
     for j in range(1, k + 1):
-        rest = [(t, d) for d in split.train.sessions for t in market.tickers if (t, d) not in seen]
-        items = sorted(random.Random(f"{args.train_seed}|{j}").sample(rest, min(args.train_items, len(rest))),
-                       key=lambda it: (it[1], order[it[0]]))
+        items = lc.fresh_draw(market, split, args.train_items, f"{args.train_seed}|{j}", seen)
         seen |= set(items)
     return items
 
@@ -141,7 +139,7 @@ def reading(rows: list[dict]) -> dict:
 def block_stats(market, rows: list[dict]) -> dict:
     """A train block: its data figures, and how its top quartile (the round's training set) read."""
     scored = [r for r in rows if r["composite"] is not None]
-    q3 = sorted(r["composite"] for r in scored)[int(0.75 * len(scored))] if scored else 0.0
+    q3 = lc.top_cut(scored)
     own = [r for r in rows if r["explore_tool"] is None]
     return {**lc.data_stats(market, rows), "all": reading(rows), "own_choice": reading(own),
             "top": reading([r for r in scored if r["composite"] >= q3]),
