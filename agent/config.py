@@ -39,6 +39,12 @@ class AgentConfig(PolicyConfig):
     explore_tool_rate: float = Field(
         0.0, ge=0, le=1, description="Share of train-block episodes whose research plan is one uniformly drawn tool "
         "(or none), so scored data shows which research earns reward. Gate/eval blocks never explore.")
+    explore_tool_mode: Literal["draw", "each"] = Field(
+        "draw", description="How an item picked for tool exploration is explored: `draw` = one episode whose plan is "
+        "one uniformly drawn tool (or none); `each` = one episode per tool, each tool alone as the plan, on the same "
+        "item and with the same explored direction, so the reward of each research choice is compared on the same "
+        "item (the block holds more episodes than items). A drawn plan is compared across different items, where "
+        "the item's luck hides a research gap of ~0.1 reward (run K1 in bench/results/learning_history.md).")
     label_each_turn: bool = Field(
         True, description="Repeat the conditioning label as a user turn after every tool result, so it sits right "
         "before each decision it steers (return-to-go placement); false keeps it only in the task turn, 150-400 "

@@ -181,16 +181,24 @@ def explore(items: Sequence[traces.PlannedItem], rate: float, flat_rate: float =
     return out
 
 
-def explore_tools(items: Sequence[traces.PlannedItem], rate: float) -> list[traces.PlannedItem]:
-    """Mark about `rate` of the items for tool exploration: the research plan becomes one drawn tool, or
-    `none` (the model chooses from the first turn), so the offline set shows which research earns reward.
+def explore_tools(items: Sequence[traces.PlannedItem], rate: float,
+                  mode: str = "draw") -> list[traces.PlannedItem]:
+    """Mark about `rate` of the items for tool exploration, so the offline set shows which research earns
+    reward. `draw`: the research plan becomes one drawn tool, or `none` (the model chooses from the first turn).
+    `each`: the item is run once per tool, each alone as the plan, keeping its explored direction: the research
+    choices then differ on the same item only, and the round's filter or score label sees their gap per item.
 
     Seeded by the item and drawn apart from the direction draw, so the two explorations are independent.
     """
     out = []
     for i, it in enumerate(items):
         rng = random.Random(f"explore-tool|{it.ticker}|{it.as_of.isoformat()}|{i}")
-        out.append(replace(it, explore_tool=rng.choice((*TOOL_NAMES, "none"))) if rng.random() < rate else it)
+        if rng.random() >= rate:
+            out.append(it)
+        elif mode == "each":
+            out.extend(replace(it, explore_tool=tool) for tool in TOOL_NAMES)
+        else:
+            out.append(replace(it, explore_tool=rng.choice((*TOOL_NAMES, "none"))))
     return out
 
 
@@ -243,7 +251,7 @@ def run_block(engine: Engine, policy: Policy, market: Market, agent_cfg: AgentCo
         if kind == "train" and agent_cfg.explore_rate > 0:
             planned = explore(planned, agent_cfg.explore_rate, agent_cfg.explore_flat_rate)
         if kind == "train" and agent_cfg.explore_tool_rate > 0:
-            planned = explore_tools(planned, agent_cfg.explore_tool_rate)
+            planned = explore_tools(planned, agent_cfg.explore_tool_rate, agent_cfg.explore_tool_mode)
         block_id = traces.create_block_with_items(
             s, items=planned, market=market.name, mode=mode, kind=kind, horizon=horizon,
             adapter_version=policy.adapter_version, target_score=target, conditioning=label,

@@ -108,3 +108,27 @@ def test_tool_exploration_replaces_the_plan_and_is_recorded(sqlite_db, market):
         else:  # the plan was this one tool, written by the graph
             assert first_call.completion_tokens is None and json.loads(first_call.content)["tool"] == tool
     assert seen == {"get_prices", "search_news", "get_market_context", "none"}
+
+
+def test_tool_exploration_each_runs_every_tool_on_the_same_item(sqlite_db, market):
+    """`each`: an explored item becomes one episode per tool, same item and same explored direction, so the
+    research choices are compared on the same item; unexplored items keep the plan, once."""
+    policy = ScriptedPolicy([PRICES, pred(), pred()])
+    cfg = AgentConfig(concurrency=2, max_steps=2, explore_rate=0.5, explore_tool_rate=0.5, explore_tool_mode="each")
+    block_id = run_block(sqlite_db, policy, market, cfg, RewardsConfig(), size=12, progress=False)
+    by_item: dict[tuple, list] = {}
+    for tr in traces_of(sqlite_db, block_id):
+        ep = tr.episode
+        by_item.setdefault((ep.ticker, ep.as_of), []).append(ep)
+        first_call = next(s for s in tr.steps if s.role == "assistant")
+        assert json.loads(first_call.content)["tool"] == (ep.explore_tool or "search_news")  # the plan, graph-written
+        assert tr.prediction is not None
+    assert len(by_item) == 12
+    sizes = Counter(len(eps) for eps in by_item.values())
+    assert set(sizes) == {1, 3} and sizes[3] >= 2  # some items explored three ways, the rest run once
+    for eps in by_item.values():
+        tools = sorted(str(e.explore_tool) for e in eps)
+        assert tools in (["None"], ["get_market_context", "get_prices", "search_news"])
+        assert len({e.explore_direction for e in eps}) == 1  # one item, one explored direction
+    with session_scope(sqlite_db) as s:
+        assert traces.get_block(s, block_id).size == sum(len(eps) for eps in by_item.values())

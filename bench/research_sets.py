@@ -1,0 +1,309 @@
+"""Every research choice on the same item: can reward teach the research, and can the label steer it?
+
+Run K1 (bench/research_rounds.py) left the tool to the model and explored one drawn research plan per item:
+the reward gap between reading the news and not was then measured across different items, where each item's
+luck (the shared market factor, an explored direction) hides it, and round 1 learned nothing about research.
+Here a train block explores every tool on every item (`agent.explore_tool_mode = "each"`, rate 1): each item
+runs three times, with get_prices, search_news or get_market_context alone as the first call (the model may
+then call one more tool), all three with the item's explored direction. One block, one scoring: the round's
+top quartile and its score labels see the research choices side by side on the same items.
+
+  generate  the base agent writes that block on --train-items fresh train-region items (greedy, --explore of the
+            directions drawn); `scoring.resolve` scores it.
+  score     the product's default recipe on it (`train_round`: every episode under its score label, the top
+            quartile repeated twice more, directions balanced, decision-weighted loss, 1 epoch).
+  filtered  run J's filtered recipe on it (top quartile, no label, balanced, 2 epochs).
+  eval      the same --eval-items held-out items as run K (greedy, free tool choice: `research_plan = []`, 1 to
+            --max-steps calls); the score arm at targets 1, 0, 0.5, 0.25, 0.75 (controllability over 5 targets:
+            does the label steer which research the agent does?), the filtered arm at 1.
+
+Reported, paired item by item (95% intervals resample dates): per tool, the block's reward and accuracy, and
+which tool the top quartile and each score quartile holds (what each recipe can learn); on the held-out items,
+the share that read news, first tools, accuracy and mean reward per arm and target, against the base agent.
+
+Each phase saves --workdir/state.json; rerunning the same command resumes. Run it from a git worktree (see
+bench/learning_curve.py). --base-from copies run K's base rows (the same items and settings) instead of
+running them again.
+
+    .venv/bin/python bench/research_sets.py --workdir /tmp/sets --base-from bench/results/research_rounds_state.json
+    .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import learning_curve as lc
+import research_rounds as rr
+
+from agent.config import AgentConfig
+from agent.schema import TOOL_NAMES
+from market.config import MarketConfig
+from market.sources import build_market
+from market.split import draw_items, timeline_split
+from rewards.config import RewardsConfig
+from rewards.evaluation import spearman
+from rewards.intervals import paired_difference
+
+RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC}
+TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--train-items", type=int, default=128, help="items of the train block (x3 episodes)")
+    p.add_argument("--train-seed", default="research-sets")
+    p.add_argument("--eval-items", type=int, default=150)
+    p.add_argument("--max-steps", type=int, default=2, help="agent.max_steps: tool calls before a forced prediction")
+    p.add_argument("--explore", type=float, default=0.3, help="agent.explore_rate (directions) of the train block")
+    p.add_argument("--arms", default="score,filtered")
+    p.add_argument("--base-from", metavar="STATE", help="a research_rounds state whose round-0 eval rows are the base")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    lc.shared_args(p, "research_sets.md")
+    args = p.parse_args(argv)
+    args.loss_on, args.decision_weight, args.balance = "weighted", 20.0, True  # as runs J and K
+    return args
+
+
+def agent_cfg(args, model_dir: str, *, train: bool) -> AgentConfig:
+    """Free tool choice on held-out items; in the train block every item runs once per tool (`each`)."""
+    return AgentConfig(model=model_dir, device="cpu", research_plan=[], max_steps=args.max_steps, min_tool_calls=1,
+                       temperature=0.0, explore_rate=args.explore if train else 0.0,
+                       explore_tool_rate=1.0 if train else 0.0, explore_tool_mode="each",
+                       max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+                       max_batch_size=args.concurrency, max_repairs=1)
+
+
+def key3(r: dict) -> tuple[str, str, str]:
+    return (*lc.item_key(r), r["explore_tool"] or "model")
+
+
+def generate(args, st: lc.State, market, split, model_dir: str, work: Path) -> None:
+    from store.db import open_store
+
+    db = work / "gen.db"
+    if db.exists():
+        db.unlink()
+    engine = open_store(f"sqlite:///{db}")
+    items = lc.fresh_draw(market, split, args.train_items, args.train_seed, set())
+    bid, rows, seconds = lc.write_block(args, engine, market, model_dir, items, label_format="none",
+                                        cfg=agent_cfg(args, model_dir, train=True))
+    rows = rr.with_tools(engine, bid, rows)
+    engine.dispose()
+    st.data["generate"] = {"block_id": bid, "seconds": seconds, **lc.data_stats(market, rows), "rows": rows}
+    st.save()
+    lc.log(f"generate: {len(rows)} episodes in {seconds / 60:.1f} min")
+
+
+def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm: str, target: float) -> None:
+    """One arm at one target on the held-out items (greedy, free tool choice), as run K's rounds."""
+    from agent.runner import run_block
+    from policy.local import LocalPolicy
+    from scoring.resolve import resolve_pending
+    from store.db import open_store
+
+    engine = open_store(f"sqlite:///{work / 'eval.db'}")
+    items = lc.as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
+    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
+    try:
+        if arm != "base":
+            policy.load_adapter(st.data["train"][arm]["path"], 1)
+        fmt = "score" if arm in ("base", "score") else RECIPES[arm]["label_format"]
+        t0 = time.perf_counter()
+        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, train=False), RewardsConfig(label_format=fmt),
+                        kind="eval", items=items, size=len(items), target_score=target, progress=False,
+                        horizon=market.horizon_days)
+        resolve_pending(engine, market, RewardsConfig())
+        rows = rr.with_tools(engine, bid, lc.block_rows(engine, bid))
+    finally:
+        policy.close()
+        engine.dispose()
+    st.data.setdefault("eval", {})[lc.run_key(arm, target)] = {"seconds": time.perf_counter() - t0, "rows": rows}
+    st.save()
+    lc.log(f"eval {arm}@{target}: {rr.reading(rows)}")
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def diff_line(name: str, fig: str, a: dict, b: dict, boot: int, cluster=lc.on_date) -> str | None:
+    d = paired_difference(a, b, cluster, n_boot=boot)
+    if d is None or d.low is None:
+        return None
+    return f"| {name} | {fig} | {d.mean:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.n_items} | {d.n_clusters} |"
+
+
+def quartile_of(rows: list[dict]) -> dict[tuple, int]:
+    """Each scored episode's reward quartile in its block (4 = the top quartile, as top_cut draws it)."""
+    scored = sorted(r["composite"] for r in rows if r["composite"] is not None)
+    cuts = [scored[int(q * len(scored))] for q in (0.25, 0.5, 0.75)]
+    return {key3(r): 1 + sum(r["composite"] >= c for c in cuts) for r in rows if r["composite"] is not None}
+
+
+def block_section(args, market, rows: list[dict]) -> list[str]:
+    tools = [t for t in TOOL_NAMES if any(r["explore_tool"] == t for r in rows)]
+    quart = quartile_of(rows)
+    items: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        items.setdefault(lc.item_key(r), {})[r["explore_tool"] or "model"] = r
+    wins: Counter = Counter()
+    for by_tool in items.values():  # the item's best research choice; a tie shares the win
+        scored = {t: r["composite"] for t, r in by_tool.items() if r["composite"] is not None}
+        if scored:
+            best = max(scored.values())
+            top = [t for t, v in scored.items() if v == best]
+            for t in top:
+                wins[t] += 1 / len(top)
+    n_items = sum(wins.values()) or 1
+    lines = ["## The train block: every tool on the same items", "",
+             (f"{len(items)} train-region items x {len(tools)} research choices = {len(rows)} episodes by the base "
+              f"agent (greedy, {args.explore} of the directions explored, the same direction for an item's three "
+              "episodes); the named tool is the first call, then the model may call one more. `top quartile` is what "
+              "the filtered recipe trains on and the score recipe repeats; `quartile k` = the episodes whose reward "
+              "is in the block's k-th quartile, i.e. the label the score recipe gives them; `best on its item` = the "
+              "share of items where this tool's episode earned the most (ties shared)."), "",
+             ("| first call | episodes | read news | accuracy | acc, signal visible | mean reward | share of: quartile "
+              "1 / 2 / 3 / top quartile | best on its item |"), "|---|---|---|---|---|---|---|---|"]
+    for t in tools:
+        mine = [r for r in rows if r["explore_tool"] == t]
+        vis = [r for r in mine if lc.visible_signal(market, r) and r["correct"] is not None]
+        shares = []
+        for q in (1, 2, 3, 4):
+            in_q = [k for k, v in quart.items() if v == q]
+            shares.append(rr.pct(sum(k[2] == t for k in in_q) / len(in_q)) if in_q else "-")
+        lines.append(f"| {t} | {len(mine)} | {rr.pct(lc.mean([r['read_news'] for r in mine]))} | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in vis]))} (n={len(vis)}) | "
+                     f"{lc.fmt(lc.mean([r['composite'] for r in mine]))} | {' / '.join(shares)} | "
+                     f"{rr.pct(wins[t] / n_items)} |")
+    lines += ["", "Paired on the same items (95% interval resampling dates):", "",
+              "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
+    col = {t: {k: v[t] for k, v in items.items() if t in v} for t in tools}
+    for a, b in (("search_news", "get_prices"), ("search_news", "get_market_context"),
+                 ("get_prices", "get_market_context")):
+        if a not in col or b not in col:
+            continue
+        vis = {k for k, r in col[a].items() if lc.visible_signal(market, r)}
+        for fig, c, keys in (("mean reward", "composite", None), ("accuracy", "correct", None),
+                             ("acc, signal visible", "correct", vis)):
+            line = diff_line(f"{a} - {b}", fig,
+                             {k: r[c] for k, r in col[a].items() if keys is None or k in keys},
+                             {k: r[c] for k, r in col[b].items()}, args.boot)
+            if line:
+                lines.append(line)
+    return [*lines, ""]
+
+
+def heldout_section(args, st: lc.State, market) -> list[str]:
+    ev = st.data.get("eval", {})
+    runs = [k for k in (lc.run_key("base", 1.0), *(lc.run_key(a, t) for a in ("score", "filtered") for t in TARGETS))
+            if k in ev]
+    if not runs:
+        return []
+    lines = [f"## Held-out items ({len(ev[runs[0]]['rows'])}, run K's; greedy, free tool choice)", "",
+             ("| agent @ target | read news | first tool | signal headline in context (visible-signal items) | "
+              "accuracy | acc, signal visible | mean reward | answers | min |"), "|---|---|---|---|---|---|---|---|---|"]
+    for key in runs:
+        rows = ev[key]["rows"]
+        rd = rr.reading(rows)
+        vis = [r for r in rows if lc.visible_signal(market, r)]
+        dirs = Counter(r["direction"] for r in rows if r["direction"])
+        lines.append(f"| {key} | **{rr.pct(rd['read_news'])}** | {rr.tools_text(rd['first_tool'])} | "
+                     f"{rr.pct(lc.mean([r['signal_in_context'] for r in vis]))} (n={len(vis)}) | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in rows if r['correct'] is not None]))} | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in vis if r['correct'] is not None]))} | "
+                     f"{lc.fmt(lc.mean([r['composite'] for r in rows]))} | "
+                     f"{' '.join(f'{d} {n}' for d, n in dirs.most_common())} | {ev[key]['seconds'] / 60:.1f} |")
+    by = {k: {lc.item_key(r): r for r in ev[k]["rows"]} for k in runs}
+    base, s1, f1, s0 = (lc.run_key(a, t) for a, t in (("base", 1.0), ("score", 1.0), ("filtered", 1.0), ("score", 0.0)))
+    lines += ["", "Paired differences (same items; 95% interval resampling dates):", "",
+              "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
+    for a, b in ((s1, base), (f1, base), (s1, f1), (s1, s0)):
+        if a in by and b in by:
+            for c, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
+                line = diff_line(f"{a} - {b}", fig, {k: r[c] for k, r in by[a].items()},
+                                 {k: r[c] for k, r in by[b].items()}, args.boot)
+                if line:
+                    lines.append(line)
+    ctrl = [(t, by[lc.run_key("score", t)]) for t in sorted(TARGETS) if lc.run_key("score", t) in by]
+    if len(ctrl) >= 2:
+        xs = [t for t, _ in ctrl]
+        ys = [lc.mean([r["composite"] for r in rows.values()]) or 0.0 for _, rows in ctrl]
+        news = [lc.mean([r["read_news"] for r in rows.values()]) or 0.0 for _, rows in ctrl]
+        lines += ["", (f"Controllability (the score arm at {len(ctrl)} targets on the same items): Spearman(target, "
+                       f"realized mean reward) = **{lc.fmt(spearman(xs, ys), 2)}** (target >= 0.9); Spearman(target, "
+                       f"share that read news) = {lc.fmt(spearman(xs, news), 2)}."), ""]
+    return lines
+
+
+def report(args, st: lc.State, market) -> str:
+    lines = ["# Every research choice on the same item: does reward teach the research, does the label steer it?", "",
+             f"Command: `.venv/bin/python bench/research_sets.py {st.data.get('command', '')}`", "",
+             (f"Synthetic market, seed {MarketConfig().synthetic.seed} (unchanged). Held-out items: free tool choice "
+              f"(`agent.research_plan = []`, 1 to {args.max_steps} calls), greedy, no exploration; the base rows are "
+              f"run K's (`{args.base_from}`) when given."), ""]
+    gen = st.data.get("generate")
+    if gen:
+        lines += block_section(args, market, gen["rows"])
+        lines.append(f"Written in {gen['seconds'] / 60:.0f} min.")
+        for arm, tr in st.data.get("train", {}).items():
+            lines.append(f"- train `{arm}` ({RECIPES[arm]}): {tr['n_examples']} examples, {tr['steps']} logged "
+                         f"steps, loss {lc.fmt(tr['loss_first'])} -> {lc.fmt(tr['loss_last'])}, "
+                         f"{tr['seconds'] / 60:.0f} min")
+        lines.append("")
+    lines += heldout_section(args, st, market)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    st = lc.State(work / "state.json")
+    market = build_market(MarketConfig())
+    split = timeline_split(market, market.horizon_days)
+    from policy.model_files import make_tiny_model, resolve_model
+
+    model_dir = (str(make_tiny_model(work / "tiny", resolve_model(args.model))) if args.tiny
+                 else resolve_model(args.model))
+    if args.report_only:
+        Path(args.out).write_text(report(args, st, market))
+        return
+    st.data.setdefault("command", " ".join(sys.argv[1:] if argv is None else argv))
+    ev = st.data.setdefault("eval", {})
+    base = lc.run_key("base", 1.0)
+    if base not in ev and args.base_from:
+        rows = json.loads(Path(args.base_from).read_text())["rounds"]["0"]["eval"]
+        ev[base] = {"seconds": rows["seconds"], "rows": rows["rows"], "from": args.base_from}
+        st.save()
+    if base not in ev:
+        evaluate(args, st, market, split, model_dir, work, "base", 1.0)
+    if "generate" not in st.data:
+        generate(args, st, market, split, model_dir, work)
+    Path(args.out).write_text(report(args, st, market))
+    for arm in args.arms.split(","):
+        if arm not in st.data.get("train", {}):
+            lc.train(args, st, arm, model_dir, work, spec=RECIPES[arm])
+        for t in TARGETS if arm == "score" else (1.0,):
+            if lc.run_key(arm, t) not in ev:
+                evaluate(args, st, market, split, model_dir, work, arm, t)
+                Path(args.out).write_text(report(args, st, market))
+    Path(args.out).write_text(report(args, st, market))
+    lc.log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
