@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -134,6 +135,34 @@ def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm:
     st.data.setdefault("eval", {})[lc.run_key(arm, target)] = {"seconds": time.perf_counter() - t0, "rows": rows}
     st.save()
     lc.log(f"eval {arm}@{target}: {rr.reading(rows)}")
+
+
+def probe(args, st: lc.State, market, split, model_dir: str, arm: str) -> None:
+    """How far an arm moved the first tool choice, below what greedy decoding shows: on each held-out item's
+    first turn (the same system and task messages as its eval episode), the probability that the call starts
+    with `search` (search_news) rather than `get` (get_prices, get_market_context), renormalized over the two."""
+    from agent.prompts import system_prompt, user_prompt
+    from policy.local import LocalPolicy
+    from rewards.labels import target_label
+
+    items = lc.as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
+    fmt = "score" if arm in ("base", "score") else RECIPES[arm]["label_format"]
+    label = target_label(1.0, RewardsConfig(label_format=fmt))
+    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=1)
+    out = {}
+    try:
+        if arm != "base":
+            policy.load_adapter(st.data["train"][arm]["path"], 1)
+        for ticker, as_of in items:
+            msgs = [{"role": "system", "content": system_prompt()},
+                    {"role": "user", "content": user_prompt(ticker, as_of, market.horizon_days, label)}]
+            lp = policy.choice_logprobs(msgs, '{"tool": "', ("search", "get"))
+            out[f"{ticker}|{as_of.isoformat()}"] = 1 / (1 + math.exp(lp["get"] - lp["search"]))
+    finally:
+        policy.close()
+    st.data.setdefault("probe", {})[arm] = out
+    st.save()
+    lc.log(f"probe {arm}: mean P(search_news first) = {lc.mean(list(out.values())):.3f}")
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -238,6 +267,16 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
                                  {k: r[c] for k, r in by[b].items()}, args.boot)
                 if line:
                     lines.append(line)
+    probes = st.data.get("probe", {})
+    if probes:
+        lines += ["", ("First-turn probe (each held-out item's first turn at target 1.0: the probability that the call "
+                       "starts with `search`, i.e. search_news, rather than `get`, renormalized over the two; greedy "
+                       "decoding calls search_news only where it is above 0.5):"), "",
+                  "| agent | mean P(search_news first) | items above 0.5 | lowest / median / highest |", "|---|---|---|---|"]
+        for arm, ps in probes.items():
+            v = sorted(ps.values())
+            lines.append(f"| {arm} | {v and lc.fmt(sum(v) / len(v))} | {sum(x > 0.5 for x in v)} of {len(v)} | "
+                         f"{lc.fmt(v[0])} / {lc.fmt(v[len(v) // 2])} / {lc.fmt(v[-1])} |")
     ctrl = [(t, by[lc.run_key("score", t)]) for t in sorted(TARGETS) if lc.run_key("score", t) in by]
     if len(ctrl) >= 2:
         xs = [t for t, _ in ctrl]
@@ -301,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
             if lc.run_key(arm, t) not in ev:
                 evaluate(args, st, market, split, model_dir, work, arm, t)
                 Path(args.out).write_text(report(args, st, market))
+    for arm in ("base", *args.arms.split(",")):
+        if arm not in st.data.get("probe", {}) and (arm == "base" or arm in st.data.get("train", {})):
+            probe(args, st, market, split, model_dir, arm)
     Path(args.out).write_text(report(args, st, market))
     lc.log(f"wrote {args.out}")
 
