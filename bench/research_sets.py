@@ -25,7 +25,10 @@ Each phase saves --workdir/state.json; rerunning the same command resumes. Run i
 bench/learning_curve.py). --base-from copies run K's base rows (the same items and settings) instead of
 running them again.
 
-    .venv/bin/python bench/research_sets.py --workdir /tmp/sets --base-from bench/results/research_rounds_state.json
+    .venv/bin/python bench/research_sets.py --workdir /tmp/sets --base-from bench/results/research_rounds_state.json \
+        --arms filtered    # run L, reported in bench/results/research_sets.md (about 1 h 30 min here)
+    # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
+    # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
 """
 
