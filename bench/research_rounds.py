@@ -323,8 +323,9 @@ def report(args, st: lc.State, market) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def start(args, argv: list[str] | None, report) -> tuple | None:
+    """A research bench's workdir, state, market, split and model folder (research_sets.py shares it);
+    None once --report-only has rewritten --out from the saved state."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     st = lc.State(work / "state.json")
@@ -336,8 +337,17 @@ def main(argv: list[str] | None = None) -> None:
                  else resolve_model(args.model))
     if args.report_only:
         Path(args.out).write_text(report(args, st, market))
-        return
+        return None
     st.data.setdefault("command", " ".join(sys.argv[1:] if argv is None else argv))
+    return work, st, market, split, model_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = start(args, argv, report)
+    if started is None:
+        return
+    work, st, market, split, model_dir = started
 
     def done(k: int, phase: str) -> bool:
         return phase in st.data.get("rounds", {}).get(str(k), {})

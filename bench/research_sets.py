@@ -52,8 +52,7 @@ import research_rounds as rr
 from agent.config import AgentConfig
 from agent.schema import TOOL_NAMES
 from market.config import MarketConfig
-from market.sources import build_market
-from market.split import draw_items, timeline_split
+from market.split import draw_items
 from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
@@ -312,19 +311,10 @@ def report(args, st: lc.State, market) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    st = lc.State(work / "state.json")
-    market = build_market(MarketConfig())
-    split = timeline_split(market, market.horizon_days)
-    from policy.model_files import make_tiny_model, resolve_model
-
-    model_dir = (str(make_tiny_model(work / "tiny", resolve_model(args.model))) if args.tiny
-                 else resolve_model(args.model))
-    if args.report_only:
-        Path(args.out).write_text(report(args, st, market))
+    started = rr.start(args, argv, report)
+    if started is None:
         return
-    st.data.setdefault("command", " ".join(sys.argv[1:] if argv is None else argv))
+    work, st, market, split, model_dir = started
     ev = st.data.setdefault("eval", {})
     base = lc.run_key("base", 1.0)
     if base not in ev and args.base_from:
