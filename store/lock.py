@@ -120,9 +120,13 @@ def try_acquire_lock(
             s.execute(update(DaemonLock).where(DaemonLock.name == name).values(epoch=_next_epoch(s, name)))
             return None
         row = s.get(DaemonLock, name)
-        if row is None:  # released between our INSERT and UPDATE: try once more from the top
-            return try_acquire_lock(engine, owner, ttl_s=ttl_s, name=name, now=now)
-        return _holder(row)
+        holder = _holder(row) if row is not None else None
+    # Released between our INSERT and UPDATE: try again from the top, after this transaction has
+    # closed. Retrying inside it would wait on our own write lock (SQLite: BEGIN IMMEDIATE until the
+    # busy timeout, then "database is locked").
+    if holder is None:
+        return try_acquire_lock(engine, owner, ttl_s=ttl_s, name=name, now=now)
+    return holder
 
 
 def take_over(engine: Engine, owner: str, *, from_owner: str, name: str = LOCK_NAME,

@@ -93,6 +93,35 @@ def test_racing_takeover_of_a_stale_lock_has_one_winner(fresh_db):
     assert read_lock(fresh_db).owner.startswith("heir-")
 
 
+@pytest.mark.timeout(60)  # the old bug hung on PostgreSQL
+def test_lock_released_between_insert_and_update_is_taken_without_waiting_on_itself(db_url, monkeypatch):
+    """The holder releases right after our INSERT lost and before our UPDATE: we retry from the top
+    once our own transaction has closed (a retry inside it waited on our own write lock: 'database is
+    locked' after SQLite's busy timeout, a hang on PostgreSQL)."""
+    from sqlalchemy import delete
+
+    import store.lock as lock_mod
+    from store.config import StoreConfig
+    from store.db import open_store
+
+    engine = open_store(db_url, StoreConfig(sqlite_busy_timeout_ms=2000))
+    assert try_acquire_lock(engine, "holder", ttl_s=30) is None
+    real, calls = lock_mod._lock_row_for_update, []
+
+    def release_first(s, name):
+        if not calls:  # the holder's release lands right here, once
+            s.execute(delete(DaemonLock).where(DaemonLock.name == name))
+        calls.append(name)
+        real(s, name)
+
+    monkeypatch.setattr(lock_mod, "_lock_row_for_update", release_first)
+    try:
+        assert try_acquire_lock(engine, "heir", ttl_s=30) is None
+        assert read_lock(engine).owner == "heir"
+    finally:
+        engine.dispose()
+
+
 def test_keeper_refuses_with_a_clear_message_then_waits(sqlite_db):
     stop = threading.Event()
     first = LockKeeper(sqlite_db, heartbeat_s=0.2, ttl_s=30, stop=stop)
