@@ -306,7 +306,7 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
     `source_db` (default gen.db) for a first-round arm; a later round trains in the store its generation wrote
     (the parent's, resumed)."""
     from store.db import open_store
-    from trainer.round import train_round
+    from trainer.round import NothingToTrain, train_round
 
     spec = spec or ARMS[arm]
     db = work / f"{arm}.db"
@@ -314,7 +314,8 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
         shutil.copyfile(source_db or work / "gen.db", db)
     engine = open_store(f"sqlite:///{db}")
     cfg = TrainerConfig(adapters_dir=str(work / f"adapters-{arm}"), runs_dir=str(work / f"runs-{arm}"),
-                        learning_rate=args.lr, epochs=spec["epochs"], batch_size=args.batch_size,
+                        objective=spec.get("objective", "sft"), learning_rate=spec.get("lr", args.lr),
+                        epochs=spec["epochs"], batch_size=args.batch_size,
                         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0, grad_accum=2,
                         target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
                         save_steps=10, boost_top_fraction=spec.get("boost", 0.0),
@@ -324,6 +325,8 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
     res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
                       min_new_episodes=1)
     engine.dispose()
+    if isinstance(res, NothingToTrain):
+        raise SystemExit(f"train {arm}: nothing to train: {res.reason}")
     losses = [p.get("loss") for p in getattr(res, "loss_curve", []) if p.get("loss") is not None]
     st.data.setdefault("train", {})[arm] = {
         "path": res.path, "version": res.adapter_version, "parent_version": res.parent_version,

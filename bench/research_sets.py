@@ -57,7 +57,11 @@ from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
 
-RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC}
+# `dpo`: the product's `trainer.objective = "dpo"` on the block: per item, its best episode preferred over its
+# worst (scores >= 0.05 apart), every episode, no label; the same learning rate as the SFT recipes.
+RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
+           "dpo": {"label_format": "none", "top": 1.0, "epochs": 1.0, "objective": "dpo"}}
+ARMS_SHOWN = ("score", "filtered", "dpo")
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
 
 
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--explore", type=float, default=0.3, help="agent.explore_rate (directions) of the train block")
     p.add_argument("--arms", default="score,filtered")
     p.add_argument("--base-from", metavar="STATE", help="a research_rounds state whose round-0 eval rows are the base")
+    p.add_argument("--arms-from", metavar="STATE",
+                   help="an earlier research_sets state: its trained arms not in --arms (their train summary, held-out "
+                        "rows and probe) join the report, paired on the same held-out items")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -167,6 +174,25 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str) -> None:
     lc.log(f"probe {arm}: mean P(search_news first) = {lc.mean(list(out.values())):.3f}")
 
 
+def import_arms(st: lc.State, source: Path, skip: set[str]) -> None:
+    """Copy an earlier run's trained arms (train summary, held-out rows, probe) that this run does not train:
+    the same held-out items, so the report pairs them with this run's arms. Their adapters are not copied, so
+    an imported arm is reported, never evaluated again."""
+    old = json.loads(source.read_text())
+    for arm, tr in old.get("train", {}).items():
+        if arm in skip or arm in st.data.get("train", {}):
+            continue
+        st.data.setdefault("train", {})[arm] = {**tr, "from": str(source)}
+        for key, run in old.get("eval", {}).items():
+            if key.split("@")[0] == arm:
+                st.data.setdefault("eval", {})[key] = {**run, "from": str(source)}
+        if arm in old.get("probe", {}):
+            st.data.setdefault("probe", {})[arm] = old["probe"][arm]
+    if "base" in old.get("probe", {}) and "base" not in st.data.get("probe", {}):  # the same model and items
+        st.data.setdefault("probe", {})["base"] = old["probe"]["base"]
+    st.save()
+
+
 # ---- report --------------------------------------------------------------------------------------
 
 
@@ -240,7 +266,7 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
 
 def heldout_section(args, st: lc.State, market) -> list[str]:
     ev = st.data.get("eval", {})
-    runs = [k for k in (lc.run_key("base", 1.0), *(lc.run_key(a, t) for a in ("score", "filtered") for t in TARGETS))
+    runs = [k for k in (lc.run_key("base", 1.0), *(lc.run_key(a, t) for a in ARMS_SHOWN for t in TARGETS))
             if k in ev]
     if not runs:
         return []
@@ -259,10 +285,11 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
                      f"{lc.fmt(lc.mean([r['composite'] for r in rows]))} | "
                      f"{' '.join(f'{d} {n}' for d, n in dirs.most_common())} | {ev[key]['seconds'] / 60:.1f} |")
     by = {k: {lc.item_key(r): r for r in ev[k]["rows"]} for k in runs}
-    base, s1, f1, s0 = (lc.run_key(a, t) for a, t in (("base", 1.0), ("score", 1.0), ("filtered", 1.0), ("score", 0.0)))
+    base, s1, f1, s0, d1 = (lc.run_key(a, t) for a, t in (("base", 1.0), ("score", 1.0), ("filtered", 1.0),
+                                                          ("score", 0.0), ("dpo", 1.0)))
     lines += ["", "Paired differences (same items; 95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
-    for a, b in ((s1, base), (f1, base), (s1, f1), (s1, s0)):
+    for a, b in ((s1, base), (f1, base), (d1, base), (s1, f1), (d1, f1), (s1, s0)):
         if a in by and b in by:
             for c, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
                 line = diff_line(f"{a} - {b}", fig, {k: r[c] for k, r in by[a].items()},
@@ -301,9 +328,11 @@ def report(args, st: lc.State, market) -> str:
         lines += block_section(args, market, gen["rows"])
         lines.append(f"Written in {gen['seconds'] / 60:.0f} min.")
         for arm, tr in st.data.get("train", {}).items():
-            lines.append(f"- train `{arm}` ({RECIPES[arm]}): {tr['n_examples']} examples, {tr['steps']} logged "
+            unit = "pairs" if RECIPES[arm].get("objective") == "dpo" else "examples"
+            spec = {**RECIPES[arm], "lr": RECIPES[arm].get("lr", args.lr)}
+            lines.append(f"- train `{arm}` ({spec}): {tr['n_examples']} {unit}, {tr['steps']} logged "
                          f"steps, loss {lc.fmt(tr['loss_first'])} -> {lc.fmt(tr['loss_last'])}, "
-                         f"{tr['seconds'] / 60:.0f} min")
+                         f"{tr['seconds'] / 60:.0f} min" + (f" (from `{tr['from']}`)" if tr.get("from") else ""))
         lines.append("")
     lines += heldout_section(args, st, market)
     return "\n".join(lines) + "\n"
@@ -323,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         st.save()
     if base not in ev:
         evaluate(args, st, market, split, model_dir, work, "base", 1.0)
+    if args.arms_from:
+        import_arms(st, Path(args.arms_from), skip=set(args.arms.split(",")))
     if "generate" not in st.data:
         generate(args, st, market, split, model_dir, work)
     Path(args.out).write_text(report(args, st, market))
