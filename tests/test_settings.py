@@ -46,3 +46,14 @@ def test_bad_value_is_named(monkeypatch):
 def test_missing_config_file(tmp_path):
     with pytest.raises(SettingsError, match="config file not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_unknown_tool_exploration_mode_is_named_with_the_choices(tmp_path):
+    """A typo in agent.explore_tool_mode stops at load time, naming the key and what it accepts,
+    instead of silently falling back to one of the modes."""
+    cfg = tmp_path / "scoreloop.toml"
+    cfg.write_text('[agent]\nexplore_tool_rate = 0.3\nexplore_tool_mode = "every"\n')
+    with pytest.raises(SettingsError, match=r"agent\.explore_tool_mode.*'draw' or 'each'"):
+        load_settings(cfg)
+    cfg.write_text('[agent]\nexplore_tool_rate = 0.3\nexplore_tool_mode = "each"\n')
+    assert load_settings(cfg).agent.explore_tool_mode == "each"
