@@ -315,8 +315,9 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
     engine = open_store(f"sqlite:///{db}")
     cfg = TrainerConfig(adapters_dir=str(work / f"adapters-{arm}"), runs_dir=str(work / f"runs-{arm}"),
                         objective=spec.get("objective", "sft"), learning_rate=spec.get("lr", args.lr),
-                        epochs=spec["epochs"], batch_size=args.batch_size,
-                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0, grad_accum=2,
+                        epochs=spec["epochs"], batch_size=spec.get("batch_size", args.batch_size),
+                        lora_r=args.lora_r, lora_alpha=2 * args.lora_r, replay_size=0,
+                        grad_accum=spec.get("grad_accum", 2),
                         target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
                         save_steps=10, boost_top_fraction=spec.get("boost", 0.0),
                         boost_passes=spec.get("passes", 0), loss_on=args.loss_on,

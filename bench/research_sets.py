@@ -13,6 +13,8 @@ top quartile and its score labels see the research choices side by side on the s
   score     the product's default recipe on it (`train_round`: every episode under its score label, the top
             quartile repeated twice more, directions balanced, decision-weighted loss, 1 epoch).
   filtered  run J's filtered recipe on it (top quartile, no label, balanced, 2 epochs).
+  dpo       the product's `trainer.objective = "dpo"` on it: per item, its best research choice preferred over its
+            worst (1 epoch, no label), the contrast landing on the first tool token itself.
   eval      the same --eval-items held-out items as run K (greedy, free tool choice: `research_plan = []`, 1 to
             --max-steps calls); the score arm at targets 1, 0, 0.5, 0.25, 0.75 (controllability over 5 targets:
             does the label steer which research the agent does?), the filtered arm at 1.
@@ -27,6 +29,8 @@ running them again.
 
     .venv/bin/python bench/research_sets.py --workdir /tmp/sets --base-from bench/results/research_rounds_state.json \
         --arms filtered    # run L, reported in bench/results/research_sets.md (about 1 h 30 min here)
+    .venv/bin/python bench/research_sets.py --workdir /tmp/sets2 --base-from bench/results/research_rounds_state.json \
+        --arms dpo --arms-from bench/results/research_sets_state.json   # run M: dpo, paired with run L's filtered
     # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
     # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
@@ -58,9 +62,12 @@ from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
 
 # `dpo`: the product's `trainer.objective = "dpo"` on the block: per item, its best episode preferred over its
-# worst (scores >= 0.05 apart), every episode, no label; the same learning rate as the SFT recipes.
+# worst (scores >= 0.05 apart), every episode, no label; the same learning rate and 8 pairs per update as the
+# SFT recipes' 8 examples, one pair per micro-batch: 4 pairs (8 sequences of ~1000 tokens, with the reference
+# pass) took 24 GB and were killed for memory here.
 RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
-           "dpo": {"label_format": "none", "top": 1.0, "epochs": 1.0, "objective": "dpo"}}
+           "dpo": {"label_format": "none", "top": 1.0, "epochs": 1.0, "objective": "dpo", "batch_size": 1,
+                   "grad_accum": 8}}
 ARMS_SHOWN = ("score", "filtered", "dpo")
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
 
