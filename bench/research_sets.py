@@ -68,7 +68,6 @@ from rewards.intervals import paired_difference
 RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
            "dpo": {"label_format": "none", "top": 1.0, "epochs": 1.0, "objective": "dpo", "batch_size": 1,
                    "grad_accum": 8}}
-ARMS_SHOWN = ("score", "filtered", "dpo")
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
 
 
@@ -273,7 +272,7 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
 
 def heldout_section(args, st: lc.State, market) -> list[str]:
     ev = st.data.get("eval", {})
-    runs = [k for k in (lc.run_key("base", 1.0), *(lc.run_key(a, t) for a in ARMS_SHOWN for t in TARGETS))
+    runs = [k for k in (lc.run_key("base", 1.0), *(lc.run_key(a, t) for a in RECIPES for t in TARGETS))
             if k in ev]
     if not runs:
         return []
