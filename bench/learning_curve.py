@@ -116,7 +116,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=0.0,
                    help="also evaluate each arm with agent.guidance = W against Score 0.00 (arm name `<arm>+guided`)")
     shared_args(p, "learning_curve.md")
-    return p.parse_args(argv)
+    return settle_out(p.parse_args(argv), "learning_curve.md")
+
+
+def settle_out(args: argparse.Namespace, out: str) -> argparse.Namespace:
+    """Default --out: the committed report in bench/results, except for a --tiny smoke run, whose numbers mean
+    nothing and must never overwrite a real run's report (one did, unnoticed, at stop 24)."""
+    if args.out is None:
+        args.out = str(Path(args.workdir) / out if args.tiny else ROOT / "bench" / "results" / out)
+    return args
 
 
 def shared_args(p: argparse.ArgumentParser, out: str) -> None:
@@ -126,7 +134,7 @@ def shared_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / out))
+    p.add_argument("--out", help=f"report path (default bench/results/{out}; a --tiny run's goes to its workdir)")
     p.add_argument("--report-only", action="store_true", help="rewrite --out from --workdir/state.json and stop")
 
 

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lc.shared_args(p, "research_rounds.md")
     p.add_argument("--against", metavar="STATE",
                    help="another run's state.json (its held-out items must be these): pair each round with its round")
-    args = p.parse_args(argv)
+    args = lc.settle_out(p.parse_args(argv), "research_rounds.md")
     # what learning_curve's train() reads: the filtered recipe of run J
     args.loss_on, args.decision_weight, args.balance = "weighted", 20.0, True
     return args

@@ -84,12 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms-from", metavar="STATE",
                    help="an earlier research_sets state: its trained arms not in --arms (their train summary, held-out "
                         "rows and probe) join the report, paired on the same held-out items")
+    p.add_argument("--generate-only", action="store_true",
+                   help="write (or keep) the train block and the report, then stop: train later, resuming the workdir")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
     lc.shared_args(p, "research_sets.md")
-    args = p.parse_args(argv)
+    args = lc.settle_out(p.parse_args(argv), "research_sets.md")
     args.loss_on, args.decision_weight, args.balance = "weighted", 20.0, True  # as runs J and K
     return args
 
@@ -363,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     if "generate" not in st.data:
         generate(args, st, market, split, model_dir, work)
     Path(args.out).write_text(report(args, st, market))
+    if args.generate_only:
+        return
     for arm in args.arms.split(","):
         if arm not in st.data.get("train", {}):
             lc.train(args, st, arm, model_dir, work, spec=RECIPES[arm])
