@@ -329,7 +329,8 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
                         target_modules=args.targets_modules.split(","), filter_top_fraction=spec["top"],
                         save_steps=10, boost_top_fraction=spec.get("boost", 0.0),
                         boost_passes=spec.get("passes", 0), loss_on=args.loss_on,
-                        decision_weight=args.decision_weight, balance_directions=args.balance)
+                        decision_weight=args.decision_weight, balance_directions=args.balance,
+                        tool_choice_weight=spec.get("tool_weight", 1.0))
     t0 = time.perf_counter()
     res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
                       min_new_episodes=1)

@@ -15,9 +15,15 @@ top quartile and its score labels see the research choices side by side on the s
   filtered  run J's filtered recipe on it (top quartile, no label, balanced, 2 epochs).
   dpo       the product's `trainer.objective = "dpo"` on it: per item, its best research choice preferred over its
             worst (1 epoch, no label), the contrast landing on the first tool token itself.
+  steer     score conditioning aimed at the research: every episode under its quantile label (`Quantile: k/5`,
+            the block's reward quintiles), directions balanced, 1 epoch, the decision-weighted loss with each tool
+            call's tool name weighted as a decision too (`trainer.tool_choice_weight` 20): a label -> research
+            mapping is a two-way one, of the kind these small models learn within one round, where the label x
+            headline -> direction interaction needed ~600 updates (capacity_gpu.md).
   eval      the same --eval-items held-out items as run K (greedy, free tool choice: `research_plan = []`, 1 to
-            --max-steps calls); the score arm at targets 1, 0, 0.5, 0.25, 0.75 (controllability over 5 targets:
-            does the label steer which research the agent does?), the filtered arm at 1.
+            --max-steps calls); the score and steer arms at targets 1, 0, 0.5, 0.25, 0.75 (controllability over 5
+            targets: does the label steer which research the agent does?; targets other than 1 on a seeded
+            --ctrl-items subset), the other arms at 1. The first-turn probe at every target the arm is run at.
 
 Reported, paired item by item (95% intervals resample dates): per tool, the block's reward and accuracy, and
 which tool the top quartile and each score quartile holds (what each recipe can learn); on the held-out items,
@@ -31,6 +37,9 @@ running them again.
         --arms filtered    # run L, reported in bench/results/research_sets.md (about 1 h 30 min here)
     .venv/bin/python bench/research_sets.py --workdir /tmp/sets2 --base-from bench/results/research_rounds_state.json \
         --arms dpo --arms-from bench/results/research_sets_state.json   # run M: dpo, paired with run L's filtered
+    .venv/bin/python bench/research_sets.py --workdir /tmp/setsN --base-from bench/results/research_rounds_state.json \
+        --arms steer --arms-from bench/results/research_sets_dpo_state.json --out bench/results/research_sets_steer.md
+        # run N: the steer arm, paired with runs L and M (about 2 h here)
     # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
     # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
@@ -41,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from collections import Counter
@@ -60,6 +70,7 @@ from market.split import draw_items
 from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
+from rewards.labels import quantile_edges, quantile_label
 
 # `dpo`: the product's `trainer.objective = "dpo"` on the block: per item, its best episode preferred over its
 # worst (scores >= 0.05 apart), every episode, no label; the same learning rate and 8 pairs per update as the
@@ -67,8 +78,14 @@ from rewards.intervals import paired_difference
 # pass) took 24 GB and were killed for memory here.
 RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
            "dpo": {"label_format": "none", "top": 1.0, "epochs": 1.0, "objective": "dpo", "batch_size": 1,
-                   "grad_accum": 8}}
+                   "grad_accum": 8},
+           "steer": {"label_format": "quantile", "top": 1.0, "epochs": 1.0, "tool_weight": 20.0}}
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
+CONTROLLED = ("score", "steer")  # the arms whose label is a target, run at every target
+
+
+def label_format(arm: str) -> str:
+    return "score" if arm == "base" else RECIPES[arm]["label_format"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-items", type=int, default=128, help="items of the train block (x3 episodes)")
     p.add_argument("--train-seed", default="research-sets")
     p.add_argument("--eval-items", type=int, default=150)
+    p.add_argument("--ctrl-items", type=int, default=60,
+                   help="held-out items a controlled arm answers at targets other than 1 (a seeded subset)")
     p.add_argument("--max-steps", type=int, default=2, help="agent.max_steps: tool calls before a forced prediction")
     p.add_argument("--explore", type=float, default=0.3, help="agent.explore_rate (directions) of the train block")
     p.add_argument("--arms", default="score,filtered")
@@ -126,20 +145,30 @@ def generate(args, st: lc.State, market, split, model_dir: str, work: Path) -> N
     lc.log(f"generate: {len(rows)} episodes in {seconds / 60:.1f} min")
 
 
+def heldout_items(args, market, split, n: int | None = None) -> list:
+    """Run K's held-out items; with n, a seeded subset of them (the same for every arm and target)."""
+    items = lc.as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
+    if n is None or n >= len(items):
+        return items
+    keep = set(random.Random("sets-ctrl").sample(range(len(items)), n))
+    return [it for i, it in enumerate(items) if i in keep]
+
+
 def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm: str, target: float) -> None:
-    """One arm at one target on the held-out items (greedy, free tool choice), as run K's rounds."""
+    """One arm at one target on the held-out items (greedy, free tool choice), as run K's rounds; a controlled
+    arm at a target other than 1 on the --ctrl-items subset."""
     from agent.runner import run_block
     from policy.local import LocalPolicy
     from scoring.resolve import resolve_pending
     from store.db import open_store
 
     engine = open_store(f"sqlite:///{work / 'eval.db'}")
-    items = lc.as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
+    items = heldout_items(args, market, split, None if target == 1.0 else args.ctrl_items)
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
     try:
         if arm != "base":
             policy.load_adapter(st.data["train"][arm]["path"], 1)
-        fmt = "score" if arm in ("base", "score") else RECIPES[arm]["label_format"]
+        fmt = label_format(arm)
         t0 = time.perf_counter()
         bid = run_block(engine, policy, market, agent_cfg(args, model_dir, train=False), RewardsConfig(label_format=fmt),
                         kind="eval", items=items, size=len(items), target_score=target, progress=False,
@@ -154,7 +183,7 @@ def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm:
     lc.log(f"eval {arm}@{target}: {rr.reading(rows)}")
 
 
-def probe(args, st: lc.State, market, split, model_dir: str, arm: str) -> None:
+def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: float = 1.0) -> None:
     """How far an arm moved the first tool choice, below what greedy decoding shows: on each held-out item's
     first turn (the same system and task messages as its eval episode), the probability that the call starts
     with `search` (search_news) rather than `get` (get_prices, get_market_context), renormalized over the two."""
@@ -162,9 +191,8 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str) -> None:
     from policy.local import LocalPolicy
     from rewards.labels import target_label
 
-    items = lc.as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
-    fmt = "score" if arm in ("base", "score") else RECIPES[arm]["label_format"]
-    label = target_label(1.0, RewardsConfig(label_format=fmt))
+    items = heldout_items(args, market, split)
+    label = target_label(target, RewardsConfig(label_format=label_format(arm)))
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=1)
     out = {}
     try:
@@ -177,9 +205,10 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str) -> None:
             out[f"{ticker}|{as_of.isoformat()}"] = 1 / (1 + math.exp(lp["get"] - lp["search"]))
     finally:
         policy.close()
-    st.data.setdefault("probe", {})[arm] = out
+    key = arm if target == 1.0 else lc.run_key(arm, target)
+    st.data.setdefault("probe", {})[key] = out
     st.save()
-    lc.log(f"probe {arm}: mean P(search_news first) = {lc.mean(list(out.values())):.3f}")
+    lc.log(f"probe {key}: mean P(search_news first) = {lc.mean(list(out.values())):.3f}")
 
 
 def import_arms(st: lc.State, source: Path, skip: set[str]) -> None:
@@ -218,6 +247,27 @@ def quartile_of(rows: list[dict]) -> dict[tuple, int]:
     return {key3(r): 1 + sum(r["composite"] >= c for c in cuts) for r in rows if r["composite"] is not None}
 
 
+def quintile_lines(rows: list[dict], tools: list[str]) -> list[str]:
+    """What the steer arm's labels say about research: its label is the episode's quintile of the block's
+    rewards (`Quantile: k/5`, the trainer's own edges); per label, which first call the episodes made."""
+    scored = [r for r in rows if r["composite"] is not None]
+    if not scored:
+        return []
+    edges = quantile_edges([r["composite"] for r in scored], 5)
+    by_label: dict[str, list[dict]] = {}
+    for r in scored:
+        by_label.setdefault(quantile_label(r["composite"], edges), []).append(r)
+    lines = ["", (f"The steer arm's labels (quintiles of this block's rewards, edges {', '.join(f'{e:.3f}' for e in edges)}): "
+                  "the first call of the episodes under each label."), "",
+             f"| label | episodes | mean reward | accuracy | {' | '.join(tools)} |", "|---|---|---|---|" + "---|" * len(tools)]
+    for label in sorted(by_label):
+        mine = by_label[label]
+        shares = " | ".join(rr.pct(sum(r["explore_tool"] == t for r in mine) / len(mine)) for t in tools)
+        lines.append(f"| {label} | {len(mine)} | {lc.fmt(lc.mean([r['composite'] for r in mine]))} | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | {shares} |")
+    return lines
+
+
 def block_section(args, market, rows: list[dict]) -> list[str]:
     tools = [t for t in TOOL_NAMES if any(r["explore_tool"] == t for r in rows)]
     quart = quartile_of(rows)
@@ -254,6 +304,7 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
                      f"{lc.fmt(lc.mean([r['correct'] for r in vis]))} (n={len(vis)}) | "
                      f"{lc.fmt(lc.mean([r['composite'] for r in mine]))} | {' / '.join(shares)} | "
                      f"{rr.pct(wins[t] / n_items)} |")
+    lines += quintile_lines(rows, tools)
     lines += ["", "Paired on the same items (95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
     col = {t: {k: v[t] for k, v in items.items() if t in v} for t in tools}
@@ -293,11 +344,14 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
                      f"{lc.fmt(lc.mean([r['composite'] for r in rows]))} | "
                      f"{' '.join(f'{d} {n}' for d, n in dirs.most_common())} | {ev[key]['seconds'] / 60:.1f} |")
     by = {k: {lc.item_key(r): r for r in ev[k]["rows"]} for k in runs}
-    base, s1, f1, s0, d1 = (lc.run_key(a, t) for a, t in (("base", 1.0), ("score", 1.0), ("filtered", 1.0),
-                                                          ("score", 0.0), ("dpo", 1.0)))
+    key = {name: lc.run_key(a, t) for name, a, t in (("base", "base", 1.0), ("s1", "score", 1.0),
+                                                       ("f1", "filtered", 1.0), ("s0", "score", 0.0),
+                                                       ("d1", "dpo", 1.0), ("t1", "steer", 1.0), ("t0", "steer", 0.0))}
     lines += ["", "Paired differences (same items; 95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
-    for a, b in ((s1, base), (f1, base), (d1, base), (s1, f1), (d1, f1), (s1, s0)):
+    for a, b in (("s1", "base"), ("f1", "base"), ("d1", "base"), ("t1", "base"), ("s1", "f1"), ("d1", "f1"),
+                 ("t1", "f1"), ("s1", "s0"), ("t1", "t0")):
+        a, b = key[a], key[b]
         if a in by and b in by:
             for c, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
                 line = diff_line(f"{a} - {b}", fig, {k: r[c] for k, r in by[a].items()},
@@ -306,22 +360,46 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
                     lines.append(line)
     probes = st.data.get("probe", {})
     if probes:
-        lines += ["", ("First-turn probe (each held-out item's first turn at target 1.0: the probability that the call "
-                       "starts with `search`, i.e. search_news, rather than `get`, renormalized over the two; greedy "
-                       "decoding calls search_news only where it is above 0.5):"), "",
+        lines += ["", ("First-turn probe (each held-out item's first turn at the agent's target, 1.0 where none is "
+                       "named: the probability that the call starts with `search`, i.e. search_news, rather than `get`, "
+                       "renormalized over the two; greedy decoding calls search_news only where it is above 0.5):"), "",
                   "| agent | mean P(search_news first) | items above 0.5 | lowest / median / highest |", "|---|---|---|---|"]
         for arm, ps in probes.items():
             v = sorted(ps.values())
             lines.append(f"| {arm} | {v and lc.fmt(sum(v) / len(v))} | {sum(x > 0.5 for x in v)} of {len(v)} | "
                          f"{lc.fmt(v[0])} / {lc.fmt(v[len(v) // 2])} / {lc.fmt(v[-1])} |")
-    ctrl = [(t, by[lc.run_key("score", t)]) for t in sorted(TARGETS) if lc.run_key("score", t) in by]
-    if len(ctrl) >= 2:
-        xs = [t for t, _ in ctrl]
-        ys = [lc.mean([r["composite"] for r in rows.values()]) or 0.0 for _, rows in ctrl]
-        news = [lc.mean([r["read_news"] for r in rows.values()]) or 0.0 for _, rows in ctrl]
-        lines += ["", (f"Controllability (the score arm at {len(ctrl)} targets on the same items): Spearman(target, "
-                       f"realized mean reward) = **{lc.fmt(spearman(xs, ys), 2)}** (target >= 0.9); Spearman(target, "
-                       f"share that read news) = {lc.fmt(spearman(xs, news), 2)}."), ""]
+    for arm in CONTROLLED:
+        lines += control_lines(arm, by, probes)
+    return lines
+
+
+def control_lines(arm: str, by: dict[str, dict], probes: dict[str, dict]) -> list[str]:
+    """Controllability of a labelled arm: per target, on the items every target answered (target 1 answers all
+    the held-out items, the others a seeded subset), the realized mean reward, accuracy, news share and the
+    probe; Spearman of each against the target."""
+    runs = [(t, by[lc.run_key(arm, t)]) for t in sorted(TARGETS) if lc.run_key(arm, t) in by]
+    if len(runs) < 2:
+        return []
+    common = set.intersection(*(set(rows) for _, rows in runs))
+    lines = ["", (f"Controllability of `{arm}` ({len(runs)} targets, the same {len(common)} items; P(search_news "
+                  "first) over all held-out items):"), "",
+             "| target | mean reward | accuracy | read news | answers | mean P(search_news first) |", "|---|---|---|---|---|---|"]
+    xs, ys, news, ps = [], [], [], []
+    for t, rows in runs:
+        mine = [rows[k] for k in sorted(common)]
+        probe_key = arm if t == 1.0 else lc.run_key(arm, t)
+        p = lc.mean(list(probes.get(probe_key, {}).values()))
+        xs.append(t)
+        ys.append(lc.mean([r["composite"] for r in mine]) or 0.0)
+        news.append(lc.mean([r["read_news"] for r in mine]) or 0.0)
+        ps.append(p)
+        dirs = Counter(r["direction"] for r in mine if r["direction"])
+        lines.append(f"| {t:.2f} | {lc.fmt(ys[-1])} | {lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} "
+                     f"| {rr.pct(news[-1])} | {' '.join(f'{d} {n}' for d, n in dirs.most_common())} | {lc.fmt(p)} |")
+    with_p = [(x, p) for x, p in zip(xs, ps, strict=True) if p is not None]
+    lines += ["", (f"Spearman(target, realized mean reward) = **{lc.fmt(spearman(xs, ys), 2)}** (target >= 0.9); "
+                   f"Spearman(target, share that read news) = {lc.fmt(spearman(xs, news), 2)}; Spearman(target, "
+                   f"P(search_news first)) = {lc.fmt(spearman(*zip(*with_p)), 2) if len(with_p) >= 2 else '-'}."), ""]
     return lines
 
 
@@ -370,13 +448,17 @@ def main(argv: list[str] | None = None) -> None:
     for arm in args.arms.split(","):
         if arm not in st.data.get("train", {}):
             lc.train(args, st, arm, model_dir, work, spec=RECIPES[arm])
-        for t in TARGETS if arm == "score" else (1.0,):
+        targets = TARGETS if arm in CONTROLLED else (1.0,)
+        for t in targets:  # the probe first: minutes, where each target's episodes take a quarter of an hour
+            if (arm if t == 1.0 else lc.run_key(arm, t)) not in st.data.get("probe", {}):
+                probe(args, st, market, split, model_dir, arm, t)
+        Path(args.out).write_text(report(args, st, market))
+        for t in targets:
             if lc.run_key(arm, t) not in ev:
                 evaluate(args, st, market, split, model_dir, work, arm, t)
                 Path(args.out).write_text(report(args, st, market))
-    for arm in ("base", *args.arms.split(",")):
-        if arm not in st.data.get("probe", {}) and (arm == "base" or arm in st.data.get("train", {})):
-            probe(args, st, market, split, model_dir, arm)
+    if "base" not in st.data.get("probe", {}):
+        probe(args, st, market, split, model_dir, "base")
     Path(args.out).write_text(report(args, st, market))
     lc.log(f"wrote {args.out}")
 

@@ -149,6 +149,25 @@ def test_weighted_keeps_malformed_answers_at_weight_one(sqlite_db, tiny_model_di
     assert max(out.rows[1]["loss_weights"]) == 1.0
 
 
+def test_tool_choice_weight_weights_the_name_of_every_tool_call_and_nothing_else(sqlite_db, tiny_model_dir):
+    """trainer.tool_choice_weight: the research choice is a decision too. The tool names of the assistant's
+    calls (not the tool results, not a tool named inside the rationale) get the weight; at 1 (the default)
+    the rows are exactly the decision-weighted ones."""
+    from trainer.decision import weighted_row
+
+    _, ids = add_block(sqlite_db, [0.4])
+    chat = with_final(chats(sqlite_db)[ids[0]], rationale='did not call "tool": "search_news"')
+    chat = [*chat[:-1], {"role": "assistant", "content": json.dumps({"tool": "search_news", "args": {}})},
+            {"role": "tool", "content": '"tool": "get_market_context" [3] headline'}, chat[-1]]
+    tok = load_tokenizer(tiny_model_dir)
+    row = weighted_row(tok, chat, 4096, 20.0, tool_weight=5.0)
+    tokens = [(tok.decode([t]), w) for t, w in zip(row["input_ids"], row["loss_weights"], strict=True)]
+    assert "".join(t for t, w in tokens if w == 5.0) == "get_pricessearch_news"
+    assert "".join(t for t, w in tokens if w == 20.0) == "down0.75"
+    assert weighted_row(tok, chat, 4096, 20.0, tool_weight=1.0) == weighted_row(tok, chat, 4096, 20.0)
+    assert 5.0 not in weighted_row(tok, chat, 4096, 20.0)["loss_weights"]
+
+
 @pytest.mark.parametrize("loss_on", ["decision", "weighted"])
 def test_a_round_trains_and_records_its_loss(sqlite_db, tiny_model_dir, tmp_path, loss_on):
     """The product path: train_round with a decision-focused loss, one optimizer step on the tiny model,

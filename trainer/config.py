@@ -67,6 +67,10 @@ class TrainerConfig(BaseModel):
     decision_weight: float = Field(
         20.0, ge=1, description="With loss_on = 'weighted': the decision tokens' weight against 1 for the rest of "
         "the answer (20 puts about half of a ~60-token answer's loss on its 2-3 decision tokens).")
+    tool_choice_weight: float = Field(
+        1.0, ge=1, description="With loss_on = 'weighted': the weight of each tool call's tool name (1 = as any "
+        "answer token). Above 1 the research choice is trained as a decision, so a score label can steer it "
+        "(bench/research_sets.py's steer arm).")
     seed: int = Field(0, description="Seed for the LoRA init and the data order.")
     filter_top_fraction: float = Field(
         1.0, gt=0, le=1, description="Train only on each block's best-scoring fraction of episodes "

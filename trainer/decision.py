@@ -10,7 +10,10 @@ of each update, and the capacity check (bench/results/capacity.md) saw it not le
 the capacity set (bench/results/capacity_gpu.md) but, with the rest of the answer untrained, broke 44%
 of answers on the product path (learning_history.md, run D). `trainer.loss_on = "weighted"` keeps the
 loss on every assistant token and weights the decision's tokens `trainer.decision_weight` times, so the
-format stays anchored while the decision gets most of each update.
+format stays anchored while the decision gets most of each update. The research is a decision too: with
+`trainer.tool_choice_weight` above 1 the tool name of every tool call is weighted likewise, so a label can
+steer which research the agent does (on every-tool blocks the reward ranks the tools per item; run N in
+bench/results/learning_history.md).
 
 The chat is tokenized once with the model's chat template (as TRL would); the decision's character
 spans in the rendered text are mapped to tokens through the fast tokenizer's offsets.
@@ -27,6 +30,7 @@ from trainer.errors import TrainerError
 
 DECISION_FIELDS = ("direction", "confidence")
 DIRECTIONS = ("up", "down", "flat")
+_TOOL = re.compile(r'\{\s*"tool"\s*:\s*"([A-Za-z_]+)"')  # a tool call opens with its tool's name
 _VALUE = {
     "direction": re.compile(r'"direction"\s*:\s*"([a-z]+)"'),
     "confidence": re.compile(r'"confidence"\s*:\s*(-?[0-9][0-9.eE+-]*)'),
@@ -97,12 +101,33 @@ def decision_row(tokenizer, messages: list[dict[str, str]], max_length: int,
     return {"input_ids": ids, "assistant_masks": mask}
 
 
-def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, weight: float
-                 ) -> dict[str, list] | None:
+def tool_choice_mask(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """The chat's token ids and a 0/1 mask on the tool name of every assistant tool call (`{"tool": "..."`):
+    the research choice, the first place where one episode of an item differs from another."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    spans, cursor = [], 0
+    for msg in messages:
+        if msg["role"] != "assistant":
+            continue
+        at = text.find(msg["content"], cursor)
+        if at < 0:
+            raise TrainerError("the chat template does not render an assistant message verbatim, so its tool "
+                               "choice cannot be located; use trainer.tool_choice_weight = 1")
+        cursor = at + len(msg["content"])
+        found = _TOOL.match(msg["content"].lstrip())
+        if found:
+            lead = len(msg["content"]) - len(msg["content"].lstrip())
+            spans.append((at + lead + found.start(1), at + lead + found.end(1)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [int(any(s < hi and lo < e for lo, hi in spans)) for s, e in enc["offset_mapping"]]
+
+
+def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, weight: float,
+                 tool_weight: float = 1.0) -> dict[str, list] | None:
     """`input_ids`, `labels` (-100 off the assistant's tokens) and `loss_weights` (1 on assistant tokens,
-    `weight` on the last prediction's decision tokens) for one chat; None when truncation leaves no
-    assistant token. A chat without a parseable prediction keeps weight 1 on its answer: it still
-    teaches the format, as under the all-assistant loss."""
+    `weight` on the last prediction's decision tokens, `tool_weight` on each tool call's tool name) for one
+    chat; None when truncation leaves no assistant token. A chat without a parseable prediction keeps weight
+    1 on its answer: it still teaches the format, as under the all-assistant loss."""
     enc = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
     ids, assistant = list(enc["input_ids"]), list(enc["assistant_masks"])
@@ -111,7 +136,14 @@ def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, wei
         raise TrainerError("the chat template tokenizes differently with and without character offsets, so the "
                            "decision tokens cannot be weighted; use trainer.loss_on = 'assistant'")
     decision = found[1] if found is not None else [0] * len(ids)
-    weights = [weight if d else float(a) for a, d in zip(assistant, decision, strict=True)][:max_length]
+    tools = [0] * len(ids)
+    if tool_weight != 1.0:
+        tool_ids, tools = tool_choice_mask(tokenizer, messages)
+        if tool_ids != ids:
+            raise TrainerError("the chat template tokenizes differently with and without character offsets, so "
+                               "the tool choice cannot be weighted; use trainer.tool_choice_weight = 1")
+    weights = [weight if d else tool_weight if (t and a) else float(a)
+               for a, d, t in zip(assistant, decision, tools, strict=True)][:max_length]
     ids = ids[:max_length]
     if not any(weights):
         return None
@@ -119,15 +151,15 @@ def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, wei
             "loss_weights": weights}
 
 
-def weighted_rows(tokenizer, chats: Sequence[list[dict[str, str]]], max_length: int, weight: float
-                  ) -> DecisionRows:
+def weighted_rows(tokenizer, chats: Sequence[list[dict[str, str]]], max_length: int, weight: float,
+                  tool_weight: float = 1.0) -> DecisionRows:
     """Every chat as a decision-weighted example; chats whose answer was cut off entirely are counted."""
     if not getattr(tokenizer, "is_fast", False):
         raise TrainerError("trainer.loss_on = 'weighted' needs a fast tokenizer (character offsets); this "
                            f"model's is {type(tokenizer).__name__}")
     rows, skipped = [], 0
     for chat in chats:
-        row = weighted_row(tokenizer, chat, max_length, weight)
+        row = weighted_row(tokenizer, chat, max_length, weight, tool_weight)
         if row is None:
             skipped += 1
         else:

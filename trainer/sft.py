@@ -257,10 +257,11 @@ def _trainer_class(fused_lm_head: bool):
 
 def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, str]]], args: Any,
                   callbacks: Sequence[TrainerCallback] = (), *, fused_lm_head: bool | None = None,
-                  loss_on: str = "assistant", decision_weight: float = 20.0):
+                  loss_on: str = "assistant", decision_weight: float = 20.0, tool_choice_weight: float = 1.0):
     """An SFTTrainer over conversational examples (`messages`), loss on assistant tokens only, or with
     `loss_on="decision"` on the final prediction's direction and confidence only, or with `loss_on="weighted"`
-    on every assistant token and the decision's weighted `decision_weight` times (trainer/decision.py).
+    on every assistant token and the decision's weighted `decision_weight` times, each tool call's tool name
+    `tool_choice_weight` times (trainer/decision.py).
 
     The fused (chunked) LM head is kept where Triton runs it (CUDA), where it saves memory.
     """
@@ -272,7 +273,8 @@ def build_trainer(model: Any, tokenizer: Any, messages: Sequence[list[dict[str, 
     if loss_on == "weighted":
         from trainer.decision import weighted_rows
 
-        dataset = Dataset.from_list(weighted_rows(tokenizer, messages, args.max_length, decision_weight).rows)
+        dataset = Dataset.from_list(weighted_rows(tokenizer, messages, args.max_length, decision_weight,
+                                                   tool_choice_weight).rows)
         # The rows carry their own labels and weights: TRL must neither re-tokenize them nor drop the column.
         args = dataclasses.replace(args, assistant_only_loss=False, remove_unused_columns=False,
                                    dataset_kwargs={**(args.dataset_kwargs or {}), "skip_prepare_dataset": True})
@@ -363,7 +365,8 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
                                   "n_new": len(p.new), "n_replay": len(p.replay),
                                   "n_copies": len(examples) - len({e.episode_id for e in examples}),
                                   "balance_directions": cfg.balance_directions, "loss_on": cfg.loss_on,
-                                  **({"decision_weight": cfg.decision_weight} if cfg.loss_on == "weighted" else {})})
+                                  **({"decision_weight": cfg.decision_weight, "tool_choice_weight": cfg.tool_choice_weight}
+                                     if cfg.loss_on == "weighted" else {})})
 
 
 def fit(model: ModelRef, adapter_path: str | None, messages: Sequence[list[dict[str, str]]], cfg: TrainerConfig,
@@ -376,7 +379,8 @@ def fit(model: ModelRef, adapter_path: str | None, messages: Sequence[list[dict[
     tokenizer = load_tokenizer(model_name(model))
     peft_model = load_trainable_model(model, adapter_path, cfg, device)
     trainer = build_trainer(peft_model, tokenizer, messages, sft_config(cfg, output_dir, device), callbacks,
-                            loss_on=cfg.loss_on, decision_weight=cfg.decision_weight)
+                            loss_on=cfg.loss_on, decision_weight=cfg.decision_weight,
+                            tool_choice_weight=cfg.tool_choice_weight)
     try:
         trainer.train(resume_from_checkpoint=last)
     except Exception as err:
