@@ -16,8 +16,9 @@ top quartile and its score labels see the research choices side by side on the s
   dpo       the product's `trainer.objective = "dpo"` on it: per item, its best research choice preferred over its
             worst (1 epoch, no label), the contrast landing on the first tool token itself.
   steer     score conditioning aimed at the research: every episode under its quantile label (`Quantile: k/5`,
-            the block's reward quintiles), directions balanced, 1 epoch, the decision-weighted loss with each tool
-            call's tool name weighted as a decision too (`trainer.tool_choice_weight` 20): a label -> research
+            the block's reward quintiles), directions balanced (384 -> 607 examples), 0.6 epoch (~46 updates, what
+            a session here affords beside its evaluation), the decision-weighted loss with each tool call's tool
+            name weighted as a decision too (`trainer.tool_choice_weight` 20): a label -> research
             mapping is a two-way one, of the kind these small models learn within one round, where the label x
             headline -> direction interaction needed ~600 updates (capacity_gpu.md).
   eval      the same --eval-items held-out items as run K (greedy, free tool choice: `research_plan = []`, 1 to
@@ -79,7 +80,7 @@ from rewards.labels import quantile_edges, quantile_label
 RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
            "dpo": {"label_format": "none", "top": 1.0, "epochs": 1.0, "objective": "dpo", "batch_size": 1,
                    "grad_accum": 8},
-           "steer": {"label_format": "quantile", "top": 1.0, "epochs": 1.0, "tool_weight": 20.0}}
+           "steer": {"label_format": "quantile", "top": 1.0, "epochs": 0.6, "tool_weight": 20.0}}
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
 CONTROLLED = ("score", "steer")  # the arms whose label is a target, run at every target
 
@@ -154,33 +155,40 @@ def heldout_items(args, market, split, n: int | None = None) -> list:
     return [it for i, it in enumerate(items) if i in keep]
 
 
-def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm: str, target: float) -> None:
-    """One arm at one target on the held-out items (greedy, free tool choice), as run K's rounds; a controlled
-    arm at a target other than 1 on the --ctrl-items subset."""
+def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm: str, target: float,
+             n: int | None = None) -> None:
+    """One arm at one target on the held-out items (greedy, free tool choice), as run K's rounds; with n, on the
+    seeded --ctrl-items subset. Items the arm already answered at this target are kept, not run again, so a
+    subset run is later completed to the whole set under the same key."""
     from agent.runner import run_block
     from policy.local import LocalPolicy
     from scoring.resolve import resolve_pending
     from store.db import open_store
 
+    key = lc.run_key(arm, target)
+    ev = st.data.setdefault("eval", {})
+    done = {(r["ticker"], str(r["as_of"])[:10]) for r in ev.get(key, {}).get("rows", [])}
+    items = [it for it in heldout_items(args, market, split, n) if (it[0], str(it[1])[:10]) not in done]
+    if not items:
+        return
     engine = open_store(f"sqlite:///{work / 'eval.db'}")
-    items = heldout_items(args, market, split, None if target == 1.0 else args.ctrl_items)
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
     try:
         if arm != "base":
             policy.load_adapter(st.data["train"][arm]["path"], 1)
-        fmt = label_format(arm)
         t0 = time.perf_counter()
-        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, train=False), RewardsConfig(label_format=fmt),
-                        kind="eval", items=items, size=len(items), target_score=target, progress=False,
-                        horizon=market.horizon_days)
+        bid = run_block(engine, policy, market, agent_cfg(args, model_dir, train=False),
+                        RewardsConfig(label_format=label_format(arm)), kind="eval", items=items, size=len(items),
+                        target_score=target, progress=False, horizon=market.horizon_days)
         resolve_pending(engine, market, RewardsConfig())
         rows = rr.with_tools(engine, bid, lc.block_rows(engine, bid))
     finally:
         policy.close()
         engine.dispose()
-    st.data.setdefault("eval", {})[lc.run_key(arm, target)] = {"seconds": time.perf_counter() - t0, "rows": rows}
+    old = ev.get(key, {"seconds": 0.0, "rows": []})
+    ev[key] = {"seconds": old["seconds"] + time.perf_counter() - t0, "rows": old["rows"] + rows}
     st.save()
-    lc.log(f"eval {arm}@{target}: {rr.reading(rows)}")
+    lc.log(f"eval {key} ({len(ev[key]['rows'])} items): {rr.reading(rows)}")
 
 
 def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: float = 1.0) -> None:
@@ -436,8 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = json.loads(Path(args.base_from).read_text())["rounds"]["0"]["eval"]
         ev[base] = {"seconds": rows["seconds"], "rows": rows["rows"], "from": args.base_from}
         st.save()
-    if base not in ev:
-        evaluate(args, st, market, split, model_dir, work, "base", 1.0)
+    evaluate(args, st, market, split, model_dir, work, "base", 1.0)  # runs only what is missing
     if args.arms_from:
         import_arms(st, Path(args.arms_from), skip=set(args.arms.split(",")))
     if "generate" not in st.data:
@@ -453,10 +460,11 @@ def main(argv: list[str] | None = None) -> None:
             if (arm if t == 1.0 else lc.run_key(arm, t)) not in st.data.get("probe", {}):
                 probe(args, st, market, split, model_dir, arm, t)
         Path(args.out).write_text(report(args, st, market))
-        for t in targets:
-            if lc.run_key(arm, t) not in ev:
-                evaluate(args, st, market, split, model_dir, work, arm, t)
-                Path(args.out).write_text(report(args, st, market))
+        # A controlled arm answers the subset at every target first (a cut run still has its controllability),
+        # then target 1 is completed to every held-out item (the pairs with the other arms).
+        for t, n in [*((t, args.ctrl_items) for t in targets if len(targets) > 1), (1.0, None)]:
+            evaluate(args, st, market, split, model_dir, work, arm, t, n)
+            Path(args.out).write_text(report(args, st, market))
     if "base" not in st.data.get("probe", {}):
         probe(args, st, market, split, model_dir, "base")
     Path(args.out).write_text(report(args, st, market))
