@@ -67,6 +67,12 @@ def parsed_decision(content: str) -> bool:
             and isinstance(pred.get("confidence"), (int, float)) and not isinstance(pred.get("confidence"), bool))
 
 
+def spans_to_tokens(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The rendered chat's token ids and a 0/1 mask on the tokens that overlap any character span."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [int(any(s < hi and lo < e for lo, hi in spans)) for s, e in enc["offset_mapping"]]
+
+
 def decision_mask(tokenizer, messages: Sequence[dict[str, str]],
                   fields: Sequence[str] = DECISION_FIELDS) -> tuple[list[int], list[int]] | None:
     """The chat's token ids and a 0/1 mask on its last prediction's decision tokens (untruncated); None
@@ -83,9 +89,7 @@ def decision_mask(tokenizer, messages: Sequence[dict[str, str]],
     if start < 0:
         raise TrainerError("the chat template does not render the last assistant message verbatim, so its "
                            "decision tokens cannot be located; use trainer.loss_on = 'assistant'")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    absolute = [(start + a, start + b) for a, b in spans]
-    return list(enc["input_ids"]), [int(any(s < hi and lo < e for lo, hi in absolute)) for s, e in enc["offset_mapping"]]
+    return spans_to_tokens(tokenizer, text, [(start + a, start + b) for a, b in spans])
 
 
 def decision_row(tokenizer, messages: list[dict[str, str]], max_length: int,
@@ -118,8 +122,7 @@ def tool_choice_mask(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[lis
         if found:
             lead = len(msg["content"]) - len(msg["content"].lstrip())
             spans.append((at + lead + found.start(1), at + lead + found.end(1)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [int(any(s < hi and lo < e for lo, hi in spans)) for s, e in enc["offset_mapping"]]
+    return spans_to_tokens(tokenizer, text, spans)
 
 
 def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, weight: float,
