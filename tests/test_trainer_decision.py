@@ -168,6 +168,35 @@ def test_tool_choice_weight_weights_the_name_of_every_tool_call_and_nothing_else
     assert 5.0 not in weighted_row(tok, chat, 4096, 20.0)["loss_weights"]
 
 
+def test_a_planned_call_that_the_system_prompt_lists_verbatim_is_weighted_in_the_assistant_turn(tiny_model_dir):
+    """The agent's system prompt lists each tool as a call, the very text of a planned `get_prices` call, and an
+    episode may repeat a call. Each tool name is found in its own assistant turn: every call of the episode
+    gets the weight, nothing in the system prompt does (a search from the previous assistant turn alone
+    matched the system prompt's copy, so only search_news calls were ever weighted: run N)."""
+    from datetime import UTC, datetime
+
+    from agent.prompts import system_prompt, user_prompt
+    from agent.schema import planned_call
+    from trainer.decision import weighted_row
+
+    prices = planned_call("get_prices", "SYN01")[1]
+    assert prices in system_prompt()
+    chat = [{"role": "system", "content": system_prompt()},
+            {"role": "user", "content": user_prompt("SYN01", datetime(2023, 5, 22, 20, 1, tzinfo=UTC), 5,
+                                                    "Quantile: 5/5")},
+            {"role": "assistant", "content": prices},
+            {"role": "tool", "content": "SYN01 closes, oldest first: 10.0 10.2"},
+            {"role": "assistant", "content": prices},
+            {"role": "tool", "content": "SYN01 closes, oldest first: 10.0 10.2"},
+            {"role": "assistant", "content": planned_call("get_market_context", "SYN01")[1]}]
+    tok = load_tokenizer(tiny_model_dir)
+    row = weighted_row(tok, chat, 4096, 20.0, tool_weight=5.0)
+    tokens = [(tok.decode([t]), w) for t, w in zip(row["input_ids"], row["loss_weights"], strict=True)]
+    assert "".join(t for t, w in tokens if w == 5.0) == "get_pricesget_pricesget_market_context"
+    first_answer = next(i for i, (_, w) in enumerate(tokens) if w > 0)
+    assert first_answer > len(tok(system_prompt(), add_special_tokens=False)["input_ids"])
+
+
 @pytest.mark.parametrize("loss_on", ["decision", "weighted"])
 def test_a_round_trains_and_records_its_loss(sqlite_db, tiny_model_dir, tmp_path, loss_on):
     """The product path: train_round with a decision-focused loss, one optimizer step on the tiny model,

@@ -111,9 +111,15 @@ def tool_choice_mask(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[lis
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     spans, cursor = [], 0
     for msg in messages:
-        if msg["role"] != "assistant":
-            continue
+        # Every message moves the cursor past itself, not only the assistant's: the system prompt lists the
+        # tools as calls (`{"tool": "get_prices", "args": {"lookback_days": 20}}`), the very text of a planned
+        # call, and an earlier identical call precedes a repeat; searching from the previous assistant turn
+        # alone found those and weighted the wrong tokens.
         at = text.find(msg["content"], cursor)
+        if msg["role"] != "assistant":
+            if at >= 0:  # a template may rewrite a prompt or tool message; the assistant's must be verbatim
+                cursor = at + len(msg["content"])
+            continue
         if at < 0:
             raise TrainerError("the chat template does not render an assistant message verbatim, so its tool "
                                "choice cannot be located; use trainer.tool_choice_weight = 1")
@@ -145,6 +151,10 @@ def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, wei
         if tool_ids != ids:
             raise TrainerError("the chat template tokenizes differently with and without character offsets, so "
                                "the tool choice cannot be weighted; use trainer.tool_choice_weight = 1")
+        if any(t and not a for a, t in zip(assistant, tools, strict=True)):
+            raise TrainerError("a tool call's name was located outside the assistant's tokens (the chat template "
+                               "renders it differently), so the tool choice cannot be weighted; use "
+                               "trainer.tool_choice_weight = 1")
     weights = [weight if d else tool_weight if (t and a) else float(a)
                for a, d, t in zip(assistant, decision, tools, strict=True)][:max_length]
     ids = ids[:max_length]
