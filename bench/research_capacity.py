@@ -52,6 +52,8 @@ from trainer.config import TrainerConfig
 
 BINS = 5
 LABELS = [f"Quantile: {k}/{BINS}" for k in range(1, BINS + 1)]
+TOOLS_PER_ITEM = 3
+ITEM_LABELS = [f"Quantile: {k}/{TOOLS_PER_ITEM}" for k in range(1, TOOLS_PER_ITEM + 1)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-items", type=int, default=150, help="run K's held-out items (as research_sets)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tool-weight", type=float, default=20.0, help="trainer.tool_choice_weight")
-    p.add_argument("--arm", default="steer-first-turn", help="name of this run in the report")
+    p.add_argument("--labels", choices=("block", "item"), default="block",
+                   help="block: the episode's reward quintile in the block (`Quantile: k/5`, the product's quantile "
+                        "label); item: its reward's rank among the same item's episodes (`Quantile: k/3`, 3 = the "
+                        "item's best research; group-relative, as GRPO's advantage, so an item's luck cancels)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (a lent GPU runs many more updates; bf16 "
+                   "there, as the product's trainer picks)")
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke run, numbers mean nothing)")
     p.add_argument("--out", default=None, help="report path (default bench/results/research_capacity.md; "
                    "--tiny runs write into the workdir)")
@@ -83,17 +90,29 @@ def first_turn(market, row: dict, label: str) -> list[dict[str, str]]:
             {"role": "assistant", "content": call}]
 
 
-def block_chats(market, rows: list[dict]) -> tuple[list[list[dict[str, str]]], list[dict]]:
-    """Every explored episode's first turn under its reward quintile; and the label -> tool shares the data holds."""
+def item_rank_label(row: dict, group: list[dict]) -> str:
+    """`Quantile: k/3`: 1 + how many of the item's episodes earned strictly less (ties share a label)."""
+    return ITEM_LABELS[min(len(ITEM_LABELS) - 1, sum(g["composite"] < row["composite"] for g in group))]
+
+
+def block_chats(market, rows: list[dict], how: str = "block"
+                ) -> tuple[list[list[dict[str, str]]], list[dict], list[str]]:
+    """Every explored episode's first turn under its label (`how`: block quintile or rank on its item); the
+    label -> tool shares the data holds; the labels, worst first."""
     rows = [r for r in rows if r.get("explore_tool") and r.get("composite") is not None]
     edges = quantile_edges([r["composite"] for r in rows], BINS)
-    chats, table = [], {lab: {"n": 0, "search_news": 0} for lab in LABELS}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        label = quantile_label(r["composite"], edges)
+        groups.setdefault(lc.item_key(r), []).append(r)
+    labels = LABELS if how == "block" else ITEM_LABELS
+    chats, table = [], {lab: {"n": 0, "search_news": 0} for lab in labels}
+    for r in rows:
+        label = (quantile_label(r["composite"], edges) if how == "block"
+                 else item_rank_label(r, groups[lc.item_key(r)]))
         chats.append(first_turn(market, r, label))
         table[label]["n"] += 1
         table[label]["search_news"] += r["explore_tool"] == "search_news"
-    return chats, [{"label": lab, **v} for lab, v in table.items()]
+    return chats, [{"label": lab, **v} for lab, v in table.items()], labels
 
 
 class Prober:
@@ -105,7 +124,7 @@ class Prober:
 
         self.torch, self.tok, self.market, self.items = torch, tokenizer, market, items
         self.first = {}
-        probe_text = self._text(*items[0], LABELS[0])
+        probe_text = self._text(*items[0], "Quantile: 1/5")
         head = tokenizer(probe_text, add_special_tokens=False)["input_ids"]
         for option in ("search", "get"):
             full = tokenizer(probe_text + option, add_special_tokens=False)["input_ids"]
@@ -125,7 +144,7 @@ class Prober:
         with torch.no_grad():
             for ticker, as_of in self.items[:n]:
                 ids = self.tok(self._text(ticker, as_of, label), add_special_tokens=False)["input_ids"]
-                logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+                logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
                 gap = float(logits[self.first["get"]] - logits[self.first["search"]])
                 out[f"{ticker}|{as_of.isoformat()}"] = 1 / (1 + math.exp(gap))
         if was_training:
@@ -142,20 +161,21 @@ def report(args, st: dict) -> str:
     f = lc.fmt
     lines = ["# Capacity check: can the label steer the research? (first turns of run L's every-tool block)", "",
              f"Command: `{st['command']}`", "",
-             (f"{st['n_examples']} first turns (system prompt, task turn under the episode's reward quintile, the "
+             (f"{st['n_examples']} first turns (system prompt, task turn under the episode's label: "
+              f"{'its reward quintile in the block' if args.labels == 'block' else 'its reward rank on its item'}, the "
               f"explored first call), lr {args.lr}, batch 8, LoRA r16 on every linear layer, the weighted loss with "
-              f"each tool name x{args.tool_weight:g}; the product's trainer (TRL + PEFT) on this CPU."), "",
+              f"each tool name x{args.tool_weight:g}; the product's trainer (TRL + PEFT) on {st.get('device', 'cpu')}."), "",
              "What the data holds (a model that read its label would match these shares):", "",
              "| label | first turns | search_news first |", "|---|---|---|"]
     lines += [f"| `{t['label']}` | {t['n']} | {t['search_news'] / max(1, t['n']):.0%} |" for t in st["data"]]
     lines += ["", (f"Probe: mean P(search_news first) over {args.probe_items} held-out items (the last row: all "
-                   f"{args.eval_items}) at each label; effect = paired `5/5` - `1/5` difference, 95% interval "
+                   f"{args.eval_items}) at each label; effect = paired top - bottom label difference, 95% interval "
                    "resampling dates."), "",
-              "| updates | minutes | loss (last 10) | " + " | ".join(f"`{lab}`" for lab in LABELS)
-              + " | effect 5/5 - 1/5 | max per-item effect |",
-              "|---|---|---|" + "---|" * len(LABELS) + "---|---|"]
+              "| updates | minutes | loss (last 10) | " + " | ".join(f"`{lab}`" for lab in st["labels"])
+              + " | effect top - bottom | max per-item effect |",
+              "|---|---|---|" + "---|" * len(st["labels"]) + "---|---|"]
     for p in st["probes"]:
-        cells = [f(lc.mean(list(p["p"][lab].values()))) if lab in p["p"] else "-" for lab in LABELS]
+        cells = [f(lc.mean(list(p["p"][lab].values()))) if lab in p["p"] else "-" for lab in st["labels"]]
         e = p["effect"]
         lines.append(f"| {p['updates']} | {p['seconds'] / 60:.1f} | {f(p.get('loss'), 4)} | " + " | ".join(cells)
                      + f" | {e['mean']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}] ({e['items']} items, {e['dates']} dates)"
@@ -167,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import TrainerCallback
 
     from policy.model_files import load_tokenizer, make_tiny_model, resolve_model
-    from trainer.sft import build_trainer, load_trainable_model, sft_config
+    from trainer.sft import build_trainer, load_trainable_model, pick_device, sft_config
 
     args = parse_args(argv)
     work = Path(args.workdir)
@@ -179,30 +199,32 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = str(make_tiny_model(work / "tiny", model_dir))
     tokenizer = load_tokenizer(model_dir)
     rows = json.loads(Path(args.block).read_text())["generate"]["rows"]
-    chats, table = block_chats(market, rows)
+    chats, table, labels = block_chats(market, rows, args.labels)
     items = rs.heldout_items(argparse.Namespace(eval_items=args.eval_items), market, split)
     probe_keys = {(t, a) for t, a in rs.heldout_items(argparse.Namespace(eval_items=args.eval_items), market, split,
                                                       args.probe_items)}
     ordered = [it for it in items if it in probe_keys] + [it for it in items if it not in probe_keys]
     prober = Prober(tokenizer, market, ordered)
     st = {"command": ".venv/bin/python bench/research_capacity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-          "n_examples": len(chats), "data": table, "probes": []}
+          "n_examples": len(chats), "data": table, "probes": [], "device": args.device,
+          "labels": labels}
     out = Path(args.out)
 
     def read(model, updates: int, seconds: float, loss: float | None, every_label: bool, n: int | None) -> None:
-        labels = LABELS if every_label else [LABELS[0], LABELS[-1]]
+        labels = st["labels"] if every_label else [st["labels"][0], st["labels"][-1]]
         got = {lab: prober(model, lab, n) for lab in labels}
-        hi, lo = got[LABELS[-1]], got[LABELS[0]]
+        hi, lo = got[labels[-1]], got[labels[0]]
         st["probes"].append({"updates": updates, "seconds": seconds, "loss": loss, "p": got,
                              "effect": effect(hi, lo), "max_item_effect": max((hi[k] - lo[k] for k in hi), key=abs)})
         (work / "research_capacity_state.json").write_text(json.dumps(st, indent=1))
         out.write_text(report(args, st))
-        lc.log(f"updates {updates}: P(news) 1/5 {lc.mean(list(lo.values())):.3f}, 5/5 {lc.mean(list(hi.values())):.3f}, "
+        lc.log(f"updates {updates}: P(news) bottom {lc.mean(list(lo.values())):.3f}, top {lc.mean(list(hi.values())):.3f}, "
                f"effect {st['probes'][-1]['effect']['mean']:+.4f}")
 
     cfg = TrainerConfig(learning_rate=args.lr, epochs=1000, batch_size=4, grad_accum=2, save_steps=10**6,
                         loss_on="weighted", tool_choice_weight=args.tool_weight, max_length=1024)
-    model = load_trainable_model(model_dir, None, cfg, "cpu")
+    device = st["device"] = pick_device(args.device)
+    model = load_trainable_model(model_dir, None, cfg, device).to(device)
     read(model, 0, 0.0, None, True, args.probe_items)
     t0 = time.perf_counter()
     losses: list[float] = []
@@ -217,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             if step % args.every == 0 and step < args.max_updates:
                 read(model, step, time.perf_counter() - t0, lc.mean(losses[-10:]), False, args.probe_items)
 
-    trainer = build_trainer(model, tokenizer, chats, sft_config(cfg, work / "run", "cpu", max_steps=args.max_updates,
+    trainer = build_trainer(model, tokenizer, chats, sft_config(cfg, work / "run", device, max_steps=args.max_updates,
                                                                 save_strategy="no"),
                             [Probe()], loss_on="weighted", decision_weight=cfg.decision_weight,
                             tool_choice_weight=cfg.tool_choice_weight)
