@@ -21,7 +21,13 @@ that the first call starts with `search` (search_news) rather than `get`, at eac
 paired 5/5 - 1/5 difference with a 95% interval resampling dates. What the data would teach a model that read
 its label exactly: the block's news share per quintile (about 13 / 22 / 40 / 25 / 67%).
 
+The control (`--labels oracle`): `5/5` on exactly the news-first turns, `1/5` on the rest, so the label names
+the tool and a model that read it would reach 0 and 1. It says how many updates this recipe needs to learn a
+label -> tool mapping at all, apart from how much a real label tells (`--labels block` or `item`).
+
     .venv/bin/python bench/research_capacity.py --workdir /tmp/rcap --max-updates 240 --every 40   # ~1 h here
+    .venv/bin/python bench/research_capacity.py --labels oracle --workdir /tmp/rcapO --max-updates 80 --every 20 \
+        --probe-items 30 --final-items 60                                                           # ~13 min
     .venv/bin/python bench/research_capacity.py --tiny --workdir /tmp/rcapt --max-updates 4 --every 2 --probe-items 4
 """
 
@@ -54,6 +60,8 @@ BINS = 5
 LABELS = [f"Quantile: {k}/{BINS}" for k in range(1, BINS + 1)]
 TOOLS_PER_ITEM = 3
 ITEM_LABELS = [f"Quantile: {k}/{TOOLS_PER_ITEM}" for k in range(1, TOOLS_PER_ITEM + 1)]
+LABEL_KINDS = {"block": "its reward quintile in the block", "item": "its reward rank on its item",
+               "oracle": "the control: `5/5` exactly when the first call is search_news"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,10 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-items", type=int, default=150, help="run K's held-out items (as research_sets)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tool-weight", type=float, default=20.0, help="trainer.tool_choice_weight")
-    p.add_argument("--labels", choices=("block", "item"), default="block",
+    p.add_argument("--labels", choices=("block", "item", "oracle"), default="block",
                    help="block: the episode's reward quintile in the block (`Quantile: k/5`, the product's quantile "
                         "label); item: its reward's rank among the same item's episodes (`Quantile: k/3`, 3 = the "
-                        "item's best research; group-relative, as GRPO's advantage, so an item's luck cancels)")
+                        "item's best research; group-relative, as GRPO's advantage, so an item's luck cancels); oracle: the "
+                        "control, `Quantile: 5/5` on every news-first turn and `1/5` on the rest, so the label "
+                        "names the tool outright (does this recipe learn any label -> tool at all?)")
+    p.add_argument("--final-items", type=int, default=None, help="items the final read covers at every label "
+                   "(default --eval-items; --probe-items keeps a short run's last read short)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (a lent GPU runs many more updates; bf16 "
                    "there, as the product's trainer picks)")
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke run, numbers mean nothing)")
@@ -104,11 +116,15 @@ def block_chats(market, rows: list[dict], how: str = "block"
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(lc.item_key(r), []).append(r)
-    labels = LABELS if how == "block" else ITEM_LABELS
+    labels = {"block": LABELS, "item": ITEM_LABELS, "oracle": [LABELS[0], LABELS[-1]]}[how]
     chats, table = [], {lab: {"n": 0, "search_news": 0} for lab in labels}
     for r in rows:
-        label = (quantile_label(r["composite"], edges) if how == "block"
-                 else item_rank_label(r, groups[lc.item_key(r)]))
+        if how == "block":
+            label = quantile_label(r["composite"], edges)
+        elif how == "item":
+            label = item_rank_label(r, groups[lc.item_key(r)])
+        else:
+            label = labels[r["explore_tool"] == "search_news"]
         chats.append(first_turn(market, r, label))
         table[label]["n"] += 1
         table[label]["search_news"] += r["explore_tool"] == "search_news"
@@ -162,14 +178,14 @@ def report(args, st: dict) -> str:
     lines = ["# Capacity check: can the label steer the research? (first turns of run L's every-tool block)", "",
              f"Command: `{st['command']}`", "",
              (f"{st['n_examples']} first turns (system prompt, task turn under the episode's label: "
-              f"{'its reward quintile in the block' if args.labels == 'block' else 'its reward rank on its item'}, the "
+              f"{LABEL_KINDS[args.labels]}, the "
               f"explored first call), lr {args.lr}, batch 8, LoRA r16 on every linear layer, the weighted loss with "
               f"each tool name x{args.tool_weight:g}; the product's trainer (TRL + PEFT) on {st.get('device', 'cpu')}."), "",
              "What the data holds (a model that read its label would match these shares):", "",
              "| label | first turns | search_news first |", "|---|---|---|"]
     lines += [f"| `{t['label']}` | {t['n']} | {t['search_news'] / max(1, t['n']):.0%} |" for t in st["data"]]
-    lines += ["", (f"Probe: mean P(search_news first) over {args.probe_items} held-out items (the last row: all "
-                   f"{args.eval_items}) at each label; effect = paired top - bottom label difference, 95% interval "
+    lines += ["", (f"Probe: mean P(search_news first) over {args.probe_items} held-out items (the last row: "
+                   f"{args.final_items or args.eval_items}) at each label; effect = paired top - bottom label difference, 95% interval "
                    "resampling dates."), "",
               "| updates | minutes | loss (last 10) | " + " | ".join(f"`{lab}`" for lab in st["labels"])
               + " | effect top - bottom | max per-item effect |",
@@ -244,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                             [Probe()], loss_on="weighted", decision_weight=cfg.decision_weight,
                             tool_choice_weight=cfg.tool_choice_weight)
     trainer.train()
-    read(trainer.model, trainer.state.global_step, time.perf_counter() - t0, lc.mean(losses[-10:]), True, None)
+    read(trainer.model, trainer.state.global_step, time.perf_counter() - t0, lc.mean(losses[-10:]), True,
+         args.final_items or args.eval_items)
     print(report(args, st), flush=True)
 
 
