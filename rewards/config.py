@@ -30,9 +30,12 @@ class RewardsConfig(BaseModel):
     flat_band_mode: Literal["pct", "vol"] = Field(
         "pct", description="Flat band in percent, or in units of the ticker's recent horizon volatility."
     )
-    label_format: Literal["score", "quantile", "goal", "none"] = Field(
-        "score", description="Conditioning label: `Score: 0.83`, Quark-style quantile bin, `Goal: ...`, or "
-        "none (one fixed line whatever the score: plain, unconditioned SFT as a baseline arm)."
+    label_format: Literal["score", "quantile", "rank", "goal", "none"] = Field(
+        "score", description="Conditioning label: `Score: 0.83`, Quark-style quantile bin, `Rank: k/n` (the "
+        "episode's reward rank among the episodes run on the same item in its block, group-relative as in GRPO; "
+        "for blocks with `agent.explore_tool_mode = 'each'`), `Goal: ...`, or none (one fixed line whatever the "
+        "score: plain, unconditioned SFT as a baseline arm)."
     )
-    quantile_bins: int = Field(5, ge=2, description="Bins for the quantile label format.")
+    quantile_bins: int = Field(5, ge=2, description="Bins for the quantile and rank label formats (rank: an item's "
+                               "episodes are spread over 1..bins, so with 3 tools 3 bins leave no label unseen).")
     goal_threshold: float = Field(0.8, ge=0, le=1, description="Threshold for the goal label format.")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,6 +44,17 @@ class Settings(BaseSettings):
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+    @model_validator(mode="after")
+    def _rank_labels_need_groups(self) -> Settings:
+        """`rank` labels compare the episodes run on the same item: without `each` exploration every item is
+        run once, every episode would get the middle label, and the label would say nothing."""
+        if self.rewards.label_format == "rank" and (self.agent.explore_tool_mode != "each"
+                                                     or self.agent.explore_tool_rate <= 0):
+            raise ValueError("rewards.label_format = 'rank' ranks each episode among the episodes of its item, so "
+                             "train blocks must run items more than once: set agent.explore_tool_mode = 'each' "
+                             "and agent.explore_tool_rate > 0")
+        return self
 
     @classmethod
     def settings_customise_sources(

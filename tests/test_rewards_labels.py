@@ -11,6 +11,7 @@ from rewards.labels import (
     goal_label,
     quantile_edges,
     quantile_label,
+    rank_label,
     score_label,
     target_label,
     training_label,
@@ -56,3 +57,15 @@ def test_quantile_label_is_monotone(scores, bins, x):
     lo = int(quantile_label(x / 2, edges).split()[1].split("/")[0])
     hi = int(quantile_label(x, edges).split()[1].split("/")[0])
     assert 1 <= lo <= hi <= bins
+
+
+def test_rank_labels_spread_an_items_episodes_and_targets_name_the_same_strings():
+    # three episodes of one item (one per tool): worst, middle, best; ties share the lower rank
+    assert [rank_label(lower, 3, 5) for lower in (0, 1, 2)] == ["Rank: 1/5", "Rank: 3/5", "Rank: 5/5"]
+    assert [rank_label(lower, 3, 3) for lower in (0, 1, 2)] == ["Rank: 1/3", "Rank: 2/3", "Rank: 3/3"]
+    assert rank_label(0, 1, 5) == "Rank: 3/5" and rank_label(0, 1, 4) == "Rank: 2/4"  # run once: the middle
+    cfg = RewardsConfig(label_format="rank", quantile_bins=5)
+    assert [target_label(t, cfg) for t in (0.0, 0.25, 0.5, 0.75, 1.0)] == [f"Rank: {k}/5" for k in range(1, 6)]
+    assert target_label(1.0, cfg) == rank_label(2, 3, 5)  # the target the agent is given is the best's label
+    with pytest.raises(ValueError, match="rank_label"):
+        training_label(0.9, cfg)  # a score alone cannot say where it stands among its item's episodes

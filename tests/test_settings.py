@@ -57,3 +57,13 @@ def test_unknown_tool_exploration_mode_is_named_with_the_choices(tmp_path):
         load_settings(cfg)
     cfg.write_text('[agent]\nexplore_tool_rate = 0.3\nexplore_tool_mode = "each"\n')
     assert load_settings(cfg).agent.explore_tool_mode == "each"
+
+
+def test_rank_labels_without_repeated_items_are_refused_with_the_fix(tmp_path):
+    cfg = tmp_path / "scoreloop.toml"
+    cfg.write_text('[rewards]\nlabel_format = "rank"\n')
+    with pytest.raises(SettingsError, match=r"explore_tool_mode = 'each' and agent.explore_tool_rate > 0"):
+        load_settings(cfg)
+    cfg.write_text('[rewards]\nlabel_format = "rank"\nquantile_bins = 3\n'
+                   '[agent]\nexplore_tool_mode = "each"\nexplore_tool_rate = 0.5\n')
+    assert load_settings(cfg).rewards.label_format == "rank"

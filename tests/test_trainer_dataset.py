@@ -113,6 +113,23 @@ def test_quantile_labels_use_edges_over_the_offline_set(sqlite_db):
     assert ex[ids[5]].label in ex[ids[5]].messages[0]["content"]
 
 
+def test_rank_labels_place_each_episode_among_its_own_items_episodes(sqlite_db):
+    # items 0 and 1 run once per tool (3 episodes each), item 2 run once
+    _, ids = add_block(sqlite_db, [0.9, 0.2, 0.5, 0.1, 0.1, 0.3, 0.4], items=[0, 0, 0, 1, 1, 1, 2])
+    cfg = RewardsConfig(label_format="rank", quantile_bins=3)
+    ex = examples(sqlite_db, cfg)
+    assert [ex[i].label for i in ids] == ["Rank: 3/3", "Rank: 1/3", "Rank: 2/3",  # 0.9 beats its item's 0.2 and 0.5
+                                          "Rank: 1/3", "Rank: 1/3", "Rank: 3/3",  # the tie shares the lower rank
+                                          "Rank: 2/3"]                            # nothing to rank against
+    assert any("Rank: 3/3" in m["content"] for m in ex[ids[0]].messages if m["role"] != "assistant")
+    with session_scope(sqlite_db) as s:
+        plan = plan_round(s, CFG, cfg)
+        alone = [e for e in plan.episodes if e.episode_id == ids[0]]
+        # a replayed episode trained without its siblings keeps the rank its item's group gave it
+        assert build_examples(s, alone, cfg, plan.edges, plan.ranks)[0].label == "Rank: 3/3"
+        assert build_examples(s, alone, cfg)[0].label == "Rank: 2/3"
+
+
 def test_export_writes_jsonl_that_datasets_loads(sqlite_url, sqlite_db, tmp_path, monkeypatch):
     from datasets import load_dataset
 

@@ -38,15 +38,18 @@ def trace(ticker: str, as_of: datetime, label: str, *, direction: str = "up", co
 def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "train", status: str = "complete",
               target: float = 0.95, invalid: Iterable[int] = (), unscored: Iterable[int] = (),
               no_conditioning: Iterable[int] = (), retried: Iterable[int] = (),
-              start: datetime | None = None, directions: Iterable[str] | None = None) -> tuple[int, list[int]]:
+              start: datetime | None = None, directions: Iterable[str] | None = None,
+              items: Iterable[int] | None = None) -> tuple[int, list[int]]:
     """A block with one episode per score; returns (block id, episode ids in order).
 
     invalid: indices that are parse failures (no reward row: the trainer counts them as 0);
     unscored: valid predictions still waiting for their outcome; retried: episodes whose current
-    attempt is 1 and whose attempt-0 steps must be ignored; directions: each prediction's (default all up).
+    attempt is 1 and whose attempt-0 steps must be ignored; directions: each prediction's (default all up);
+    items: each episode's item number (same number = same ticker and as_of; default one item per episode).
     """
     scores = list(scores)
     dirs = list(directions) if directions is not None else ["up"] * len(scores)
+    item_of = list(items) if items is not None else list(range(len(scores)))
     invalid, unscored, no_cond, retried = set(invalid), set(unscored), set(no_conditioning), set(retried)
     label = f"Score: {target:.2f}"
     start = start or datetime(2024, 3, 5, 21, 1, tzinfo=UTC)
@@ -57,8 +60,8 @@ def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "tr
         s.flush()
         ids = []
         for i, score in enumerate(scores):
-            ticker = TICKERS[i % len(TICKERS)]
-            as_of = start + timedelta(days=i)
+            ticker = TICKERS[item_of[i] % len(TICKERS)]
+            as_of = start + timedelta(days=item_of[i])
             attempt = 1 if i in retried else 0
             ep = Episode(block_id=block.id, idx=i, ticker=ticker, as_of=as_of, horizon=5, status="done",
                          attempt=attempt, target_score=target, conditioning=None if i in no_cond else label)

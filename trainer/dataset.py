@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from rewards.config import RewardsConfig
-from rewards.labels import quantile_edges, training_label
+from rewards.labels import quantile_edges, rank_label, training_label
 from store.db import session_scope
 from store.training import ScoredEpisode, episode_messages, scored_episodes, train_block_ids, used_block_ids
 from trainer.config import TrainerConfig
@@ -55,6 +55,8 @@ class RoundPlan:
     replay: list[ScoredEpisode]
     edges: list[float] | None = None
     offline_size: int = 0
+    # label_format "rank": episode id -> (how many of its item's episodes earned less, the item's episodes)
+    ranks: dict[int, tuple[int, int]] | None = None
 
     @property
     def episodes(self) -> list[ScoredEpisode]:
@@ -77,6 +79,16 @@ def label_edges(episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig) -
     return quantile_edges([achieved_score(e) for e in episodes], rewards_cfg.quantile_bins)
 
 
+def item_ranks(episodes: Sequence[ScoredEpisode]) -> dict[int, tuple[int, int]]:
+    """Episode id -> (how many episodes of the same item in the same block earned strictly less, how many
+    episodes that item has there): the group each `Rank:` label is relative to."""
+    groups: dict[tuple, list[ScoredEpisode]] = {}
+    for e in episodes:
+        groups.setdefault((e.block_id, e.ticker, e.as_of), []).append(e)
+    return {e.episode_id: (sum(achieved_score(g) < achieved_score(e) for g in group), len(group))
+            for group in groups.values() for e in group}
+
+
 def relabel(messages: list[dict[str, str]], conditioning: str | None, label: str, episode_id: int) -> list[dict]:
     """Swap the inference-time target label for the achieved one in every prompt turn that carries it (the
     task turn and the turns after tool results, `agent.label_each_turn`; the system prompt in traces
@@ -97,16 +109,22 @@ def relabel(messages: list[dict[str, str]], conditioning: str | None, label: str
 
 
 def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig,
-                   edges: Sequence[float] | None = None) -> list[Example]:
-    """Chat examples for these episodes; an episode without any assistant turn has nothing to learn."""
+                   edges: Sequence[float] | None = None,
+                   ranks: dict[int, tuple[int, int]] | None = None) -> list[Example]:
+    """Chat examples for these episodes; an episode without any assistant turn has nothing to learn.
+    Rank labels come from `ranks` (the whole offline set's, so a replayed episode keeps its item's group),
+    or from these episodes when not given."""
     msgs = episode_messages(session, episodes)
+    if rewards_cfg.label_format == "rank" and ranks is None:
+        ranks = item_ranks(episodes)
     out = []
     for ep in episodes:
         messages = msgs.get(ep.episode_id, [])
         if not any(m["role"] == "assistant" for m in messages):
             continue
         score = achieved_score(ep)
-        label = training_label(score, rewards_cfg, edges)
+        label = (rank_label(*ranks.get(ep.episode_id, (0, 1)), rewards_cfg.quantile_bins)
+                 if ranks is not None else training_label(score, rewards_cfg, edges))
         out.append(Example(ep.episode_id, ep.block_id, ep.prediction_id, score, label,
                            relabel(messages, ep.conditioning, label, ep.episode_id)))
     return out
@@ -186,7 +204,8 @@ def plan_round(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig,
 
     Passing `block_ids`/`replay_episode_ids` rebuilds the exact data of an interrupted run.
     """
-    pool = top_fraction(offline_set(session, cfg), cfg.filter_top_fraction)
+    everything = offline_set(session, cfg)
+    pool = top_fraction(everything, cfg.filter_top_fraction)
     if not pool:
         raise TrainerError("no scored episodes in the offline set: run a block (`scoreloop block run`) and "
                            "resolve it (`scoreloop resolve`) before training")
@@ -203,7 +222,8 @@ def plan_round(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig,
     else:
         wanted = set(replay_episode_ids)
         replay = [e for e in older if e.episode_id in wanted]
-    return RoundPlan(new_blocks, new, replay, label_edges(pool, rewards_cfg), len(pool))
+    ranks = item_ranks(everything) if rewards_cfg.label_format == "rank" else None
+    return RoundPlan(new_blocks, new, replay, label_edges(pool, rewards_cfg), len(pool), ranks)
 
 
 def export_jsonl(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, out: str | Path) -> int:
@@ -213,7 +233,7 @@ def export_jsonl(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: Reward
         pool = offline_set(s, trainer_cfg)
         if not pool:
             raise TrainerError("no scored episodes to export: run and resolve a block first")
-        examples = build_examples(s, pool, rewards_cfg, label_edges(pool, rewards_cfg))
+        examples = build_examples(s, pool, rewards_cfg, label_edges(pool, rewards_cfg))  # rank: the pool's groups
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:

@@ -355,7 +355,7 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
     chosen = boosted(p.episodes, cfg.boost_top_fraction, cfg.boost_passes)
     if cfg.balance_directions:
         chosen = balanced(chosen)
-    examples = build_examples(session, chosen, rewards_cfg, p.edges)
+    examples = build_examples(session, chosen, rewards_cfg, p.edges, p.ranks)
     if not examples:
         raise TrainerError("the new scored episodes have no assistant turns to train on")
     return RoundData(block_ids=p.new_block_ids, replay_episode_ids=[e.episode_id for e in p.replay],
