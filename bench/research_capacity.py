@@ -53,13 +53,13 @@ from market.config import MarketConfig
 from market.sources import build_market
 from market.split import timeline_split
 from rewards.intervals import paired_difference
-from rewards.labels import quantile_edges, quantile_label
+from rewards.labels import quantile_edges, quantile_label, rank_label
 from trainer.config import TrainerConfig
 
 BINS = 5
 LABELS = [f"Quantile: {k}/{BINS}" for k in range(1, BINS + 1)]
 TOOLS_PER_ITEM = 3
-ITEM_LABELS = [f"Quantile: {k}/{TOOLS_PER_ITEM}" for k in range(1, TOOLS_PER_ITEM + 1)]
+ITEM_LABELS = [rank_label(lower, TOOLS_PER_ITEM, TOOLS_PER_ITEM) for lower in range(TOOLS_PER_ITEM)]  # Rank: k/3
 LABEL_KINDS = {"block": "its reward quintile in the block", "item": "its reward rank on its item",
                "oracle": "the control: `5/5` exactly when the first call is search_news"}
 
@@ -78,12 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tool-weight", type=float, default=20.0, help="trainer.tool_choice_weight")
     p.add_argument("--labels", choices=("block", "item", "oracle"), default="block",
                    help="block: the episode's reward quintile in the block (`Quantile: k/5`, the product's quantile "
-                        "label); item: its reward's rank among the same item's episodes (`Quantile: k/3`, 3 = the "
+                        "label); item: its reward's rank among the same item's episodes (`Rank: k/3`, the product's "
+                        "`label_format = 'rank'` with quantile_bins = 3; 3 = the "
                         "item's best research; group-relative, as GRPO's advantage, so an item's luck cancels); oracle: the "
                         "control, `Quantile: 5/5` on every news-first turn and `1/5` on the rest, so the label "
                         "names the tool outright (does this recipe learn any label -> tool at all?)")
     p.add_argument("--final-items", type=int, default=None, help="items the final read covers at every label "
                    "(default --eval-items; --probe-items keeps a short run's last read short)")
+    p.add_argument("--save-adapter", action="store_true", help="save the final LoRA adapter to WORKDIR/adapter "
+                   "(bench/research_control.py runs the agent with it)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (a lent GPU runs many more updates; bf16 "
                    "there, as the product's trainer picks)")
     p.add_argument("--tiny", action="store_true", help="tiny random model (smoke run, numbers mean nothing)")
@@ -103,8 +106,9 @@ def first_turn(market, row: dict, label: str) -> list[dict[str, str]]:
 
 
 def item_rank_label(row: dict, group: list[dict]) -> str:
-    """`Quantile: k/3`: 1 + how many of the item's episodes earned strictly less (ties share a label)."""
-    return ITEM_LABELS[min(len(ITEM_LABELS) - 1, sum(g["composite"] < row["composite"] for g in group))]
+    """The product's `rewards.label_format = "rank"` label (`Rank: k/3`, quantile_bins = 3): the episode's place
+    among its item's episodes by reward, ties sharing the lower rank."""
+    return rank_label(sum(g["composite"] < row["composite"] for g in group), len(group), TOOLS_PER_ITEM)
 
 
 def block_chats(market, rows: list[dict], how: str = "block"
@@ -262,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train()
     read(trainer.model, trainer.state.global_step, time.perf_counter() - t0, lc.mean(losses[-10:]), True,
          args.final_items or args.eval_items)
+    if args.save_adapter:
+        trainer.model.save_pretrained(str(work / "adapter"))
+        tokenizer.save_pretrained(str(work / "adapter"))
     print(report(args, st), flush=True)
 
 
