@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from datetime import timedelta
 
+import learning_curve as lc
+
 from agent.prompts import format_news, label_turn, system_prompt, user_prompt
 from agent.schema import planned_call
-from market.config import MarketConfig
-from market.sources import build_market
-from market.split import draw_items, timeline_split
+from market.split import draw_items
 from rewards.labels import NO_LABEL
 from trainer.config import TrainerConfig
 
@@ -182,17 +182,11 @@ def export(tokenizer, market, train, held, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
-    from policy.model_files import load_tokenizer, make_tiny_model, resolve_model
+    from policy.model_files import load_tokenizer
     from trainer.sft import fit
 
     args = parse_args(argv)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    market = build_market(MarketConfig())
-    split = timeline_split(market, market.horizon_days)
-    model_dir = resolve_model("smollm2-135m")
-    if args.tiny:
-        model_dir = str(make_tiny_model(work / "tiny", model_dir))
+    work, market, split, model_dir = lc.bench_setup(args)
     tokenizer = load_tokenizer(model_dir)
     rng = random.Random(0)
     drop = random.Random("label-dropout")  # its own stream: the drawn directions do not change with it

@@ -636,21 +636,25 @@ def report(args, st: State, market) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def bench_setup(args: argparse.Namespace) -> tuple[Path, object, object, str]:
+    """What every learning bench starts from: its workdir (created), the synthetic market (seed 7), the
+    timeline split, and the model folder (SmolLM2-135M, or a tiny random model for a --tiny smoke run)."""
+    from policy.model_files import make_tiny_model, resolve_model
+
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    st = State(work / "state.json")
     market = build_market(MarketConfig())
     split = timeline_split(market, market.horizon_days)
+    model_dir = resolve_model(getattr(args, "model", "smollm2-135m"))
     if args.tiny:
-        from policy.model_files import make_tiny_model, resolve_model
+        model_dir = str(make_tiny_model(work / "tiny", model_dir))
+    return work, market, split, model_dir
 
-        model_dir = str(make_tiny_model(work / "tiny", resolve_model(args.model)))
-    else:
-        from policy.model_files import resolve_model
 
-        model_dir = resolve_model(args.model)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work, market, split, model_dir = bench_setup(args)
+    st = State(work / "state.json")
     if args.report_only:
         g = st.data.get("generate")
         if g and "headline_link" not in g and (work / "gen.db").exists():  # runs from before it was recorded

@@ -49,9 +49,6 @@ import research_sets as rs
 
 from agent.prompts import system_prompt, user_prompt
 from agent.schema import planned_call
-from market.config import MarketConfig
-from market.sources import build_market
-from market.split import timeline_split
 from rewards.intervals import paired_difference
 from rewards.labels import quantile_edges, quantile_label, rank_label
 from trainer.config import TrainerConfig
@@ -206,17 +203,11 @@ def report(args, st: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     from transformers import TrainerCallback
 
-    from policy.model_files import load_tokenizer, make_tiny_model, resolve_model
+    from policy.model_files import load_tokenizer
     from trainer.sft import build_trainer, load_trainable_model, pick_device, sft_config
 
     args = parse_args(argv)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    market = build_market(MarketConfig())
-    split = timeline_split(market, market.horizon_days)
-    model_dir = resolve_model("smollm2-135m")
-    if args.tiny:
-        model_dir = str(make_tiny_model(work / "tiny", model_dir))
+    work, market, split, model_dir = lc.bench_setup(args)
     tokenizer = load_tokenizer(model_dir)
     rows = json.loads(Path(args.block).read_text())["generate"]["rows"]
     chats, table, labels = block_chats(market, rows, args.labels)

@@ -35,9 +35,6 @@ import learning_curve as lc
 import research_rounds as rr
 import research_sets as rs
 
-from market.config import MarketConfig
-from market.sources import build_market
-from market.split import timeline_split
 from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 
@@ -145,16 +142,8 @@ def report(args, st: lc.State) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from policy.model_files import make_tiny_model, resolve_model
-
     args = parse_args(argv)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    market = build_market(MarketConfig())
-    split = timeline_split(market, market.horizon_days)
-    model_dir = resolve_model("smollm2-135m")
-    if args.tiny:
-        model_dir = str(make_tiny_model(work / "tiny", model_dir))
+    work, market, split, model_dir = lc.bench_setup(args)
     st = lc.State(work / "state.json")
     st.data["command"] = ".venv/bin/python bench/research_control.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if "base" not in st.data and Path(args.base_from).exists() and not args.tiny:
