@@ -37,8 +37,10 @@ import research_sets as rs
 
 from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
+from rewards.labels import target_label
 
 BINS = 3
+RANK = RewardsConfig(label_format="rank", quantile_bins=BINS)  # the labels the adapter was trained on
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +85,7 @@ def run_target(args, st: lc.State, market, split, model_dir: str, work: Path, ta
         policy.load_adapter(args.adapter, 1)
         t0 = time.perf_counter()
         bid = run_block(engine, policy, market, rs.agent_cfg(args, model_dir, train=False),
-                        RewardsConfig(label_format="rank", quantile_bins=BINS), kind="eval", items=items,
+                        RANK, kind="eval", items=items,
                         size=len(items), target_score=target, progress=False, horizon=market.horizon_days)
         resolve_pending(engine, market, RewardsConfig())
         rows = rr.with_tools(engine, bid, lc.block_rows(engine, bid))
@@ -112,7 +114,7 @@ def report(args, st: lc.State) -> str:
     for name, run in runs.items():
         rows = [by[name][k] for k in common]
         t = run["target"]
-        label = "-" if t is None else f"`Rank: {1 + min(BINS - 1, int(t * BINS))}/{BINS}`"
+        label = "-" if t is None else f"`{target_label(t, RANK)}`"
         first = Counter(r["tools"][0] if r["tools"] else "none" for r in rows)
         lines.append(f"| {name} | {label} | {rr.pct(lc.mean([r['read_news'] for r in rows]))} | "
                      f"{', '.join(f'{k} {n}' for k, n in first.most_common())} | "

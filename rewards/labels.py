@@ -53,8 +53,12 @@ def rank_label(lower: int, size: int, bins: int) -> str:
     advantage does: on run L's block it raised the label's information about the first tool from 0.08 to
     0.35 nats (bench/results/learning_history.md, stop 27)."""
     if size < 2:
-        return f"Rank: {(bins + 1) // 2}/{bins}"
-    return f"Rank: {1 + round((bins - 1) * min(lower, size - 1) / (size - 1))}/{bins}"
+        return _rank(1 + (bins - 1) // 2, bins)
+    return _rank(1 + round((bins - 1) * min(lower, size - 1) / (size - 1)), bins)
+
+
+def _rank(k: int, bins: int) -> str:
+    return f"Rank: {k}/{bins}"
 
 
 def training_label(score: float, cfg: RewardsConfig, edges: Sequence[float] | None = None) -> str:
@@ -77,7 +81,7 @@ def target_label(target: float, cfg: RewardsConfig, edges: Sequence[float] | Non
     target is a place among the item's alternatives: 1.0 the best (`Rank: 5/5`), 0.0 the worst."""
     if cfg.label_format == "rank":
         bins = cfg.quantile_bins
-        return f"Rank: {1 + min(bins - 1, int(_clip(target) * bins))}/{bins}"
+        return _rank(1 + min(bins - 1, int(_clip(target) * bins)), bins)
     return training_label(target, cfg, edges)
 
 
