@@ -330,10 +330,12 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
                         save_steps=10, boost_top_fraction=spec.get("boost", 0.0),
                         boost_passes=spec.get("passes", 0), loss_on=args.loss_on,
                         decision_weight=args.decision_weight, balance_directions=args.balance,
-                        tool_choice_weight=spec.get("tool_weight", 1.0))
+                        tool_choice_weight=spec.get("tool_weight", 1.0),
+                        decision_from=spec.get("decision_from", "all"))
     t0 = time.perf_counter()
-    res = train_round(engine, cfg, RewardsConfig(label_format=spec["label_format"]), model_dir, device="cpu",
-                      min_new_episodes=1)
+    rewards = RewardsConfig(label_format=spec["label_format"],
+                            **({"quantile_bins": spec["bins"]} if "bins" in spec else {}))
+    res = train_round(engine, cfg, rewards, model_dir, device="cpu", min_new_episodes=1)
     engine.dispose()
     if isinstance(res, NothingToTrain):
         raise SystemExit(f"train {arm}: nothing to train: {res.reason}")

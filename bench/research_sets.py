@@ -80,13 +80,21 @@ from rewards.labels import quantile_edges, quantile_label
 RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
            "dpo": {"label_format": "none", "top": 1.0, "epochs": 1.0, "objective": "dpo", "batch_size": 1,
                    "grad_accum": 8},
-           "steer": {"label_format": "quantile", "top": 1.0, "epochs": 0.6, "tool_weight": 20.0}}
+           "steer": {"label_format": "quantile", "top": 1.0, "epochs": 0.6, "tool_weight": 20.0},
+           "rank": {"label_format": "rank", "bins": 3, "top": 1.0, "epochs": 2.0, "tool_weight": 20.0,
+                    "decision_from": "correct"}}
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
-CONTROLLED = ("score", "steer")  # the arms whose label is a target, run at every target
+CONTROLLED = ("score", "steer", "rank")  # the arms whose label is a target, run at every target
 
 
 def label_format(arm: str) -> str:
     return "score" if arm == "base" else RECIPES[arm]["label_format"]
+
+
+def rewards_cfg(arm: str) -> RewardsConfig:
+    """The rewards settings an arm's labels are written under (a rank arm's number of ranks)."""
+    bins = {} if arm == "base" or "bins" not in RECIPES[arm] else {"quantile_bins": RECIPES[arm]["bins"]}
+    return RewardsConfig(label_format=label_format(arm), **bins)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random model from tests/ (smoke run, numbers mean nothing)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=None, help="override the trained arms' recipe epochs")
     lc.shared_args(p, "research_sets.md")
     args = lc.settle_out(p.parse_args(argv), "research_sets.md")
     args.loss_on, args.decision_weight, args.balance = "weighted", 20.0, True  # as runs J and K
@@ -178,7 +187,7 @@ def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm:
             policy.load_adapter(st.data["train"][arm]["path"], 1)
         t0 = time.perf_counter()
         bid = run_block(engine, policy, market, agent_cfg(args, model_dir, train=False),
-                        RewardsConfig(label_format=label_format(arm)), kind="eval", items=items, size=len(items),
+                        rewards_cfg(arm), kind="eval", items=items, size=len(items),
                         target_score=target, progress=False, horizon=market.horizon_days)
         resolve_pending(engine, market, RewardsConfig())
         rows = rr.with_tools(engine, bid, lc.block_rows(engine, bid))
@@ -200,7 +209,7 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: f
     from rewards.labels import target_label
 
     items = heldout_items(args, market, split)
-    label = target_label(target, RewardsConfig(label_format=label_format(arm)))
+    label = target_label(target, rewards_cfg(arm))
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=1)
     out = {}
     try:
@@ -354,11 +363,12 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
     by = {k: {lc.item_key(r): r for r in ev[k]["rows"]} for k in runs}
     key = {name: lc.run_key(a, t) for name, a, t in (("base", "base", 1.0), ("s1", "score", 1.0),
                                                        ("f1", "filtered", 1.0), ("s0", "score", 0.0),
-                                                       ("d1", "dpo", 1.0), ("t1", "steer", 1.0), ("t0", "steer", 0.0))}
+                                                       ("d1", "dpo", 1.0), ("t1", "steer", 1.0), ("t0", "steer", 0.0),
+                                                       ("r1", "rank", 1.0), ("r0", "rank", 0.0))}
     lines += ["", "Paired differences (same items; 95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
     for a, b in (("s1", "base"), ("f1", "base"), ("d1", "base"), ("t1", "base"), ("s1", "f1"), ("d1", "f1"),
-                 ("t1", "f1"), ("s1", "s0"), ("t1", "t0")):
+                 ("t1", "f1"), ("s1", "s0"), ("t1", "t0"), ("r1", "base"), ("r1", "r0")):
         a, b = key[a], key[b]
         if a in by and b in by:
             for c, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
@@ -454,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     for arm in args.arms.split(","):
         if arm not in st.data.get("train", {}):
-            lc.train(args, st, arm, model_dir, work, spec=RECIPES[arm])
+            spec = {**RECIPES[arm], **({"epochs": args.epochs} if args.epochs else {})}
+            lc.train(args, st, arm, model_dir, work, spec=spec)
         targets = TARGETS if arm in CONTROLLED else (1.0,)
         for t in targets:  # the probe first: minutes, where each target's episodes take a quarter of an hour
             if (arm if t == 1.0 else lc.run_key(arm, t)) not in st.data.get("probe", {}):

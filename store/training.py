@@ -39,6 +39,8 @@ class ScoredEpisode:
     reward_version: str | None
     # The direction the prediction took (None for a parse failure): the trainer balances on it.
     direction: str | None = None
+    # Whether that direction came true (the reward's direction component); None for a parse failure.
+    correct: bool | None = None
 
 
 def scored_episodes(session: Session, *, block_ids: Iterable[int] | None = None,
@@ -74,6 +76,7 @@ def scored_episodes(session: Session, *, block_ids: Iterable[int] | None = None,
             score=None if rew is None else float(rew.composite),
             reward_version=None if rew is None else rew.reward_version,
             direction=pred.direction if pred.valid else None,
+            correct=None if rew is None or not pred.valid else rew.direction >= 1.0,
         ))
     return out
 

@@ -67,3 +67,12 @@ def test_rank_labels_without_repeated_items_are_refused_with_the_fix(tmp_path):
     cfg.write_text('[rewards]\nlabel_format = "rank"\nquantile_bins = 3\n'
                    '[agent]\nexplore_tool_mode = "each"\nexplore_tool_rate = 0.5\n')
     assert load_settings(cfg).rewards.label_format == "rank"
+
+
+def test_leaving_wrong_decisions_out_needs_a_loss_that_locates_them(tmp_path):
+    cfg = tmp_path / "scoreloop.toml"
+    cfg.write_text('[trainer]\ndecision_from = "correct"\nloss_on = "assistant"\n')
+    with pytest.raises(SettingsError, match=r"decision_from = 'correct' needs loss_on = 'weighted' or 'decision'"):
+        load_settings(cfg)
+    cfg.write_text('[trainer]\ndecision_from = "correct"\n')
+    assert load_settings(cfg).trainer.decision_from == "correct"

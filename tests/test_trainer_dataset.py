@@ -130,6 +130,27 @@ def test_rank_labels_place_each_episode_among_its_own_items_episodes(sqlite_db):
         assert build_examples(s, alone, cfg)[0].label == "Rank: 2/3"
 
 
+def test_decision_from_correct_flags_the_wrong_directions_and_keeps_everything_else(sqlite_db):
+    """An episode whose direction did not come true (by the latest reward row) keeps its rank label and turns;
+    only its last message says its decision carries no loss. A parse failure has no decision to keep."""
+    _, ids = add_block(sqlite_db, [0.9, 0.2, 0.5], items=[0, 0, 0], wrong=[1])
+    _, more = add_block(sqlite_db, [0.4], invalid=[0])
+    cfg = RewardsConfig(label_format="rank", quantile_bins=3)
+    with session_scope(sqlite_db) as s:
+        plan = plan_round(s, CFG, cfg)
+        assert {e.episode_id: e.correct for e in plan.episodes} == {ids[0]: True, ids[1]: False, ids[2]: True,
+                                                                   more[0]: None}
+        every = {e.episode_id: e for e in build_examples(s, plan.episodes, cfg, plan.edges, plan.ranks)}
+        right = {e.episode_id: e for e in build_examples(s, plan.episodes, cfg, plan.edges, plan.ranks,
+                                                         decision_from="correct")}
+    flagged = {i for i, e in right.items() if e.messages[-1].get("train_decision") is False}
+    assert flagged == {ids[1], more[0]}
+    for i, e in right.items():
+        assert e.label == every[i].label
+        assert [m["content"] for m in e.messages] == [m["content"] for m in every[i].messages]
+    assert not any("train_decision" in m for e in every.values() for m in e.messages)
+
+
 def test_export_writes_jsonl_that_datasets_loads(sqlite_url, sqlite_db, tmp_path, monkeypatch):
     from datasets import load_dataset
 

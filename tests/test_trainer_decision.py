@@ -103,6 +103,23 @@ def test_weighted_rows_weight_the_decision_and_keep_the_rest_of_the_answer(sqlit
     assert sum(w == 1.0 for w in row["loss_weights"]) > 20  # the tool call and the rest of the answer
 
 
+def test_a_decision_left_out_gets_weight_zero_and_the_rest_of_the_answer_still_trains(sqlite_db, tiny_model_dir,
+                                                                                      tmp_path):
+    """trainer.decision_from = "correct": a wrong direction's tokens are -100 with weight 0, every other assistant
+    token as before; on the decision-only loss such a chat has nothing left and is counted as skipped."""
+    from trainer.decision import leave_decision_out, weighted_row
+
+    tok, chat, row = one_row(sqlite_db, tiny_model_dir, tmp_path, WEIGHTED)
+    off = weighted_row(tok, leave_decision_out(chat), 4096, 20.0)
+    assert off["input_ids"] == row["input_ids"]
+    changed = [i for i, (a, b) in enumerate(zip(row["loss_weights"], off["loss_weights"], strict=True)) if a != b]
+    assert "".join(tok.decode([row["input_ids"][i]]) for i in changed) == "down0.75"
+    assert all(off["loss_weights"][i] == 0.0 and off["labels"][i] == -100 for i in changed)
+    assert sum(w == 1.0 for w in off["loss_weights"]) == sum(w == 1.0 for w in row["loss_weights"])
+    assert decision_row(tok, leave_decision_out(chat), 4096) is None
+    assert decision_rows(tok, [chat, leave_decision_out(chat)], 4096).skipped == 1
+
+
 def test_weighted_loss_at_weight_one_is_the_models_own_loss(sqlite_db, tiny_model_dir, tmp_path):
     """Through the trainer's own collator and compute_loss, on two chats of different lengths (padding):
     with every weight 1 the loss is the model's token-mean loss over the same labels; at weight 20 it is

@@ -39,13 +39,14 @@ def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "tr
               target: float = 0.95, invalid: Iterable[int] = (), unscored: Iterable[int] = (),
               no_conditioning: Iterable[int] = (), retried: Iterable[int] = (),
               start: datetime | None = None, directions: Iterable[str] | None = None,
-              items: Iterable[int] | None = None) -> tuple[int, list[int]]:
+              items: Iterable[int] | None = None, wrong: Iterable[int] = ()) -> tuple[int, list[int]]:
     """A block with one episode per score; returns (block id, episode ids in order).
 
     invalid: indices that are parse failures (no reward row: the trainer counts them as 0);
     unscored: valid predictions still waiting for their outcome; retried: episodes whose current
     attempt is 1 and whose attempt-0 steps must be ignored; directions: each prediction's (default all up);
-    items: each episode's item number (same number = same ticker and as_of; default one item per episode).
+    items: each episode's item number (same number = same ticker and as_of; default one item per episode);
+    wrong: indices whose direction did not come true (direction component 0 in the latest reward row only).
     """
     scores = list(scores)
     dirs = list(directions) if directions is not None else ["up"] * len(scores)
@@ -86,7 +87,8 @@ def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "tr
                              calibration=0.5, data_use=0.0, composite=0.0))
                 s.flush()
                 # A newer reward version supersedes the first: the trainer must use the latest row.
-                s.add(Reward(prediction_id=pred.id, reward_version="v1", direction=1.0, magnitude=0.5,
+                s.add(Reward(prediction_id=pred.id, reward_version="v1", direction=0.0 if i in set(wrong) else 1.0,
+                             magnitude=0.5,
                              calibration=0.5, data_use=0.0, composite=score))
             ids.append(ep.id)
         return block.id, ids

@@ -6,7 +6,7 @@ help says why.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainerConfig(BaseModel):
@@ -71,6 +71,13 @@ class TrainerConfig(BaseModel):
         1.0, ge=1, description="With loss_on = 'weighted': the weight of each tool call's tool name (1 = as any "
         "answer token). Above 1 the research choice is trained as a decision, so a score label can steer it "
         "(bench/research_sets.py's steer arm).")
+    decision_from: Literal["all", "correct"] = Field(
+        "all", description="Which episodes' decisions carry loss (with loss_on = 'weighted' or 'decision'): all, "
+        "each under its label; or only those whose direction came true (the others keep their label, research "
+        "and wording, with weight 0 on the direction and confidence). 'correct' suits `rewards.label_format = "
+        "\"rank\"`: a rank among an item's episodes says nothing about the direction (they share it), so its wrong "
+        "directions teach only noise, while the right ones teach headline -> direction, the two-way mapping the "
+        "filtered arms learned within a round (bench/research_sets.py's rank arm).")
     seed: int = Field(0, description="Seed for the LoRA init and the data order.")
     filter_top_fraction: float = Field(
         1.0, gt=0, le=1, description="Train only on each block's best-scoring fraction of episodes "
@@ -82,3 +89,10 @@ class TrainerConfig(BaseModel):
         "pull of the data points the way the top episodes went while the low ones still teach what scores low.")
     boost_passes: int = Field(
         2, ge=0, description="Extra copies of each boosted episode in a round (with boost_top_fraction > 0).")
+
+    @model_validator(mode="after")
+    def _decision_from_needs_decision_tokens(self) -> "TrainerConfig":
+        if self.decision_from == "correct" and self.loss_on == "assistant":
+            raise ValueError("trainer.decision_from = 'correct' needs loss_on = 'weighted' or 'decision' (the "
+                             "decision tokens must be located to leave the wrong ones out)")
+        return self

@@ -28,6 +28,7 @@ from rewards.labels import quantile_edges, rank_label, training_label
 from store.db import session_scope
 from store.training import ScoredEpisode, episode_messages, scored_episodes, train_block_ids, used_block_ids
 from trainer.config import TrainerConfig
+from trainer.decision import leave_decision_out
 from trainer.errors import TrainerError
 
 
@@ -110,10 +111,12 @@ def relabel(messages: list[dict[str, str]], conditioning: str | None, label: str
 
 def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig,
                    edges: Sequence[float] | None = None,
-                   ranks: dict[int, tuple[int, int]] | None = None) -> list[Example]:
+                   ranks: dict[int, tuple[int, int]] | None = None, *,
+                   decision_from: str = "all") -> list[Example]:
     """Chat examples for these episodes; an episode without any assistant turn has nothing to learn.
     Rank labels come from `ranks` (the whole offline set's, so a replayed episode keeps its item's group),
-    or from these episodes when not given."""
+    or from these episodes when not given. With decision_from "correct" an episode whose direction did not
+    come true keeps its label and turns but not its decision's loss (trainer.decision.leave_decision_out)."""
     msgs = episode_messages(session, episodes)
     if rewards_cfg.label_format == "rank" and ranks is None:
         ranks = item_ranks(episodes)
@@ -125,8 +128,10 @@ def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_
         score = achieved_score(ep)
         label = (rank_label(*ranks.get(ep.episode_id, (0, 1)), rewards_cfg.quantile_bins)
                  if ranks is not None else training_label(score, rewards_cfg, edges))
-        out.append(Example(ep.episode_id, ep.block_id, ep.prediction_id, score, label,
-                           relabel(messages, ep.conditioning, label, ep.episode_id)))
+        chat = relabel(messages, ep.conditioning, label, ep.episode_id)
+        if decision_from == "correct" and not ep.correct:
+            chat = leave_decision_out(chat)
+        out.append(Example(ep.episode_id, ep.block_id, ep.prediction_id, score, label, chat))
     return out
 
 

@@ -13,7 +13,9 @@ loss on every assistant token and weights the decision's tokens `trainer.decisio
 format stays anchored while the decision gets most of each update. The research is a decision too: with
 `trainer.tool_choice_weight` above 1 the tool name of every tool call is weighted likewise, so a label can
 steer which research the agent does (on every-tool blocks the reward ranks the tools per item; run N in
-bench/results/learning_history.md).
+bench/results/learning_history.md). With `trainer.decision_from = "correct"` an episode whose direction did
+not come true carries its final message flagged `train_decision: false` (leave_decision_out): its decision
+tokens get weight 0, the rest of it trains as before.
 
 The chat is tokenized once with the model's chat template (as TRL would); the decision's character
 spans in the rendered text are mapped to tokens through the fast tokenizer's offsets.
@@ -35,6 +37,25 @@ _VALUE = {
     "direction": re.compile(r'"direction"\s*:\s*"([a-z]+)"'),
     "confidence": re.compile(r'"confidence"\s*:\s*(-?[0-9][0-9.eE+-]*)'),
 }
+
+
+TRAIN_DECISION = "train_decision"  # key on a chat's last assistant message; False = its decision is not trained
+
+
+def leave_decision_out(messages: Sequence[dict]) -> list[dict]:
+    """A copy of the chat whose last assistant message says its decision tokens carry no loss. The flag
+    travels with the example (and into the round's dataset fingerprint); chat templates ignore it."""
+    out = [dict(m) for m in messages]
+    last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=None)
+    if last is not None:
+        out[last][TRAIN_DECISION] = False
+    return out
+
+
+def decision_trained(messages: Sequence[dict]) -> bool:
+    """Whether this chat's last decision carries loss (see leave_decision_out)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    return last is None or messages[last].get(TRAIN_DECISION, True) is not False
 
 
 @dataclass(frozen=True)
@@ -95,7 +116,9 @@ def decision_mask(tokenizer, messages: Sequence[dict[str, str]],
 def decision_row(tokenizer, messages: list[dict[str, str]], max_length: int,
                  fields: Sequence[str] = DECISION_FIELDS) -> dict[str, list[int]] | None:
     """`input_ids` and `assistant_masks` (1 on the decision's tokens) for one chat; None when its last
-    assistant message is not a parseable prediction (nothing to learn on this loss)."""
+    assistant message is not a parseable prediction or its decision is left out (nothing to learn on this loss)."""
+    if not decision_trained(messages):
+        return None
     found = decision_mask(tokenizer, messages, fields)
     if found is None:
         return None
@@ -134,8 +157,8 @@ def tool_choice_mask(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[lis
 def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, weight: float,
                  tool_weight: float = 1.0) -> dict[str, list] | None:
     """`input_ids`, `labels` (-100 off the assistant's tokens) and `loss_weights` (1 on assistant tokens,
-    `weight` on the last prediction's decision tokens, `tool_weight` on each tool call's tool name) for one
-    chat; None when truncation leaves no assistant token. A chat without a parseable prediction keeps weight
+    `weight` on the last prediction's decision tokens (0 where leave_decision_out flagged them), `tool_weight` on
+    each tool call's tool name) for one chat; None when truncation leaves no assistant token. A chat without a parseable prediction keeps weight
     1 on its answer: it still teaches the format, as under the all-assistant loss."""
     enc = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
@@ -155,6 +178,8 @@ def weighted_row(tokenizer, messages: list[dict[str, str]], max_length: int, wei
             raise TrainerError("a tool call's name was located outside the assistant's tokens (the chat template "
                                "renders it differently), so the tool choice cannot be weighted; use "
                                "trainer.tool_choice_weight = 1")
+    if not decision_trained(messages):
+        weight = 0.0
     weights = [weight if d else tool_weight if (t and a) else float(a)
                for a, d, t in zip(assistant, decision, tools, strict=True)][:max_length]
     ids = ids[:max_length]
@@ -184,7 +209,7 @@ def weighted_rows(tokenizer, chats: Sequence[list[dict[str, str]]], max_length: 
 
 
 def decision_rows(tokenizer, chats: Sequence[list[dict[str, str]]], max_length: int) -> DecisionRows:
-    """Every chat as a decision-only example; chats without a decision are left out and counted."""
+    """Every chat as a decision-only example; chats without a (trained) decision are left out and counted."""
     if not getattr(tokenizer, "is_fast", False):
         raise TrainerError("trainer.loss_on = 'decision' needs a fast tokenizer (character offsets); this "
                            f"model's is {type(tokenizer).__name__}")

@@ -355,7 +355,7 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
     chosen = boosted(p.episodes, cfg.boost_top_fraction, cfg.boost_passes)
     if cfg.balance_directions:
         chosen = balanced(chosen)
-    examples = build_examples(session, chosen, rewards_cfg, p.edges, p.ranks)
+    examples = build_examples(session, chosen, rewards_cfg, p.edges, p.ranks, decision_from=cfg.decision_from)
     if not examples:
         raise TrainerError("the new scored episodes have no assistant turns to train on")
     return RoundData(block_ids=p.new_block_ids, replay_episode_ids=[e.episode_id for e in p.replay],
@@ -365,6 +365,7 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
                                   "n_new": len(p.new), "n_replay": len(p.replay),
                                   "n_copies": len(examples) - len({e.episode_id for e in examples}),
                                   "balance_directions": cfg.balance_directions, "loss_on": cfg.loss_on,
+                                  "decision_from": cfg.decision_from,
                                   **({"decision_weight": cfg.decision_weight, "tool_choice_weight": cfg.tool_choice_weight}
                                      if cfg.loss_on == "weighted" else {})})
 
