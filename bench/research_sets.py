@@ -21,6 +21,12 @@ top quartile and its score labels see the research choices side by side on the s
             name weighted as a decision too (`trainer.tool_choice_weight` 20): a label -> research
             mapping is a two-way one, of the kind these small models learn within one round, where the label x
             headline -> direction interaction needed ~600 updates (capacity_gpu.md).
+  rank      the product's rank labels (`rewards.label_format = "rank"`, 3 ranks: each episode's reward rank among
+            its item's three, which cancels the item's luck, as GRPO's group-relative advantage does), every episode,
+            directions balanced, tool names x20, and `trainer.decision_from = "correct"`: a rank says nothing
+            about the direction (an item's episodes share it), so only the directions that came true carry loss,
+            the headline -> direction mapping the filtered arms learn within a round. ~2 epochs (--epochs), the
+            ~160 updates after which the first-turn check learned the rank label (research_capacity_rank.md).
   eval      the same --eval-items held-out items as run K (greedy, free tool choice: `research_plan = []`, 1 to
             --max-steps calls); the score and steer arms at targets 1, 0, 0.5, 0.25, 0.75 (controllability over 5
             targets: does the label steer which research the agent does?; targets other than 1 on a seeded
@@ -41,6 +47,9 @@ running them again.
     .venv/bin/python bench/research_sets.py --workdir /tmp/setsN --base-from bench/results/research_rounds_state.json \
         --arms steer --arms-from bench/results/research_sets_dpo_state.json --out bench/results/research_sets_steer.md
         # run N: the steer arm, paired with runs L and M (about 2 h here)
+    .venv/bin/python bench/research_sets.py --workdir /tmp/setsO --max-steps 1 --explore 0.5 --arms rank \
+        --out bench/results/research_sets_rank.md   # run O: one call per episode (prices, news or context), then
+        # the answer; its own untrained rows at --max-steps 1 (about 2 h here)
     # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
     # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
@@ -71,7 +80,7 @@ from market.split import draw_items
 from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
-from rewards.labels import quantile_edges, quantile_label
+from rewards.labels import quantile_edges, quantile_label, rank_label
 
 # `dpo`: the product's `trainer.objective = "dpo"` on the block: per item, its best episode preferred over its
 # worst (scores >= 0.05 apart), every episode, no label; the same learning rate and 8 pairs per update as the
@@ -285,6 +294,34 @@ def quintile_lines(rows: list[dict], tools: list[str]) -> list[str]:
     return lines
 
 
+def rank_lines(rows: list[dict], tools: list[str], bins: int = 3) -> list[str]:
+    """What the rank arm's labels say: each episode's rank among its item's episodes (`Rank: k/3`, as the
+    trainer's item_ranks and rank_label write it), the first call of the episodes under each label, and how
+    many of them keep their decision's loss under `decision_from = "correct"`."""
+    scored = [r for r in rows if r["composite"] is not None]
+    groups: dict[tuple, list[dict]] = {}
+    for r in scored:
+        groups.setdefault(lc.item_key(r), []).append(r)
+    by_label: dict[str, list[dict]] = {}
+    for group in groups.values():
+        for r in group:
+            lower = sum(g["composite"] < r["composite"] for g in group)
+            by_label.setdefault(rank_label(lower, len(group), bins), []).append(r)
+    if not by_label:
+        return []
+    lines = ["", ("The rank arm's labels (each episode's reward rank among its item's episodes; ties share the lower "
+                 "rank): the first call of the episodes under each label, and the share whose direction came true "
+                 "(the decisions `decision_from = \"correct\"` trains)."), "",
+             f"| label | episodes | mean reward | direction right | {' | '.join(tools)} |",
+             "|---|---|---|---|" + "---|" * len(tools)]
+    for label in sorted(by_label):
+        mine = by_label[label]
+        shares = " | ".join(rr.pct(sum(r["explore_tool"] == t for r in mine) / len(mine)) for t in tools)
+        lines.append(f"| {label} | {len(mine)} | {lc.fmt(lc.mean([r['composite'] for r in mine]))} | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | {shares} |")
+    return lines
+
+
 def block_section(args, market, rows: list[dict]) -> list[str]:
     tools = [t for t in TOOL_NAMES if any(r["explore_tool"] == t for r in rows)]
     quart = quartile_of(rows)
@@ -302,8 +339,11 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
     n_items = sum(wins.values()) or 1
     lines = ["## The train block: every tool on the same items", "",
              (f"{len(items)} train-region items x {len(tools)} research choices = {len(rows)} episodes by the base "
-              f"agent (greedy, {args.explore} of the directions explored, the same direction for an item's three "
-              "episodes); the named tool is the first call, then the model may call one more. `top quartile` is what "
+              f"agent (greedy, {args.explore} of the items' directions explored: an explored item's episodes share its "
+              "drawn direction); the named tool is the first call"
+              f"{', then the model may call one more' if args.max_steps == 2 else ''}"
+              f"{f', then the model may call up to {args.max_steps - 1} more' if args.max_steps > 2 else ''}. "
+              "`top quartile` is what "
               "the filtered recipe trains on and the score recipe repeats; `quartile k` = the episodes whose reward "
               "is in the block's k-th quartile, i.e. the label the score recipe gives them; `best on its item` = the "
               "share of items where this tool's episode earned the most (ties shared)."), "",
@@ -322,6 +362,8 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
                      f"{lc.fmt(lc.mean([r['composite'] for r in mine]))} | {' / '.join(shares)} | "
                      f"{rr.pct(wins[t] / n_items)} |")
     lines += quintile_lines(rows, tools)
+    if "rank" in args.arms.split(","):
+        lines += rank_lines(rows, tools)
     lines += ["", "Paired on the same items (95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
     col = {t: {k: v[t] for k, v in items.items() if t in v} for t in tools}
