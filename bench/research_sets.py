@@ -173,6 +173,21 @@ def heldout_items(args, market, split, n: int | None = None) -> list:
     return [it for i, it in enumerate(items) if i in keep]
 
 
+def same_label(st: lc.State, arm: str, target: float, part: str) -> str | None:
+    """An earlier target of `arm` whose label is this target's (3 ranks over 5 targets: 0.25 reads `Rank: 1/3`
+    as 0 does, 0.75 `Rank: 3/3` as 1 does), in st.data[part]: the same prompts, so the same greedy answers."""
+    from rewards.labels import target_label
+
+    if arm == "base":
+        return None
+    mine = target_label(target, rewards_cfg(arm))
+    for t in TARGETS:
+        key = arm if part == "probe" and t == 1.0 else lc.run_key(arm, t)
+        if t != target and target_label(t, rewards_cfg(arm)) == mine and key in st.data.get(part, {}):
+            return key
+    return None
+
+
 def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm: str, target: float,
              n: int | None = None) -> None:
     """One arm at one target on the held-out items (greedy, free tool choice), as run K's rounds; with n, on the
@@ -189,6 +204,16 @@ def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm:
     items = [it for it in heldout_items(args, market, split, n) if (it[0], str(it[1])[:10]) not in done]
     if not items:
         return
+    twin = same_label(st, arm, target, "eval")
+    if twin is not None:  # the same label: its greedy episodes are this target's, copied, not run again
+        want = {(t, str(a)[:10]) for t, a in items}
+        rows = [r for r in ev[twin]["rows"] if (r["ticker"], str(r["as_of"])[:10]) in want]
+        if len(rows) == len(want):
+            old = ev.get(key, {"seconds": 0.0, "rows": []})
+            ev[key] = {"seconds": old["seconds"], "rows": old["rows"] + rows, "copied_from": twin}
+            st.save()
+            lc.log(f"eval {key}: the label of {twin}, its {len(rows)} answers copied")
+            return
     engine = open_store(f"sqlite:///{work / 'eval.db'}")
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
     try:
@@ -217,6 +242,13 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: f
     from policy.local import LocalPolicy
     from rewards.labels import target_label
 
+    key = arm if target == 1.0 else lc.run_key(arm, target)
+    twin = same_label(st, arm, target, "probe")
+    if twin is not None:
+        st.data["probe"][key] = dict(st.data["probe"][twin])
+        st.save()
+        lc.log(f"probe {key}: the label of {twin}, copied")
+        return
     items = heldout_items(args, market, split)
     label = target_label(target, rewards_cfg(arm))
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=1)
@@ -231,7 +263,6 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: f
             out[f"{ticker}|{as_of.isoformat()}"] = 1 / (1 + math.exp(lp["get"] - lp["search"]))
     finally:
         policy.close()
-    key = arm if target == 1.0 else lc.run_key(arm, target)
     st.data.setdefault("probe", {})[key] = out
     st.save()
     lc.log(f"probe {key}: mean P(search_news first) = {lc.mean(list(out.values())):.3f}")
@@ -430,6 +461,11 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
                          f"{lc.fmt(v[0])} / {lc.fmt(v[len(v) // 2])} / {lc.fmt(v[-1])} |")
     for arm in CONTROLLED:
         lines += control_lines(arm, by, probes)
+    copies = {k: v["copied_from"] for k, v in ev.items() if "copied_from" in v}
+    if copies:
+        lines += ["", ("Targets that share a label give the same prompts, so their greedy answers and probe are copied "
+                       "from the target run first, not run again: "
+                       f"{', '.join(f'{k} = {v}' for k, v in sorted(copies.items()))}.")]
     return lines
 
 
