@@ -314,9 +314,15 @@ def quintile_lines(rows: list[dict], tools: list[str]) -> list[str]:
     by_label: dict[str, list[dict]] = {}
     for r in scored:
         by_label.setdefault(quantile_label(r["composite"], edges), []).append(r)
-    lines = ["", (f"The steer arm's labels (quintiles of this block's rewards, edges {', '.join(f'{e:.3f}' for e in edges)}): "
-                  "the first call of the episodes under each label."), "",
-             f"| label | episodes | mean reward | accuracy | {' | '.join(tools)} |", "|---|---|---|---|" + "---|" * len(tools)]
+    intro = (f"The steer arm's labels (quintiles of this block's rewards, edges {', '.join(f'{e:.3f}' for e in edges)}): "
+             "the first call of the episodes under each label.")
+    return label_table(by_label, tools, intro, "accuracy")
+
+
+def label_table(by_label: dict[str, list[dict]], tools: list[str], intro: str, right: str) -> list[str]:
+    """Per training label: its episodes, mean reward, share of right directions and first tools."""
+    lines = ["", intro, "", f"| label | episodes | mean reward | {right} | {' | '.join(tools)} |",
+             "|---|---|---|---|" + "---|" * len(tools)]
     for label in sorted(by_label):
         mine = by_label[label]
         shares = " | ".join(rr.pct(sum(r["explore_tool"] == t for r in mine) / len(mine)) for t in tools)
@@ -340,17 +346,10 @@ def rank_lines(rows: list[dict], tools: list[str], bins: int = 3) -> list[str]:
             by_label.setdefault(rank_label(lower, len(group), bins), []).append(r)
     if not by_label:
         return []
-    lines = ["", ("The rank arm's labels (each episode's reward rank among its item's episodes; ties share the lower "
-                 "rank): the first call of the episodes under each label, and the share whose direction came true "
-                 "(the decisions `decision_from = \"correct\"` trains)."), "",
-             f"| label | episodes | mean reward | direction right | {' | '.join(tools)} |",
-             "|---|---|---|---|" + "---|" * len(tools)]
-    for label in sorted(by_label):
-        mine = by_label[label]
-        shares = " | ".join(rr.pct(sum(r["explore_tool"] == t for r in mine) / len(mine)) for t in tools)
-        lines.append(f"| {label} | {len(mine)} | {lc.fmt(lc.mean([r['composite'] for r in mine]))} | "
-                     f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | {shares} |")
-    return lines
+    intro = ("The rank arm's labels (each episode's reward rank among its item's episodes; ties share the lower "
+             "rank): the first call of the episodes under each label, and the share whose direction came true "
+             "(the decisions `decision_from = \"correct\"` trains).")
+    return label_table(by_label, tools, intro, "direction right")
 
 
 def block_section(args, market, rows: list[dict]) -> list[str]:
