@@ -42,11 +42,16 @@ _VALUE = {
 TRAIN_DECISION = "train_decision"  # key on a chat's last assistant message; False = its decision is not trained
 
 
+def last_assistant(messages: Sequence[dict]) -> int | None:
+    """Index of the chat's last assistant message (the final answer), None when it has none."""
+    return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+
+
 def leave_decision_out(messages: Sequence[dict]) -> list[dict]:
     """A copy of the chat whose last assistant message says its decision tokens carry no loss. The flag
     travels with the example (and into the round's dataset fingerprint); chat templates ignore it."""
     out = [dict(m) for m in messages]
-    last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=None)
+    last = last_assistant(out)
     if last is not None:
         out[last][TRAIN_DECISION] = False
     return out
@@ -54,7 +59,7 @@ def leave_decision_out(messages: Sequence[dict]) -> list[dict]:
 
 def decision_trained(messages: Sequence[dict]) -> bool:
     """Whether this chat's last decision carries loss (see leave_decision_out)."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    last = last_assistant(messages)
     return last is None or messages[last].get(TRAIN_DECISION, True) is not False
 
 
@@ -98,7 +103,7 @@ def decision_mask(tokenizer, messages: Sequence[dict[str, str]],
                   fields: Sequence[str] = DECISION_FIELDS) -> tuple[list[int], list[int]] | None:
     """The chat's token ids and a 0/1 mask on its last prediction's decision tokens (untruncated); None
     when the last assistant message is not a parseable prediction."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    last = last_assistant(messages)
     if last is None:
         return None
     content = messages[last]["content"]
