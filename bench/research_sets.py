@@ -27,6 +27,10 @@ top quartile and its score labels see the research choices side by side on the s
             about the direction (an item's episodes share it), so only the directions that came true carry loss,
             the headline -> direction mapping the filtered arms learn within a round. ~2 epochs (--epochs), the
             ~160 updates after which the first-turn check learned the rank label (research_capacity_rank.md).
+  rank_mixed  the rank recipe on a block made with --tool-rate < 1 (the product's `agent.explore_tool_rate`): that
+            share of the items runs once per tool, the rest once under the default research plan (news first), which
+            the trainer labels with the middle rank (an item run once has nothing to be ranked against). More of the
+            block's answers are then written with the headlines in context, where run O had a third of them.
   eval      the same --eval-items held-out items as run K (greedy, free tool choice: `research_plan = []`, 1 to
             --max-steps calls); the score and steer arms at targets 1, 0, 0.5, 0.25, 0.75 (controllability over 5
             targets: does the label steer which research the agent does?; targets other than 1 on a seeded
@@ -92,8 +96,13 @@ RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
            "steer": {"label_format": "quantile", "top": 1.0, "epochs": 0.6, "tool_weight": 20.0},
            "rank": {"label_format": "rank", "bins": 3, "top": 1.0, "epochs": 2.0, "tool_weight": 20.0,
                     "decision_from": "correct"}}
+# `rank_mixed`: the rank recipe, run on a block made with --tool-rate < 1 (the product's explore_tool_rate): the
+# explored items run once per tool and are ranked among themselves, the others run once under the default research
+# plan (news first) and get the middle label, as `rank_label` gives an item run once. A separate name so that
+# --arms-from can pair it with run O's `rank` on the same held-out items.
+RECIPES["rank_mixed"] = dict(RECIPES["rank"])
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
-CONTROLLED = ("score", "steer", "rank")  # the arms whose label is a target, run at every target
+CONTROLLED = ("score", "steer", "rank", "rank_mixed")  # the arms whose label is a target, run at every target
 
 
 def label_format(arm: str) -> str:
@@ -116,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="held-out items a controlled arm answers at targets other than 1 (a seeded subset)")
     p.add_argument("--max-steps", type=int, default=2, help="agent.max_steps: tool calls before a forced prediction")
     p.add_argument("--explore", type=float, default=0.3, help="agent.explore_rate (directions) of the train block")
+    p.add_argument("--tool-rate", type=float, default=1.0,
+                   help="agent.explore_tool_rate of the train block: the share of items run once per tool; the rest "
+                        "run once under the product's default research plan (news first)")
     p.add_argument("--arms", default="score,filtered")
     p.add_argument("--base-from", metavar="STATE", help="a research_rounds state whose round-0 eval rows are the base")
     p.add_argument("--arms-from", metavar="STATE",
@@ -135,10 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def agent_cfg(args, model_dir: str, *, train: bool) -> AgentConfig:
-    """Free tool choice on held-out items; in the train block every item runs once per tool (`each`)."""
-    return AgentConfig(model=model_dir, device="cpu", research_plan=[], max_steps=args.max_steps, min_tool_calls=1,
+    """Free tool choice on held-out items; in the train block --tool-rate of the items run once per tool (`each`),
+    the rest once under the product's default research plan."""
+    plan = AgentConfig().research_plan if train else []
+    return AgentConfig(model=model_dir, device="cpu", research_plan=plan, max_steps=args.max_steps, min_tool_calls=1,
                        temperature=0.0, explore_rate=args.explore if train else 0.0,
-                       explore_tool_rate=1.0 if train else 0.0, explore_tool_mode="each",
+                       explore_tool_rate=args.tool_rate if train else 0.0, explore_tool_mode="each",
                        max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
                        max_batch_size=args.concurrency, max_repairs=1)
 
@@ -319,13 +333,18 @@ def quintile_lines(rows: list[dict], tools: list[str]) -> list[str]:
     return label_table(by_label, tools, intro, "accuracy")
 
 
+def first_call(r: dict) -> str | None:
+    """The episode's first tool: the explored one, or what the default plan (an item run once) called."""
+    return r["explore_tool"] or next(iter(r.get("tools") or []), None)
+
+
 def label_table(by_label: dict[str, list[dict]], tools: list[str], intro: str, right: str) -> list[str]:
     """Per training label: its episodes, mean reward, share of right directions and first tools."""
     lines = ["", intro, "", f"| label | episodes | mean reward | {right} | {' | '.join(tools)} |",
              "|---|---|---|---|" + "---|" * len(tools)]
     for label in sorted(by_label):
         mine = by_label[label]
-        shares = " | ".join(rr.pct(sum(r["explore_tool"] == t for r in mine) / len(mine)) for t in tools)
+        shares = " | ".join(rr.pct(sum(first_call(r) == t for r in mine) / len(mine)) for t in tools)
         lines.append(f"| {label} | {len(mine)} | {lc.fmt(lc.mean([r['composite'] for r in mine]))} | "
                      f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | {shares} |")
     return lines
@@ -360,6 +379,8 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
         items.setdefault(lc.item_key(r), {})[r["explore_tool"] or "model"] = r
     wins: Counter = Counter()
     for by_tool in items.values():  # the item's best research choice; a tie shares the win
+        if len(by_tool) < 2:
+            continue  # an item run once has no choice to win
         scored = {t: r["composite"] for t, r in by_tool.items() if r["composite"] is not None}
         if scored:
             best = max(scored.values())
@@ -367,8 +388,11 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
             for t in top:
                 wins[t] += 1 / len(top)
     n_items = sum(wins.values()) or 1
+    once = [r for r in rows if r["explore_tool"] is None]
     lines = ["## The train block: every tool on the same items", "",
-             (f"{len(items)} train-region items x {len(tools)} research choices = {len(rows)} episodes by the base "
+             (f"{len(items) - len(once)} train-region items x {len(tools)} research choices"
+              f"{f' + {len(once)} items run once under the default research plan (news first)' if once else ''}"
+              f" = {len(rows)} episodes by the base "
               f"agent (greedy, {args.explore} of the items' directions explored: an explored item's episodes share its "
               "drawn direction); the named tool is the first call"
               f"{', then the model may call one more' if args.max_steps == 2 else ''}"
@@ -391,8 +415,14 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
                      f"{lc.fmt(lc.mean([r['correct'] for r in vis]))} (n={len(vis)}) | "
                      f"{lc.fmt(lc.mean([r['composite'] for r in mine]))} | {' / '.join(shares)} | "
                      f"{rr.pct(wins[t] / n_items)} |")
+    if once:
+        vis = [r for r in once if lc.visible_signal(market, r) and r["correct"] is not None]
+        lines.append(f"| default plan, item run once | {len(once)} | {rr.pct(lc.mean([r['read_news'] for r in once]))} | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in once if r['correct'] is not None]))} | "
+                     f"{lc.fmt(lc.mean([r['correct'] for r in vis]))} (n={len(vis)}) | "
+                     f"{lc.fmt(lc.mean([r['composite'] for r in once]))} | - | - |")
     lines += quintile_lines(rows, tools)
-    if "rank" in args.arms.split(","):
+    if {"rank", "rank_mixed"} & set(args.arms.split(",")):
         lines += rank_lines(rows, tools)
     lines += ["", "Paired on the same items (95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
