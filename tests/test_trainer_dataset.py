@@ -264,3 +264,26 @@ def test_balance_leaves_parse_failures_and_one_sided_bins_alone(sqlite_db):
     out = balanced(eps, bins=2)
     assert [e.episode_id for e in out] == [e.episode_id for e in eps]  # each bin holds one direction only
     assert sum(e.direction is None for e in out) == 1
+
+
+def test_balance_under_decision_from_correct_evens_out_the_directions_that_train(sqlite_db):
+    """With decision_from "correct" only the right calls carry loss on their direction, so balance counts and
+    copies those: evening out every call would leave the trained directions as skewed as the outcomes (here
+    three right `down` against one right `up`, where all six calls are evenly split)."""
+    from collections import Counter
+
+    from trainer.decision import decision_trained
+    from trainer.sft import plan
+
+    dirs = ["down", "down", "down", "up", "up", "up"]
+    _, ids = add_block(sqlite_db, [0.5] * 6, directions=dirs, wrong=[3, 4])
+    direction = dict(zip(ids, dirs, strict=True))
+    cfg = TrainerConfig(replay_size=3, min_new_episodes=1, balance_directions=True, loss_on="weighted",
+                        decision_from="correct", boost_top_fraction=0.0)  # no boost copies: balance's only
+    with session_scope(sqlite_db) as s:
+        data = plan(s, cfg, RewardsConfig(), run=None, need=1)
+        every = plan(s, cfg.model_copy(update={"decision_from": "all"}), RewardsConfig(), run=None, need=1)
+    trained = Counter(direction[i] for i, row in zip(data.episode_ids, data.rows, strict=True) if decision_trained(row))
+    assert trained == {"down": 3, "up": 3}
+    assert Counter(data.episode_ids[6:]) == {ids[5]: 2}  # the one right `up`, twice
+    assert every.episode_ids == ids  # every call counted: three each way already, nothing copied

@@ -57,7 +57,8 @@ class TrainerConfig(BaseModel):
         True, description="Copy episodes so `up` and `down` are equally common at every score level (quartile "
         "bins), after boosting: the score label then says nothing about the direction by itself, only together "
         "with the evidence (trainer.dataset.balanced; without it a small model learned the majority direction: run E "
-        "wrote `down` on 298 of 300 items, run F with it beat the untrained model, learning_history.md).")
+        "wrote `down` on 298 of 300 items, run F with it beat the untrained model, learning_history.md). With "
+        "decision_from = 'correct' it counts and copies the right calls only, the directions that carry loss.")
     loss_on: Literal["assistant", "decision", "weighted"] = Field(
         "weighted", description="Which tokens carry the loss: every assistant token (TRL's assistant_only_loss); "
         "only the final prediction's direction and confidence (trainer/decision.py), the tokens a score label "

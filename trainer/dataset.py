@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -164,7 +164,8 @@ def boosted(episodes: Sequence[ScoredEpisode], fraction: float, passes: int) -> 
     return list(episodes) + top * passes
 
 
-def balanced(episodes: Sequence[ScoredEpisode], bins: int = 4) -> list[ScoredEpisode]:
+def balanced(episodes: Sequence[ScoredEpisode], bins: int = 4, *,
+             counted: Callable[[ScoredEpisode], bool] | None = None) -> list[ScoredEpisode]:
     """The episodes, with copies added so that `up` and `down` are equally common within each score bin
     (quantile bins of the achieved score over these episodes); flat calls and parse failures as they are.
 
@@ -174,7 +175,12 @@ def balanced(episodes: Sequence[ScoredEpisode], bins: int = 4) -> list[ScoredEpi
     direction): run D in bench/results/learning_history.md wrote `up` 0.95 on every held-out item. With
     both directions equally common at every score level, the label says nothing about the direction by
     itself, and only the evidence in the context can. Copies go round-robin through the minority
-    direction's episodes in id order (deterministic)."""
+    direction's episodes in id order (deterministic).
+
+    `counted` picks the episodes whose direction is trained (with `trainer.decision_from = "correct"`, those that
+    came true): only they are counted and copied. Counting every episode there would even out directions whose
+    loss is 0 and leave the trained ones as skewed as the period's outcomes (run O: 116 right `down` against 62
+    right `up`)."""
     if not episodes:
         return []
     scores = sorted(achieved_score(e) for e in episodes)
@@ -182,7 +188,7 @@ def balanced(episodes: Sequence[ScoredEpisode], bins: int = 4) -> list[ScoredEpi
     out = list(episodes)
     by_bin: dict[int, dict[str, list[ScoredEpisode]]] = {}
     for e in episodes:
-        if e.direction in ("up", "down"):
+        if e.direction in ("up", "down") and (counted is None or counted(e)):
             b = sum(achieved_score(e) >= edge for edge in edges)
             by_bin.setdefault(b, {"up": [], "down": []})[e.direction].append(e)
     for _, sides in sorted(by_bin.items()):

@@ -354,7 +354,7 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
                                   new_episodes=len(p.new), needed=need)
     chosen = boosted(p.episodes, cfg.boost_top_fraction, cfg.boost_passes)
     if cfg.balance_directions:
-        chosen = balanced(chosen)
+        chosen = balanced(chosen, counted=(lambda e: bool(e.correct)) if cfg.decision_from == "correct" else None)
     examples = build_examples(session, chosen, rewards_cfg, p.edges, p.ranks, decision_from=cfg.decision_from)
     if not examples:
         raise TrainerError("the new scored episodes have no assistant turns to train on")
