@@ -466,11 +466,13 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
     key = {name: lc.run_key(a, t) for name, a, t in (("base", "base", 1.0), ("s1", "score", 1.0),
                                                        ("f1", "filtered", 1.0), ("s0", "score", 0.0),
                                                        ("d1", "dpo", 1.0), ("t1", "steer", 1.0), ("t0", "steer", 0.0),
-                                                       ("r1", "rank", 1.0), ("r0", "rank", 0.0))}
+                                                       ("r1", "rank", 1.0), ("r0", "rank", 0.0),
+                                                       ("m1", "rank_mixed", 1.0), ("m0", "rank_mixed", 0.0))}
     lines += ["", "Paired differences (same items; 95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
     for a, b in (("s1", "base"), ("f1", "base"), ("d1", "base"), ("t1", "base"), ("s1", "f1"), ("d1", "f1"),
-                 ("t1", "f1"), ("s1", "s0"), ("t1", "t0"), ("r1", "base"), ("r1", "r0")):
+                 ("t1", "f1"), ("s1", "s0"), ("t1", "t0"), ("r1", "base"), ("r1", "r0"), ("m1", "base"),
+                 ("m1", "m0"), ("m1", "r1")):
         a, b = key[a], key[b]
         if a in by and b in by:
             for c, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
