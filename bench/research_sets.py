@@ -54,6 +54,10 @@ running them again.
     .venv/bin/python bench/research_sets.py --workdir /tmp/setsO --max-steps 1 --explore 0.5 --arms rank \
         --out bench/results/research_sets_rank.md   # run O: one call per episode (prices, news or context), then
         # the answer; its own untrained rows at --max-steps 1 (about 2 h here)
+    .venv/bin/python bench/research_sets.py --workdir /tmp/setsP --max-steps 1 --explore 0.5 --train-items 192 \
+        --tool-rate 0.5 --arms rank_mixed --epochs 3.0 --arms-from bench/results/research_sets_rank_state.json \
+        --out bench/results/research_sets_rank_mixed.md   # run P: half the items once per tool, half once under
+        # the default plan; the untrained rows were seeded from run O's state (about 1 h 50 min here)
     # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
     # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
@@ -542,7 +546,8 @@ def report(args, st: lc.State, market) -> str:
         lines.append(f"Written in {gen['seconds'] / 60:.0f} min.")
         for arm, tr in st.data.get("train", {}).items():
             unit = "pairs" if RECIPES[arm].get("objective") == "dpo" else "examples"
-            spec = {**RECIPES[arm], "lr": RECIPES[arm].get("lr", args.lr)}
+            spec = {**RECIPES[arm], "lr": RECIPES[arm].get("lr", args.lr),
+                    **({"epochs": args.epochs} if args.epochs and not tr.get("from") else {})}  # as trained here
             lines.append(f"- train `{arm}` ({spec}): {tr['n_examples']} {unit}, {tr['steps']} logged "
                          f"steps, loss {lc.fmt(tr['loss_first'])} -> {lc.fmt(tr['loss_last'])}, "
                          f"{tr['seconds'] / 60:.0f} min" + (f" (from `{tr['from']}`)" if tr.get("from") else ""))
