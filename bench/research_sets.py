@@ -407,24 +407,22 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
               "share of items where this tool's episode earned the most (ties shared)."), "",
              ("| first call | episodes | read news | accuracy | acc, signal visible | mean reward | share of: quartile "
               "1 / 2 / 3 / top quartile | best on its item |"), "|---|---|---|---|---|---|---|---|"]
-    for t in tools:
-        mine = [r for r in rows if r["explore_tool"] == t]
+    def row(name: str, mine: list[dict], shares: str, wins_share: str) -> str:
         vis = [r for r in mine if lc.visible_signal(market, r) and r["correct"] is not None]
+        return (f"| {name} | {len(mine)} | {rr.pct(lc.mean([r['read_news'] for r in mine]))} | "
+                f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | "
+                f"{lc.fmt(lc.mean([r['correct'] for r in vis]))} (n={len(vis)}) | "
+                f"{lc.fmt(lc.mean([r['composite'] for r in mine]))} | {shares} | {wins_share} |")
+
+    for t in tools:
         shares = []
         for q in (1, 2, 3, 4):
             in_q = [k for k, v in quart.items() if v == q]
             shares.append(rr.pct(sum(k[2] == t for k in in_q) / len(in_q)) if in_q else "-")
-        lines.append(f"| {t} | {len(mine)} | {rr.pct(lc.mean([r['read_news'] for r in mine]))} | "
-                     f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | "
-                     f"{lc.fmt(lc.mean([r['correct'] for r in vis]))} (n={len(vis)}) | "
-                     f"{lc.fmt(lc.mean([r['composite'] for r in mine]))} | {' / '.join(shares)} | "
-                     f"{rr.pct(wins[t] / n_items)} |")
+        lines.append(row(t, [r for r in rows if r["explore_tool"] == t], " / ".join(shares),
+                         rr.pct(wins[t] / n_items)))
     if once:
-        vis = [r for r in once if lc.visible_signal(market, r) and r["correct"] is not None]
-        lines.append(f"| default plan, item run once | {len(once)} | {rr.pct(lc.mean([r['read_news'] for r in once]))} | "
-                     f"{lc.fmt(lc.mean([r['correct'] for r in once if r['correct'] is not None]))} | "
-                     f"{lc.fmt(lc.mean([r['correct'] for r in vis]))} (n={len(vis)}) | "
-                     f"{lc.fmt(lc.mean([r['composite'] for r in once]))} | - | - |")
+        lines.append(row("default plan, item run once", once, "-", "-"))
     lines += quintile_lines(rows, tools)
     if {"rank", "rank_mixed"} & set(args.arms.split(",")):
         lines += rank_lines(rows, tools)

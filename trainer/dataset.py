@@ -109,6 +109,11 @@ def relabel(messages: list[dict[str, str]], conditioning: str | None, label: str
     return out
 
 
+def trains_decision(ep: ScoredEpisode, decision_from: str) -> bool:
+    """Whether this episode's direction and confidence carry loss under `trainer.decision_from`."""
+    return decision_from == "all" or bool(ep.correct)
+
+
 def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_cfg: RewardsConfig,
                    edges: Sequence[float] | None = None,
                    ranks: dict[int, tuple[int, int]] | None = None, *,
@@ -129,7 +134,7 @@ def build_examples(session: Session, episodes: Sequence[ScoredEpisode], rewards_
         label = (rank_label(*ranks.get(ep.episode_id, (0, 1)), rewards_cfg.quantile_bins)
                  if ranks is not None else training_label(score, rewards_cfg, edges))
         chat = relabel(messages, ep.conditioning, label, ep.episode_id)
-        if decision_from == "correct" and not ep.correct:
+        if not trains_decision(ep, decision_from):
             chat = leave_decision_out(chat)
         out.append(Example(ep.episode_id, ep.block_id, ep.prediction_id, score, label, chat))
     return out

@@ -343,7 +343,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, run: TrainingRun | None,
          need: int) -> RoundData | NothingToTrain:
     """New scored blocks + a replay sample as score-labelled chats (an interrupted run: its own data)."""
-    from trainer.dataset import balanced, boosted, build_examples, plan_round
+    from trainer.dataset import balanced, boosted, build_examples, plan_round, trains_decision
 
     if run is not None:
         p = plan_round(session, cfg, rewards_cfg, block_ids=run.block_ids, replay_episode_ids=run.replay_episode_ids)
@@ -354,7 +354,7 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
                                   new_episodes=len(p.new), needed=need)
     chosen = boosted(p.episodes, cfg.boost_top_fraction, cfg.boost_passes)
     if cfg.balance_directions:
-        chosen = balanced(chosen, counted=(lambda e: bool(e.correct)) if cfg.decision_from == "correct" else None)
+        chosen = balanced(chosen, counted=lambda e: trains_decision(e, cfg.decision_from))
     examples = build_examples(session, chosen, rewards_cfg, p.edges, p.ranks, decision_from=cfg.decision_from)
     if not examples:
         raise TrainerError("the new scored episodes have no assistant turns to train on")
