@@ -69,6 +69,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from collections import Counter
@@ -89,6 +90,7 @@ from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
 from rewards.labels import quantile_edges, quantile_label, rank_label
+from trainer.dataset import label_information
 
 # `dpo`: the product's `trainer.objective = "dpo"` on the block: per item, its best episode preferred over its
 # worst (scores >= 0.05 apart), every episode, no label; the same learning rate and 8 pairs per update as the
@@ -105,8 +107,12 @@ RECIPES = {"score": lc.ARMS["score"], "filtered": rr.SPEC,
 # plan (news first) and get the middle label, as `rank_label` gives an item run once. A separate name so that
 # --arms-from can pair it with run O's `rank` on the same held-out items.
 RECIPES["rank_mixed"] = dict(RECIPES["rank"])
+# `rank_bal`: the rank recipe again, for a rerun of run O's block (--tool-rate 1) after the trainer's balance began
+# counting only the directions that train (`decision_from = "correct"`); its own name pairs it with run O's `rank`.
+RECIPES["rank_bal"] = dict(RECIPES["rank"])
+RANK_ARMS = ("rank", "rank_mixed", "rank_bal")
 TARGETS = (1.0, 0.0, 0.5, 0.25, 0.75)  # 1.0 first: a cut run still has the product's setting
-CONTROLLED = ("score", "steer", "rank", "rank_mixed")  # the arms whose label is a target, run at every target
+CONTROLLED = ("score", "steer", *RANK_ARMS)  # the arms whose label is a target, run at every target
 
 
 def label_format(arm: str) -> str:
@@ -286,11 +292,18 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: f
     lc.log(f"probe {key}: mean P(search_news first) = {lc.mean(list(out.values())):.3f}")
 
 
-def import_arms(st: lc.State, source: Path, skip: set[str]) -> None:
+def import_arms(st: lc.State, source: Path, skip: set[str], args: argparse.Namespace | None = None) -> None:
     """Copy an earlier run's trained arms (train summary, held-out rows, probe) that this run does not train:
     the same held-out items, so the report pairs them with this run's arms. Their adapters are not copied, so
-    an imported arm is reported, never evaluated again."""
+    an imported arm is reported, never evaluated again. The untrained agent's rows come too when the earlier
+    run answered the same held-out items with the same tool budget (the base model is the same and greedy, so
+    re-running them would repeat ~6 minutes for the same answers)."""
     old = json.loads(source.read_text())
+    base = lc.run_key("base", 1.0)
+    if args is not None and base in old.get("eval", {}) and base not in st.data.get("eval", {}):
+        then = parse_args(shlex.split(old.get("command", "")))
+        if (then.max_steps, then.eval_items, then.model) == (args.max_steps, args.eval_items, args.model):
+            st.data.setdefault("eval", {})[base] = {**old["eval"][base], "from": str(source)}
     for arm, tr in old.get("train", {}).items():
         if arm in skip or arm in st.data.get("train", {}):
             continue
@@ -351,7 +364,11 @@ def label_table(by_label: dict[str, list[dict]], tools: list[str], intro: str, r
         shares = " | ".join(rr.pct(sum(first_call(r) == t for r in mine) / len(mine)) for t in tools)
         lines.append(f"| {label} | {len(mine)} | {lc.fmt(lc.mean([r['composite'] for r in mine]))} | "
                      f"{lc.fmt(lc.mean([r['correct'] for r in mine if r['correct'] is not None]))} | {shares} |")
-    return lines
+    pairs = [(label, first_call(r) or "none") for label, mine in by_label.items() for r in mine]
+    news = [(label, str(tool == "search_news")) for label, tool in pairs]
+    return [*lines, "", (f"The labels carry **{label_information(pairs):.3f} nats** about the first call (the "
+                         f"trainer's `label_research`), {label_information(news):.3f} about whether it was "
+                         "search_news (before balance copies).")]
 
 
 def rank_lines(rows: list[dict], tools: list[str], bins: int = 3) -> list[str]:
@@ -424,7 +441,7 @@ def block_section(args, market, rows: list[dict]) -> list[str]:
     if once:
         lines.append(row("default plan, item run once", once, "-", "-"))
     lines += quintile_lines(rows, tools)
-    if {"rank", "rank_mixed"} & set(args.arms.split(",")):
+    if set(RANK_ARMS) & set(args.arms.split(",")):
         lines += rank_lines(rows, tools)
     lines += ["", "Paired on the same items (95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
@@ -469,12 +486,13 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
                                                        ("f1", "filtered", 1.0), ("s0", "score", 0.0),
                                                        ("d1", "dpo", 1.0), ("t1", "steer", 1.0), ("t0", "steer", 0.0),
                                                        ("r1", "rank", 1.0), ("r0", "rank", 0.0),
-                                                       ("m1", "rank_mixed", 1.0), ("m0", "rank_mixed", 0.0))}
+                                                       ("m1", "rank_mixed", 1.0), ("m0", "rank_mixed", 0.0),
+                                                       ("q1", "rank_bal", 1.0), ("q0", "rank_bal", 0.0))}
     lines += ["", "Paired differences (same items; 95% interval resampling dates):", "",
               "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
     for a, b in (("s1", "base"), ("f1", "base"), ("d1", "base"), ("t1", "base"), ("s1", "f1"), ("d1", "f1"),
                  ("t1", "f1"), ("s1", "s0"), ("t1", "t0"), ("r1", "base"), ("r1", "r0"), ("m1", "base"),
-                 ("m1", "m0"), ("m1", "r1")):
+                 ("m1", "m0"), ("m1", "r1"), ("q1", "base"), ("q1", "q0"), ("q1", "r1")):
         a, b = key[a], key[b]
         if a in by and b in by:
             for c, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
@@ -566,9 +584,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = json.loads(Path(args.base_from).read_text())["rounds"]["0"]["eval"]
         ev[base] = {"seconds": rows["seconds"], "rows": rows["rows"], "from": args.base_from}
         st.save()
-    evaluate(args, st, market, split, model_dir, work, "base", 1.0)  # runs only what is missing
     if args.arms_from:
-        import_arms(st, Path(args.arms_from), skip=set(args.arms.split(",")))
+        import_arms(st, Path(args.arms_from), skip=set(args.arms.split(",")), args=args)
+    evaluate(args, st, market, split, model_dir, work, "base", 1.0)  # runs only what is missing
     if "generate" not in st.data:
         generate(args, st, market, split, model_dir, work)
     Path(args.out).write_text(report(args, st, market))

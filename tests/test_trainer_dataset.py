@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from trainer_fixtures import add_block
@@ -287,3 +288,43 @@ def test_balance_under_decision_from_correct_evens_out_the_directions_that_train
     assert trained == {"down": 3, "up": 3}
     assert Counter(data.episode_ids[6:]) == {ids[5]: 2}  # the one right `up`, twice
     assert every.episode_ids == ids  # every call counted: three each way already, nothing copied
+
+
+def test_label_information_is_zero_when_independent_and_ln2_when_the_label_names_the_tool():
+    from trainer.dataset import label_information
+
+    independent = [("Rank: 1/3", "get_prices"), ("Rank: 1/3", "search_news"),
+                   ("Rank: 3/3", "get_prices"), ("Rank: 3/3", "search_news")]
+    coupled = [("Rank: 1/3", "get_prices"), ("Rank: 1/3", "get_prices"),
+               ("Rank: 3/3", "search_news"), ("Rank: 3/3", "search_news")]
+    assert label_information(independent) == pytest.approx(0.0)
+    assert label_information(coupled) == pytest.approx(math.log(2))
+    assert label_information([]) == 0.0
+
+
+def test_a_rank_round_records_what_its_labels_say_about_the_research(sqlite_db):
+    """Two items, each run once with prices and once with news; news earned more on both. The rank labels then
+    name the tool exactly (ln 2 nats), and the run row keeps the counts behind it for SQL."""
+    from trainer.sft import plan
+
+    tools = ["get_prices", "search_news", "get_prices", "search_news"]
+    add_block(sqlite_db, [0.4, 0.7, 0.3, 0.6], items=[0, 0, 1, 1], tools=tools)
+    cfg = TrainerConfig(replay_size=0, min_new_episodes=1, balance_directions=False, boost_top_fraction=0.0)
+    with session_scope(sqlite_db) as s:
+        data = plan(s, cfg, RewardsConfig(label_format="rank", quantile_bins=3), run=None, need=1)
+    research = data.hyperparams["label_research"]
+    assert research["first_tool"] == {"Rank: 1/3": {"get_prices": 2}, "Rank: 3/3": {"search_news": 2}}
+    assert research["nats"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_a_single_label_carries_no_information_about_the_research(sqlite_db):
+    """Under the score label every example of a block earns its own number, but a block where all scores are
+    equal (one label) and the tools differ says nothing: 0 nats, whatever was read."""
+    from trainer.sft import plan
+
+    add_block(sqlite_db, [0.5] * 4, tools=["get_prices", "search_news", "get_prices", "search_news"])
+    cfg = TrainerConfig(replay_size=0, min_new_episodes=1, balance_directions=False, boost_top_fraction=0.0)
+    with session_scope(sqlite_db) as s:
+        data = plan(s, cfg, RewardsConfig(), run=None, need=1)
+    assert data.hyperparams["label_research"] == {
+        "nats": 0.0, "first_tool": {"Score: 0.50": {"get_prices": 2, "search_news": 2}}}

@@ -22,14 +22,14 @@ def system_prompt(label: str) -> str:
 
 
 def trace(ticker: str, as_of: datetime, label: str, *, direction: str = "up", confidence: float = 0.6,
-          raw_final: str | None = None) -> list[tuple[str, str]]:
+          raw_final: str | None = None, tool: str = "get_prices") -> list[tuple[str, str]]:
     final = raw_final if raw_final is not None else json.dumps({"prediction": {
         "ticker": ticker, "direction": direction, "magnitude_pct": 1.2, "confidence": confidence,
         "rationale": f"{ticker} closed above its 20-day mean on rising volume.", "citations": [1]}})
     return [
         ("system", system_prompt(label)),
         ("user", f"Forecast {ticker} over the next 5 trading days. Today is {as_of:%Y-%m-%d}."),
-        ("assistant", json.dumps({"tool": "get_prices", "args": {"ticker": ticker, "days": 20}})),
+        ("assistant", json.dumps({"tool": tool, "args": {"ticker": ticker, "days": 20}})),
         ("tool", "date,close\n2024-03-01,101.20\n2024-03-04,102.05\n2024-03-05,101.70\n[1] 20d mean 100.4"),
         ("assistant", final),
     ]
@@ -39,18 +39,21 @@ def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "tr
               target: float = 0.95, invalid: Iterable[int] = (), unscored: Iterable[int] = (),
               no_conditioning: Iterable[int] = (), retried: Iterable[int] = (),
               start: datetime | None = None, directions: Iterable[str] | None = None,
-              items: Iterable[int] | None = None, wrong: Iterable[int] = ()) -> tuple[int, list[int]]:
+              items: Iterable[int] | None = None, wrong: Iterable[int] = (),
+              tools: Iterable[str] | None = None) -> tuple[int, list[int]]:
     """A block with one episode per score; returns (block id, episode ids in order).
 
     invalid: indices that are parse failures (no reward row: the trainer counts them as 0);
     unscored: valid predictions still waiting for their outcome; retried: episodes whose current
     attempt is 1 and whose attempt-0 steps must be ignored; directions: each prediction's (default all up);
     items: each episode's item number (same number = same ticker and as_of; default one item per episode);
-    wrong: indices whose direction did not come true (direction component 0 in the latest reward row only).
+    wrong: indices whose direction did not come true (direction component 0 in the latest reward row only);
+    tools: each episode's first (and only) tool call (default all get_prices).
     """
     scores = list(scores)
     dirs = list(directions) if directions is not None else ["up"] * len(scores)
     item_of = list(items) if items is not None else list(range(len(scores)))
+    tool_of = list(tools) if tools is not None else ["get_prices"] * len(scores)
     invalid, unscored, no_cond, retried = set(invalid), set(unscored), set(no_conditioning), set(retried)
     label = f"Score: {target:.2f}"
     start = start or datetime(2024, 3, 5, 21, 1, tzinfo=UTC)
@@ -73,7 +76,8 @@ def add_block(engine: Engine, scores: Iterable[float | None], *, kind: str = "tr
             if attempt == 1:
                 for j, (role, content) in enumerate(trace(ticker, as_of, label, direction="down")[:3]):
                     s.add(Step(episode_id=ep.id, attempt=0, idx=j, role=role, content=content + " STALE"))
-            for j, (role, content) in enumerate(trace(ticker, as_of, label, raw_final=raw, direction=dirs[i])):
+            for j, (role, content) in enumerate(trace(ticker, as_of, label, raw_final=raw, direction=dirs[i],
+                                                           tool=tool_of[i])):
                 s.add(Step(episode_id=ep.id, attempt=attempt, idx=j, role=role, content=content))
             pred = Prediction(episode_id=ep.id, block_id=block.id, ticker=ticker, as_of=as_of, horizon=5,
                               resolve_at=date(2024, 3, 12), direction=None if bad else dirs[i],

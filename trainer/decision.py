@@ -32,7 +32,7 @@ from trainer.errors import TrainerError
 
 DECISION_FIELDS = ("direction", "confidence")
 DIRECTIONS = ("up", "down", "flat")
-_TOOL = re.compile(r'\{\s*"tool"\s*:\s*"([A-Za-z_]+)"')  # a tool call opens with its tool's name
+TOOL_CALL = re.compile(r'\{\s*"tool"\s*:\s*"([A-Za-z_]+)"')  # a tool call opens with its tool's name
 _VALUE = {
     "direction": re.compile(r'"direction"\s*:\s*"([a-z]+)"'),
     "confidence": re.compile(r'"confidence"\s*:\s*(-?[0-9][0-9.eE+-]*)'),
@@ -152,7 +152,7 @@ def tool_choice_mask(tokenizer, messages: Sequence[dict[str, str]]) -> tuple[lis
             raise TrainerError("the chat template does not render an assistant message verbatim, so its tool "
                                "choice cannot be located; use trainer.tool_choice_weight = 1")
         cursor = at + len(msg["content"])
-        found = _TOOL.match(msg["content"].lstrip())
+        found = TOOL_CALL.match(msg["content"].lstrip())
         if found:
             lead = len(msg["content"]) - len(msg["content"].lstrip())
             spans.append((at + lead + found.start(1), at + lead + found.end(1)))

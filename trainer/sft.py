@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from trainer.config import TrainerConfig
 from trainer.errors import TrainerError, TrainingStopped
 from trainer.registry import check_adapter
 from trainer.round import FitOutcome, ModelRef, NothingToTrain, RoundData, model_name
+
+log = logging.getLogger("scoreloop.trainer")
 
 
 class NonFiniteLoss(TrainerError):
@@ -343,7 +346,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, run: TrainingRun | None,
          need: int) -> RoundData | NothingToTrain:
     """New scored blocks + a replay sample as score-labelled chats (an interrupted run: its own data)."""
-    from trainer.dataset import balanced, boosted, build_examples, plan_round, trains_decision
+    from trainer.dataset import balanced, boosted, build_examples, label_research, plan_round, trains_decision
 
     if run is not None:
         p = plan_round(session, cfg, rewards_cfg, block_ids=run.block_ids, replay_episode_ids=run.replay_episode_ids)
@@ -358,6 +361,8 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
     examples = build_examples(session, chosen, rewards_cfg, p.edges, p.ranks, decision_from=cfg.decision_from)
     if not examples:
         raise TrainerError("the new scored episodes have no assistant turns to train on")
+    research = label_research(examples)
+    log.info("round labels carry %.3f nats about the first tool call (%s)", research.nats, research.first_tool)
     return RoundData(block_ids=p.new_block_ids, replay_episode_ids=[e.episode_id for e in p.replay],
                      episode_ids=[e.episode_id for e in examples], rows=[e.messages for e in examples],
                      n_new=len(p.new),
@@ -365,7 +370,7 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
                                   "n_new": len(p.new), "n_replay": len(p.replay),
                                   "n_copies": len(examples) - len({e.episode_id for e in examples}),
                                   "balance_directions": cfg.balance_directions, "loss_on": cfg.loss_on,
-                                  "decision_from": cfg.decision_from,
+                                  "decision_from": cfg.decision_from, "label_research": research.record(),
                                   **({"decision_weight": cfg.decision_weight, "tool_choice_weight": cfg.tool_choice_weight}
                                      if cfg.loss_on == "weighted" else {})})
 
