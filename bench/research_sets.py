@@ -31,6 +31,8 @@ top quartile and its score labels see the research choices side by side on the s
             share of the items runs once per tool, the rest once under the default research plan (news first), which
             the trainer labels with the middle rank (an item run once has nothing to be ranked against). More of the
             block's answers are then written with the headlines in context, where run O had a third of them.
+  rank_bal  the rank recipe again on run O's block, named apart so that --arms-from pairs it with run O's `rank`:
+            the trainer's balance now evens out only the directions that train (`decision_from = "correct"`).
   eval      the same --eval-items held-out items as run K (greedy, free tool choice: `research_plan = []`, 1 to
             --max-steps calls); the score and steer arms at targets 1, 0, 0.5, 0.25, 0.75 (controllability over 5
             targets: does the label steer which research the agent does?; targets other than 1 on a seeded
@@ -58,6 +60,10 @@ running them again.
         --tool-rate 0.5 --arms rank_mixed --epochs 3.0 --arms-from bench/results/research_sets_rank_state.json \
         --out bench/results/research_sets_rank_mixed.md   # run P: half the items once per tool, half once under
         # the default plan; the untrained rows were seeded from run O's state (about 1 h 50 min here)
+    .venv/bin/python bench/research_sets.py --workdir /tmp/setsQ --max-steps 1 --explore 0.5 --train-items 128 \
+        --tool-rate 1 --arms rank_bal --epochs 3.5 --arms-from bench/results/research_sets_rank_state.json \
+        --out bench/results/research_sets_rank_bal.md   # run Q: run O's block again (the same 384 episodes),
+        # trained under the balance of the directions that train; the untrained rows come from run O's state
     # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
     # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
