@@ -13,7 +13,7 @@ from store.db import session_scope
 from store.gate_decisions import latest as latest_gate
 from store.lock import read_lock
 from store.status import block_summary, last_block_id, pending_predictions
-from store.training import serving_adapter_row
+from store.training import latest_training_run, serving_adapter_row
 from store.triggers import list_triggers
 
 SUMMARY_KEYS = ("block_id", "kind", "status", "size", "n", "n_valid", "accuracy", "mean_composite", "brier", "ece",
@@ -49,6 +49,14 @@ def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) ->
             "decision": gate.decision, "n_pairs": gate.n_pairs, "mean_diff": gate.mean_diff, "ci_low": gate.ci_low,
             "ci_high": gate.ci_high, "level": gate.level, "margin": gate.margin, "p_value": gate.p_value,
             "region": gate.region, "created_at": _iso(gate.created_at)}
+        run = latest_training_run(s)
+        last_training = None if run is None else {
+            "id": run.id, "objective": run.objective, "status": run.status, "n_examples": run.n_examples,
+            "adapter_version": run.adapter_version, "steps": len(run.loss_curve or []),
+            "final_loss": (run.loss_curve or [{}])[-1].get("loss"), "error": run.error,
+            "label_format": (run.hyperparams or {}).get("label_format"),
+            "label_research": (run.hyperparams or {}).get("label_research"),
+            "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at)}
         pending = pending_predictions(s)
         active = list_triggers(s, ("queued", "running"), limit=100)
         finished = [t for t in list_triggers(s, ("done", "failed"), limit=10_000)][-recent_triggers:]
@@ -65,6 +73,7 @@ def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) ->
             "version": serving.version, "path": serving.path, "parent_version": serving.parent_version,
             "published_at": _iso(serving.published_at)},
         "last_gate": last_gate,
+        "last_training": last_training,
         "pending_predictions": pending,
         "triggers": triggers,
     }
@@ -115,6 +124,17 @@ def render_status(st: dict[str, Any], console: Console) -> None:
                                f"{g['level']:.0%} interval {interval}, margin {g['margin']}, sign-test p "
                                f"{_num(g['p_value'])} (gate region {g['region'].get('first')}.."
                                f"{g['region'].get('last')})")
+    r = st.get("last_training")
+    if r is not None:
+        color = {"done": "green", "running": "cyan", "failed": "red"}.get(r["status"], "")
+        made = f", adapter v{r['adapter_version']}" if r["adapter_version"] is not None else ""
+        t.add_row("last training", f"run {r['id']} {r['objective']} [{color}]{r['status']}[/{color}]{made}: "
+                                   f"{r['n_examples']} examples, {r['steps']} logged steps, final loss "
+                                   f"{_num(r['final_loss'])}" + (f" ({r['error'][:120]})" if r["error"] else ""))
+        info = r["label_research"]
+        if info is not None:
+            t.add_row("  labels", f"{r['label_format']}: {info['nats']:.3f} nats about the first tool call "
+                                  "(0: the label cannot steer the research)")
     t.add_row("pending predictions", str(st["pending_predictions"]))
     console.print(t)
     if st["triggers"]:

@@ -123,6 +123,11 @@ def running_training_run(session: Session, objective: str) -> TrainingRun | None
     ).first()
 
 
+def latest_training_run(session: Session) -> TrainingRun | None:
+    """The newest training round, whatever its state (what `scoreloop status` shows)."""
+    return session.scalar(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(1))
+
+
 def create_training_run(session: Session, *, objective: str, parent_version: int | None, block_ids: list[int],
                         replay_episode_ids: list[int], n_examples: int, hyperparams: dict) -> TrainingRun:
     run = TrainingRun(objective=objective, status="running", parent_version=parent_version,

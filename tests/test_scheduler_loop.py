@@ -7,6 +7,7 @@ import json
 import threading
 
 from daemon_process import db_url, write_config
+from rich.console import Console
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -14,6 +15,7 @@ from scheduler.cli import app
 from scheduler.recovery import recover, triggers_step
 from scheduler.runtime import Runtime, Stopped
 from scheduler.settings import load_settings
+from scheduler.status import render_status
 from scheduler.steps import resolve_step, run_block_step, train_step
 from store.db import open_store, session_scope
 from store.lock import read_lock
@@ -76,9 +78,21 @@ def test_loop_runs_rounds_with_a_paired_gate_on_gate_region_items(tmp_path, tiny
     assert read_lock(engine) is None  # the loop released the daemon lock
     status = " ".join(CliRunner().invoke(app, ["--config", str(cfg), "status"], catch_exceptions=False).output.split())
     assert "#4 train complete" in status and "last gate" in status
-    shown = json.loads(CliRunner().invoke(app, ["--config", str(cfg), "status", "--json"]).output)["last_gate"]
+    assert "last training" in status
+    full = json.loads(CliRunner().invoke(app, ["--config", str(cfg), "status", "--json"]).output)
+    console = Console(record=True, width=250)
+    render_status(full, console)
+    wide = console.export_text()
+    assert "run 2 sft done, adapter v2:" in wide and "nats about the first tool call" in wide
+    shown = full["last_gate"]
     assert (shown["candidate_version"], shown["serving_version"], shown["decision"], shown["n_pairs"]) == (
         2, served_2, gates[-1].decision, GATE_ITEMS)
+    # what the round's labels said about its research: one count per trained example, copies included
+    trained = full["last_training"]
+    assert trained["status"] == "done" and trained["adapter_version"] == 2
+    counts = trained["label_research"]["first_tool"]
+    assert sum(n for tools in counts.values() for n in tools.values()) == trained["n_examples"]
+    assert trained["label_research"]["nats"] >= 0.0
 
 
 def test_loop_size_8_trains_on_what_its_rounds_produce_or_says_why_not(tmp_path, tiny_model_dir):
