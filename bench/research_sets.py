@@ -317,8 +317,9 @@ def import_arms(st: lc.State, source: Path, skip: set[str], args: argparse.Names
         for key, run in old.get("eval", {}).items():
             if key.split("@")[0] == arm:
                 st.data.setdefault("eval", {})[key] = {**run, "from": str(source)}
-        if arm in old.get("probe", {}):
-            st.data.setdefault("probe", {})[arm] = old["probe"][arm]
+        for key, probed in old.get("probe", {}).items():  # the arm's probe at every target it was run at
+            if key.split("@")[0] == arm:
+                st.data.setdefault("probe", {})[key] = probed
     if "base" in old.get("probe", {}) and "base" not in st.data.get("probe", {}):  # the same model and items
         st.data.setdefault("probe", {})["base"] = old["probe"]["base"]
     st.save()
