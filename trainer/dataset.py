@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -172,25 +173,17 @@ class LabelResearch:
 def label_information(pairs: Sequence[tuple[str, str]]) -> float:
     """Plug-in mutual information, in nats, between the first and second members of these pairs."""
     n = len(pairs)
-    if n == 0:
-        return 0.0
-    joint: dict[tuple[str, str], int] = {}
-    left: dict[str, int] = {}
-    right: dict[str, int] = {}
-    for a, b in pairs:
-        joint[(a, b)] = joint.get((a, b), 0) + 1
-        left[a] = left.get(a, 0) + 1
-        right[b] = right.get(b, 0) + 1
+    joint = Counter(pairs)
+    left, right = Counter(a for a, _ in pairs), Counter(b for _, b in pairs)
     return max(0.0, sum(c / n * math.log(c * n / (left[a] * right[b])) for (a, b), c in joint.items()))
 
 
 def label_research(examples: Sequence[Example]) -> LabelResearch:
     """What these examples' labels say about their first tool call (copies count, as they train)."""
     pairs = [(e.label, first_tool(e.messages) or "none") for e in examples]
-    table: dict[str, dict[str, int]] = {}
+    table: dict[str, Counter] = {}
     for label, tool in pairs:
-        table.setdefault(label, {})
-        table[label][tool] = table[label].get(tool, 0) + 1
+        table.setdefault(label, Counter())[tool] += 1
     return LabelResearch(label_information(pairs), {k: dict(sorted(v.items())) for k, v in sorted(table.items())})
 
 
