@@ -54,3 +54,27 @@ def test_status_on_an_uninitialised_database_says_to_init(tmp_path):
     res = runner.invoke(app, ["--db", f"sqlite:///{tmp_path / 'none.db'}", "status"])
     assert res.exit_code == 1
     assert "scoreloop init" in res.output
+
+
+def test_status_shows_a_failed_round_without_a_loss_curve_or_label_figures(sqlite_url):
+    """A round that failed before its first step (or one written before runs recorded `label_research`) has no
+    loss and no label figures: status shows its state and error, with `-` for the loss, and no labels line."""
+    from rich.console import Console
+
+    from scheduler.status import collect_status, render_status
+    from store.db import session_scope
+    from store.training import create_training_run, fail_training_run
+
+    engine = open_store(sqlite_url)
+    with session_scope(engine) as s:
+        run = create_training_run(s, objective="sft", parent_version=None, block_ids=[1], replay_episode_ids=[],
+                                  n_examples=12, hyperparams={"label_format": "score"})
+        fail_training_run(s, run.id, "out of memory while training; lower trainer.batch_size")
+    st = collect_status(engine, ttl_s=30)
+    assert st["last_training"]["status"] == "failed" and st["last_training"]["label_research"] is None
+    console = Console(record=True, width=250)
+    render_status(st, console)
+    text = console.export_text()
+    assert ("run 1 sft failed: 12 examples, 0 logged steps, final loss - (out of memory while training; lower "
+            "trainer.batch_size)") in text
+    assert "nats about the first tool call" not in text
