@@ -303,12 +303,18 @@ def import_arms(st: lc.State, source: Path, skip: set[str], args: argparse.Names
     the same held-out items, so the report pairs them with this run's arms. Their adapters are not copied, so
     an imported arm is reported, never evaluated again. The untrained agent's rows come too when the earlier
     run answered the same held-out items with the same tool budget (the base model is the same and greedy, so
-    re-running them would repeat ~6 minutes for the same answers)."""
+    re-running them would repeat ~6 minutes for the same answers). With more --eval-items than the earlier run,
+    its items are a subset of this run's (`draw_items` is prefix-stable), so its untrained rows are kept and
+    `evaluate` answers only the rest; the untrained probe, which covers every held-out item, is then run anew."""
     old = json.loads(source.read_text())
     base = lc.run_key("base", 1.0)
-    if args is not None and base in old.get("eval", {}) and base not in st.data.get("eval", {}):
+    same_items = False
+    if args is not None:
         then = parse_args(shlex.split(old.get("command", "")))
-        if (then.max_steps, then.eval_items, then.model) == (args.max_steps, args.eval_items, args.model):
+        alike = (then.max_steps, then.model) == (args.max_steps, args.model)
+        same_items = alike and then.eval_items == args.eval_items
+        if alike and then.eval_items <= args.eval_items and base in old.get("eval", {}) \
+                and base not in st.data.get("eval", {}):
             st.data.setdefault("eval", {})[base] = {**old["eval"][base], "from": str(source)}
     for arm, tr in old.get("train", {}).items():
         if arm in skip or arm in st.data.get("train", {}):
@@ -320,7 +326,7 @@ def import_arms(st: lc.State, source: Path, skip: set[str], args: argparse.Names
         for key, probed in old.get("probe", {}).items():  # the arm's probe at every target it was run at
             if key.split("@")[0] == arm:
                 st.data.setdefault("probe", {})[key] = probed
-    if "base" in old.get("probe", {}) and "base" not in st.data.get("probe", {}):  # the same model and items
+    if same_items and "base" in old.get("probe", {}) and "base" not in st.data.get("probe", {}):
         st.data.setdefault("probe", {})["base"] = old["probe"]["base"]
     st.save()
 
