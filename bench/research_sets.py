@@ -149,6 +149,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms-from", metavar="STATE",
                    help="an earlier research_sets state: its trained arms not in --arms (their train summary, held-out "
                         "rows and probe) join the report, paired on the same held-out items")
+    p.add_argument("--compare", metavar="STATE",
+                   help="an earlier research_sets state: its arms trained there (not imported) are paired with this "
+                        "run's same arm and target on the held-out items both answered (a replication on another "
+                        "train block)")
     p.add_argument("--generate-only", action="store_true",
                    help="write (or keep) the train block and the report, then stop: train later, resuming the workdir")
     p.add_argument("--model", default="smollm2-135m")
@@ -513,6 +517,7 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
                                  {k: r[c] for k, r in by[b].items()}, args.boot)
                 if line:
                     lines.append(line)
+    lines += compare_lines(args, ev, runs, by)
     probes = st.data.get("probe", {})
     if probes:
         lines += ["", ("First-turn probe (each held-out item's first turn at the agent's target, 1.0 where none is "
@@ -530,6 +535,29 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
         lines += ["", ("Targets that share a label give the same prompts, so their greedy answers and probe are copied "
                        "from the target run first, not run again: "
                        f"{', '.join(f'{k} = {v}' for k, v in sorted(copies.items()))}.")]
+    return lines
+
+
+def compare_lines(args, ev: dict, runs: list[str], by: dict[str, dict]) -> list[str]:
+    """This run's trained arms against the same arm and target of --compare, trained there on its own block: how
+    far a result moves between two train draws of one recipe, paired on the held-out items both answered."""
+    if not args.compare:
+        return []
+    other = json.loads(Path(args.compare).read_text()).get("eval", {})
+    keys = [k for k in runs if not k.startswith("base@") and "from" not in ev[k]
+            and k in other and "from" not in other[k]]
+    if not keys:
+        return []
+    lines = ["", (f"This run's arms against the same arm of `{args.compare}` (trained there on another block; "
+                  "the held-out items both answered, 95% interval resampling dates):"), "",
+             "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
+    for k in keys:
+        theirs = {lc.item_key(r): r for r in other[k]["rows"]}
+        for c, fig in (("read_news", "read news"), ("correct", "accuracy"), ("composite", "mean reward")):
+            line = diff_line(f"{k} - {k} there", fig, {i: r[c] for i, r in by[k].items()},
+                             {i: r[c] for i, r in theirs.items()}, args.boot)
+            if line:
+                lines.append(line)
     return lines
 
 
