@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-items", type=int, default=150)
     p.add_argument("--ctrl-items", type=int, default=60,
                    help="held-out items a controlled arm answers at targets other than 1 (a seeded subset)")
+    p.add_argument("--gate-items", type=int, default=100,
+                   help="gate-region items each arm trained here answers at target 1: its confidence map is fitted on "
+                        "them, as the product's gate does, and the report gives ECE as stated and as published (0: none)")
     p.add_argument("--max-steps", type=int, default=2, help="agent.max_steps: tool calls before a forced prediction")
     p.add_argument("--explore", type=float, default=0.3, help="agent.explore_rate (directions) of the train block")
     p.add_argument("--tool-rate", type=float, default=1.0,
@@ -198,8 +201,12 @@ def generate(args, st: lc.State, market, split, model_dir: str, work: Path) -> N
     lc.log(f"generate: {len(rows)} episodes in {seconds / 60:.1f} min")
 
 
-def heldout_items(args, market, split, n: int | None = None) -> list:
-    """Run K's held-out items; with n, a seeded subset of them (the same for every arm and target)."""
+def heldout_items(args, market, split, n: int | None = None, region: str = "eval") -> list:
+    """Run K's held-out items; with n, a seeded subset of them (the same for every arm and target). Region
+    `gate` gives learning_curve.py's gate items instead (disjoint from both, embargoed), where a trained arm's
+    confidence map is fitted."""
+    if region == "gate":
+        return lc.as_of_items(market, draw_items(split.gate, market.tickers, args.gate_items, seed="learn-gate"))
     items = lc.as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
     if n is None or n >= len(items):
         return items
@@ -223,7 +230,7 @@ def same_label(st: lc.State, arm: str, target: float, part: str) -> str | None:
 
 
 def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm: str, target: float,
-             n: int | None = None) -> None:
+             n: int | None = None, region: str = "eval") -> None:
     """One arm at one target on the held-out items (greedy, free tool choice), as run K's rounds; with n, on the
     seeded --ctrl-items subset. Items the arm already answered at this target are kept, not run again, so a
     subset run is later completed to the whole set under the same key."""
@@ -232,13 +239,13 @@ def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm:
     from scoring.resolve import resolve_pending
     from store.db import open_store
 
-    key = lc.run_key(arm, target)
+    key = lc.run_key(arm, target, region)
     ev = st.data.setdefault("eval", {})
     done = {(r["ticker"], str(r["as_of"])[:10]) for r in ev.get(key, {}).get("rows", [])}
-    items = [it for it in heldout_items(args, market, split, n) if (it[0], str(it[1])[:10]) not in done]
+    items = [it for it in heldout_items(args, market, split, n, region) if (it[0], str(it[1])[:10]) not in done]
     if not items:
         return
-    twin = same_label(st, arm, target, "eval")
+    twin = same_label(st, arm, target, "eval") if region == "eval" else None
     if twin is not None:  # the same label: its greedy episodes are this target's, copied, not run again
         want = {(t, str(a)[:10]) for t, a in items}
         rows = [r for r in ev[twin]["rows"] if (r["ticker"], str(r["as_of"])[:10]) in want]
@@ -255,7 +262,7 @@ def evaluate(args, st: lc.State, market, split, model_dir: str, work: Path, arm:
             policy.load_adapter(st.data["train"][arm]["path"], 1)
         t0 = time.perf_counter()
         bid = run_block(engine, policy, market, agent_cfg(args, model_dir, train=False),
-                        rewards_cfg(arm), kind="eval", items=items, size=len(items),
+                        rewards_cfg(arm), kind=region, items=items, size=len(items),
                         target_score=target, progress=False, horizon=market.horizon_days)
         resolve_pending(engine, market, RewardsConfig())
         rows = rr.with_tools(engine, bid, lc.block_rows(engine, bid))
@@ -528,6 +535,7 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
             v = sorted(ps.values())
             lines.append(f"| {arm} | {v and lc.fmt(sum(v) / len(v))} | {sum(x > 0.5 for x in v)} of {len(v)} | "
                          f"{lc.fmt(v[0])} / {lc.fmt(v[len(v) // 2])} / {lc.fmt(v[-1])} |")
+    lines += calibration_lines(args, st, market)
     for arm in CONTROLLED:
         lines += control_lines(arm, by, probes)
     copies = {k: v["copied_from"] for k, v in ev.items() if "copied_from" in v}
@@ -535,6 +543,47 @@ def heldout_section(args, st: lc.State, market) -> list[str]:
         lines += ["", ("Targets that share a label give the same prompts, so their greedy answers and probe are copied "
                        "from the target run first, not run again: "
                        f"{', '.join(f'{k} = {v}' for k, v in sorted(copies.items()))}.")]
+    return lines
+
+
+def calibration_lines(args, st: lc.State, market) -> list[str]:
+    """Calibration at target 1, as stated and as the product publishes it: each arm trained here has its
+    confidence map fitted on its gate-region answers (`lc.arm_confidence_map`, the product's gate fit), applied to
+    its held-out answers; the composite is rescored for the calibration component alone, as in learning_curve.py."""
+    ev = st.data.get("eval", {})
+    base = ev.get(lc.run_key("base", 1.0))
+    arms = [k.split("@")[0] for k in ev if k.endswith("@1.00|gate")]
+    if not arms or base is None:
+        return []
+    lines = ["", ("Calibration at target 1 on the held-out items: `(mapped)` = the answers as published once the arm's "
+                  f"confidence map, fitted on its {args.gate_items} gate-region answers as the product's gate does, is "
+                  "applied (direction and accuracy unchanged; the composite rescored for calibration):"), "",
+             "| agent | gate accuracy | map: stated -> published | Brier | ECE | mean reward |", "|---|---|---|---|---|---|"]
+    scored = [r for r in base["rows"] if r["correct"] is not None]
+    lines.append(f"| base (stated) | - | - | {lc.fmt(lc.brier(scored))} | {lc.fmt(lc.ece(scored))} | "
+                 f"{lc.fmt(lc.mean([r['composite'] for r in base['rows']]))} |")
+    pairs = []
+    for arm in arms:
+        stated = ev.get(lc.run_key(arm, 1.0))
+        if stated is None:
+            continue
+        cmap = lc.arm_confidence_map(st, arm)
+        gate = ev[lc.run_key(arm, 1.0, "gate")]["rows"]
+        knots = "-" if cmap is None else ", ".join(
+            f"{x:.2f}->{y:.2f}" for x, y in zip(cmap.stated, cmap.calibrated, strict=True))
+        for name, rows in ((f"{arm} (stated)", stated["rows"]), (f"{arm} (mapped)", lc.as_published(stated["rows"], cmap))):
+            ok = [r for r in rows if r["correct"] is not None]
+            lines.append(f"| {name} | {lc.fmt(lc.mean([r['correct'] for r in gate if r['correct'] is not None]))} | "
+                         f"{knots} | {lc.fmt(lc.brier(ok))} | {lc.fmt(lc.ece(ok))} | "
+                         f"{lc.fmt(lc.mean([r['composite'] for r in rows]))} |")
+        pairs.append((f"{arm} (mapped)", lc.as_published(stated["rows"], cmap)))
+    lines += ["", "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
+    theirs = {lc.item_key(r): r["composite"] for r in base["rows"]}
+    for name, rows in pairs:
+        line = diff_line(f"{name} - base", "mean reward", {lc.item_key(r): r["composite"] for r in rows}, theirs,
+                         args.boot)
+        if line:
+            lines.append(line)
     return lines
 
 
@@ -646,6 +695,9 @@ def main(argv: list[str] | None = None) -> None:
         # then target 1 is completed to every held-out item (the pairs with the other arms).
         for t, n in [*((t, args.ctrl_items) for t in targets if len(targets) > 1), (1.0, None)]:
             evaluate(args, st, market, split, model_dir, work, arm, t, n)
+            Path(args.out).write_text(report(args, st, market))
+        if args.gate_items > 0:  # the confidence map's fit, as the product's gate does (after the pairs)
+            evaluate(args, st, market, split, model_dir, work, arm, 1.0, None, region="gate")
             Path(args.out).write_text(report(args, st, market))
     if "base" not in st.data.get("probe", {}):
         probe(args, st, market, split, model_dir, "base")
