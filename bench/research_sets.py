@@ -152,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms-from", metavar="STATE",
                    help="an earlier research_sets state: its trained arms not in --arms (their train summary, held-out "
                         "rows and probe) join the report, paired on the same held-out items")
+    p.add_argument("--accuracy-first", action="store_true",
+                   help="after training, answer target 1 on every held-out item and the gate items first, then the "
+                        "controllability subset and the probes (a run short of time keeps the accuracy interval)")
     p.add_argument("--compare", metavar="STATE",
                    help="an earlier research_sets state: its arms trained there (not imported) are paired with this "
                         "run's same arm and target on the held-out items both answered (a replication on another "
@@ -662,6 +665,26 @@ def report(args, st: lc.State, market) -> str:
     return "\n".join(lines) + "\n"
 
 
+def answer_arm(args, st: lc.State, market, split, model_dir: str, work: Path, arm: str) -> None:
+    """A trained arm's probes and held-out answers, saved and reported after each step. By default the probe
+    first (minutes, where each target's episodes take a quarter of an hour), then a controlled arm's seeded
+    subset at every target (a cut run still has its controllability), then target 1 completed to every held-out
+    item (the pairs with the other arms), then the gate items (the confidence map's fit). --accuracy-first puts
+    target 1 and the gate first."""
+    targets = TARGETS if arm in CONTROLLED else (1.0,)
+    probes = [("probe", t, None, "eval") for t in targets]
+    control = [("eval", t, args.ctrl_items, "eval") for t in targets if len(targets) > 1]
+    pairs = [("eval", 1.0, None, "eval"), *([("eval", 1.0, None, "gate")] if args.gate_items > 0 else [])]
+    for what, t, n, region in (pairs + control + probes) if args.accuracy_first else (probes + control + pairs):
+        if what == "probe":
+            if (arm if t == 1.0 else lc.run_key(arm, t)) in st.data.get("probe", {}):
+                continue
+            probe(args, st, market, split, model_dir, arm, t)
+        else:
+            evaluate(args, st, market, split, model_dir, work, arm, t, n, region)
+        Path(args.out).write_text(report(args, st, market))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = rr.start(args, argv, report)
@@ -686,19 +709,7 @@ def main(argv: list[str] | None = None) -> None:
         if arm not in st.data.get("train", {}):
             spec = {**RECIPES[arm], **({"epochs": args.epochs} if args.epochs else {})}
             lc.train(args, st, arm, model_dir, work, spec=spec)
-        targets = TARGETS if arm in CONTROLLED else (1.0,)
-        for t in targets:  # the probe first: minutes, where each target's episodes take a quarter of an hour
-            if (arm if t == 1.0 else lc.run_key(arm, t)) not in st.data.get("probe", {}):
-                probe(args, st, market, split, model_dir, arm, t)
-        Path(args.out).write_text(report(args, st, market))
-        # A controlled arm answers the subset at every target first (a cut run still has its controllability),
-        # then target 1 is completed to every held-out item (the pairs with the other arms).
-        for t, n in [*((t, args.ctrl_items) for t in targets if len(targets) > 1), (1.0, None)]:
-            evaluate(args, st, market, split, model_dir, work, arm, t, n)
-            Path(args.out).write_text(report(args, st, market))
-        if args.gate_items > 0:  # the confidence map's fit, as the product's gate does (after the pairs)
-            evaluate(args, st, market, split, model_dir, work, arm, 1.0, None, region="gate")
-            Path(args.out).write_text(report(args, st, market))
+        answer_arm(args, st, market, split, model_dir, work, arm)
     if "base" not in st.data.get("probe", {}):
         probe(args, st, market, split, model_dir, "base")
     Path(args.out).write_text(report(args, st, market))
