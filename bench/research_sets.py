@@ -64,6 +64,12 @@ running them again.
         --tool-rate 1 --arms rank_bal --epochs 3.5 --arms-from bench/results/research_sets_rank_state.json \
         --out bench/results/research_sets_rank_bal.md   # run Q: run O's block again (the same 384 episodes),
         # trained under the balance of the directions that train; the untrained rows come from run O's state
+    .venv/bin/python bench/research_sets.py --workdir /tmp/setsR --max-steps 1 --explore 0.5 --train-items 128 \
+        --tool-rate 1 --train-seed research-sets-r --eval-items 300 --arms rank_bal --epochs 3.5 \
+        --arms-from bench/results/research_sets_rank_bal_state.json --accuracy-first \
+        --compare bench/results/research_sets_rank_bal_state.json --out bench/results/research_sets_rank_bal_r.md
+        # run R: run Q's recipe on an independent train draw, on 300 held-out items (run Q's 150 and 150 more; the
+        # untrained rows of the first 150 come from run Q's state), with the gate's confidence map (about 2 h here)
     # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
     # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
@@ -416,7 +422,20 @@ def rank_lines(rows: list[dict], tools: list[str], bins: int = 3) -> list[str]:
     intro = ("The rank arm's labels (each episode's reward rank among its item's episodes; ties share the lower "
              "rank): the first call of the episodes under each label, and the share whose direction came true "
              "(the decisions `decision_from = \"correct\"` trains).")
-    return label_table(by_label, tools, intro, "direction right")
+    shared: dict[str, list[dict]] = {}  # items whose episodes all wrote one direction: research alone ranks them
+    for group in groups.values():
+        if len(group) > 1 and len({r["direction"] for r in group}) == 1:
+            for r in group:
+                shared.setdefault(rank_label(sum(g["composite"] < r["composite"] for g in group), len(group), bins),
+                                  []).append(r)
+    lines = label_table(by_label, tools, intro, "direction right")
+    if shared:
+        lines += label_table(shared, tools, (
+            f"The same labels on the {sum(map(len, shared.values())) // 3} items whose episodes all wrote one "
+            "direction (an explored item, or the same greedy answer after every tool): there the research alone "
+            "sets the rank, so this is what the labels would say if every item's direction were explored."),
+            "direction right")
+    return lines
 
 
 def block_section(args, market, rows: list[dict]) -> list[str]:
