@@ -171,6 +171,12 @@ def as_of_items(market, items: list[tuple[str, date]]):
     return [(t, market.calendar.replay_as_of(d)) for t, d in items]
 
 
+def region_items(market, split, region: str, n: int) -> list:
+    """The first n items of a region's seeded draw (`learn-eval`, `learn-gate`): every bench that pairs with
+    another answers these same items."""
+    return as_of_items(market, draw_items(getattr(split, region), market.tickers, n, seed=f"learn-{region}"))
+
+
 def block_rows(engine, block_id: int) -> list[dict]:
     with engine.connect() as c:
         rows = [dict(r) for r in c.execute(text(ITEMS_SQL), {"b": block_id}).mappings()]
@@ -365,7 +371,7 @@ def evaluate(args, st: State, market, split, model_dir: str, work: Path,
 
     db = work / "eval.db"
     engine = open_store(f"sqlite:///{db}")
-    items = as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
+    items = region_items(market, split, "eval", args.eval_items)
     random.Random("learn-ctrl").shuffle(items)  # the controllability subset is a random part of the draw
     regions = {"eval": items}
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=args.concurrency, batch_wait_ms=20)
@@ -377,8 +383,7 @@ def evaluate(args, st: State, market, split, model_dir: str, work: Path,
             if key in done:
                 continue
             if region not in regions:
-                regions[region] = as_of_items(market, draw_items(getattr(split, region), market.tickers,
-                                                                 n, seed=f"learn-{region}"))
+                regions[region] = region_items(market, split, region, n)
             trained, _, how = arm.partition("+")  # `<arm>+guided`: the same adapter, direction by guidance
             path = None if trained == "base" else st.data["train"][trained]["path"]
             policy.load_adapter(path, None if path is None else 1)

@@ -97,7 +97,6 @@ import research_rounds as rr
 from agent.config import AgentConfig
 from agent.schema import TOOL_NAMES
 from market.config import MarketConfig
-from market.split import draw_items
 from rewards.config import RewardsConfig
 from rewards.evaluation import spearman
 from rewards.intervals import paired_difference
@@ -215,8 +214,8 @@ def heldout_items(args, market, split, n: int | None = None, region: str = "eval
     `gate` gives learning_curve.py's gate items instead (disjoint from both, embargoed), where a trained arm's
     confidence map is fitted."""
     if region == "gate":
-        return lc.as_of_items(market, draw_items(split.gate, market.tickers, args.gate_items, seed="learn-gate"))
-    items = lc.as_of_items(market, draw_items(split.eval, market.tickers, args.eval_items, seed="learn-eval"))
+        return lc.region_items(market, split, "gate", args.gate_items)
+    items = lc.region_items(market, split, "eval", args.eval_items)
     if n is None or n >= len(items):
         return items
     keep = set(random.Random("sets-ctrl").sample(range(len(items)), n))
@@ -413,25 +412,25 @@ def rank_lines(rows: list[dict], tools: list[str], bins: int = 3) -> list[str]:
     for r in scored:
         groups.setdefault(lc.item_key(r), []).append(r)
     by_label: dict[str, list[dict]] = {}
+    shared: dict[str, list[dict]] = {}  # items whose episodes all wrote one direction: research alone ranks them
+    n_shared = 0
     for group in groups.values():
+        one_direction = len(group) > 1 and len({r["direction"] for r in group}) == 1
+        n_shared += one_direction
         for r in group:
-            lower = sum(g["composite"] < r["composite"] for g in group)
-            by_label.setdefault(rank_label(lower, len(group), bins), []).append(r)
+            label = rank_label(sum(g["composite"] < r["composite"] for g in group), len(group), bins)
+            by_label.setdefault(label, []).append(r)
+            if one_direction:
+                shared.setdefault(label, []).append(r)
     if not by_label:
         return []
     intro = ("The rank arm's labels (each episode's reward rank among its item's episodes; ties share the lower "
              "rank): the first call of the episodes under each label, and the share whose direction came true "
              "(the decisions `decision_from = \"correct\"` trains).")
-    shared: dict[str, list[dict]] = {}  # items whose episodes all wrote one direction: research alone ranks them
-    for group in groups.values():
-        if len(group) > 1 and len({r["direction"] for r in group}) == 1:
-            for r in group:
-                shared.setdefault(rank_label(sum(g["composite"] < r["composite"] for g in group), len(group), bins),
-                                  []).append(r)
     lines = label_table(by_label, tools, intro, "direction right")
     if shared:
         lines += label_table(shared, tools, (
-            f"The same labels on the {sum(map(len, shared.values())) // 3} items whose episodes all wrote one "
+            f"The same labels on the {n_shared} items whose episodes all wrote one "
             "direction (an explored item, or the same greedy answer after every tool): there the research alone "
             "sets the rank, so this is what the labels would say if every item's direction were explored."),
             "direction right")
@@ -593,12 +592,13 @@ def calibration_lines(args, st: lc.State, market) -> list[str]:
         gate = ev[lc.run_key(arm, 1.0, "gate")]["rows"]
         knots = "-" if cmap is None else ", ".join(
             f"{x:.2f}->{y:.2f}" for x, y in zip(cmap.stated, cmap.calibrated, strict=True))
-        for name, rows in ((f"{arm} (stated)", stated["rows"]), (f"{arm} (mapped)", lc.as_published(stated["rows"], cmap))):
+        gate_acc = lc.fmt(lc.mean([r["correct"] for r in gate if r["correct"] is not None]))
+        published = lc.as_published(stated["rows"], cmap)
+        for name, rows in ((f"{arm} (stated)", stated["rows"]), (f"{arm} (mapped)", published)):
             ok = [r for r in rows if r["correct"] is not None]
-            lines.append(f"| {name} | {lc.fmt(lc.mean([r['correct'] for r in gate if r['correct'] is not None]))} | "
-                         f"{knots} | {lc.fmt(lc.brier(ok))} | {lc.fmt(lc.ece(ok))} | "
+            lines.append(f"| {name} | {gate_acc} | {knots} | {lc.fmt(lc.brier(ok))} | {lc.fmt(lc.ece(ok))} | "
                          f"{lc.fmt(lc.mean([r['composite'] for r in rows]))} |")
-        pairs.append((f"{arm} (mapped)", lc.as_published(stated["rows"], cmap)))
+        pairs.append((f"{arm} (mapped)", published))
     lines += ["", "| comparison | figure | difference | 95% interval | items | dates |", "|---|---|---|---|---|---|"]
     theirs = {lc.item_key(r): r["composite"] for r in base["rows"]}
     for name, rows in pairs:
