@@ -341,7 +341,10 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
     t0 = time.perf_counter()
     rewards = RewardsConfig(label_format=spec["label_format"],
                             **({"quantile_bins": spec["bins"]} if "bins" in spec else {}))
-    res = train_round(engine, cfg, rewards, model_dir, device="cpu", min_new_episodes=1)
+    every = getattr(args, "snapshot_every", 0) or 0
+    snap_dir = work / f"snapshots-{arm}"
+    callbacks = [snapshot_callback(snap_dir, every)] if every > 0 else []
+    res = train_round(engine, cfg, rewards, model_dir, device="cpu", min_new_episodes=1, callbacks=callbacks)
     engine.dispose()
     if isinstance(res, NothingToTrain):
         raise SystemExit(f"train {arm}: nothing to train: {res.reason}")
@@ -351,8 +354,34 @@ def train(args, st: State, arm: str, model_dir: str, work: Path, *, spec: dict |
         "n_examples": res.n_examples, "seconds": time.perf_counter() - t0,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "steps": len(losses)}
+    if every > 0:
+        st.data["train"][arm]["snapshots"] = snapshots(snap_dir)
     st.save()
     log(f"train {arm}: {st.data['train'][arm]}")
+
+
+def snapshot_callback(folder: Path, every: int):
+    """A TrainerCallback that saves the LoRA adapter every `every` optimizer updates to folder/step-N.
+
+    The product's round keeps checkpoints only to resume and deletes them once its adapter is saved, so the
+    adapter at update 90 of a 180-update round is otherwise lost: these snapshots are what lets a bench read
+    where along a round a behaviour sets in (the research onset of runs Q and R). A resumed round keeps the
+    snapshots already written and adds the later ones."""
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0 and state.is_world_process_zero and model is not None:
+                model.save_pretrained(str(folder / f"step-{state.global_step}"))
+
+    return Snapshots()
+
+
+def snapshots(folder: Path) -> dict[str, str]:
+    """The adapter snapshots in folder, {updates: path}, in update order (only complete saves)."""
+    found = [(int(d.name.split("-")[1]), d) for d in folder.glob("step-*") if (d / "adapter_config.json").exists()
+             and any(d.glob("adapter_model.*"))]
+    return {str(n): str(d) for n, d in sorted(found)}
 
 
 def run_key(arm: str, target: float, region: str = "eval") -> str:

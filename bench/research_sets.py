@@ -164,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an earlier research_sets state: its arms trained there (not imported) are paired with this "
                         "run's same arm and target on the held-out items both answered (a replication on another "
                         "train block)")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="save each trained arm's adapter every N updates and, after its round, probe the first turn at "
+                        "every label at each snapshot (the research onset along the round; 0: none)")
+    p.add_argument("--snapshot-items", type=int, default=30,
+                   help="held-out items the snapshot probe reads (the seeded controllability subset)")
     p.add_argument("--generate-only", action="store_true",
                    help="write (or keep) the train block and the report, then stop: train later, resuming the workdir")
     p.add_argument("--model", default="smollm2-135m")
@@ -287,7 +292,6 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: f
     """How far an arm moved the first tool choice, below what greedy decoding shows: on each held-out item's
     first turn (the same system and task messages as its eval episode), the probability that the call starts
     with `search` (search_news) rather than `get` (get_prices, get_market_context), renormalized over the two."""
-    from agent.prompts import system_prompt, user_prompt
     from policy.local import LocalPolicy
     from rewards.labels import target_label
 
@@ -301,20 +305,88 @@ def probe(args, st: lc.State, market, split, model_dir: str, arm: str, target: f
     items = heldout_items(args, market, split)
     label = target_label(target, rewards_cfg(arm))
     policy = LocalPolicy(model_dir, device="cpu", max_batch_size=1)
-    out = {}
     try:
         if arm != "base":
             policy.load_adapter(st.data["train"][arm]["path"], 1)
-        for ticker, as_of in items:
-            msgs = [{"role": "system", "content": system_prompt()},
-                    {"role": "user", "content": user_prompt(ticker, as_of, market.horizon_days, label)}]
-            lp = policy.choice_logprobs(msgs, '{"tool": "', ("search", "get"))
-            out[f"{ticker}|{as_of.isoformat()}"] = 1 / (1 + math.exp(lp["get"] - lp["search"]))
+        out = first_turn_news(policy, market, items, label)
     finally:
         policy.close()
     st.data.setdefault("probe", {})[key] = out
     st.save()
     lc.log(f"probe {key}: mean P(search_news first) = {lc.mean(list(out.values())):.3f}")
+
+
+def first_turn_news(policy, market, items: list, label: str) -> dict[str, float]:
+    """Per item ({ticker|as_of: p}): P(the first call starts with `search` rather than `get`) on the item's first
+    turn under `label`, renormalized over the two, with whatever adapter `policy` serves."""
+    from agent.prompts import system_prompt, user_prompt
+
+    out = {}
+    for ticker, as_of in items:
+        msgs = [{"role": "system", "content": system_prompt()},
+                {"role": "user", "content": user_prompt(ticker, as_of, market.horizon_days, label)}]
+        lp = policy.choice_logprobs(msgs, '{"tool": "', ("search", "get"))
+        out[f"{ticker}|{as_of.isoformat()}"] = 1 / (1 + math.exp(lp["get"] - lp["search"]))
+    return out
+
+
+def arm_labels(arm: str) -> list[str]:
+    """The distinct labels an arm is run under, lowest target first (3 ranks over the 5 targets: 3 labels)."""
+    from rewards.labels import target_label
+
+    targets = sorted(TARGETS) if arm in CONTROLLED else [1.0]
+    return list(dict.fromkeys(target_label(t, rewards_cfg(arm)) for t in targets))
+
+
+def snapshot_probe(args, st: lc.State, market, split, model_dir: str, arm: str) -> None:
+    """The research onset along one round: the first-turn probe at each of the arm's labels on --snapshot-items
+    held-out items (the seeded controllability subset), for the untrained model (update 0), every adapter
+    snapshot (--snapshot-every) and the round's final adapter. One probe costs seconds per item, where a
+    held-out evaluation costs a quarter of an hour, so the curve says where a behaviour sets in before a
+    300-item evaluation is spent on it. Saved after each adapter, so a cut run keeps what it read."""
+    from policy.local import LocalPolicy
+
+    tr = st.data["train"][arm]
+    adapters = {"0": None, **tr.get("snapshots", {}), str(tr.get("steps") or "final"): tr["path"]}
+    items = heldout_items(args, market, split, args.snapshot_items)
+    done = st.data.setdefault("snapshot_probe", {}).setdefault(arm, {})
+    if all(updates in done for updates in adapters):
+        return
+    policy = LocalPolicy(model_dir, device="cpu", max_batch_size=1)
+    try:
+        for updates, path in adapters.items():
+            if updates in done:
+                continue
+            policy.load_adapter(path, None if path is None else 1)
+            done[updates] = {label: first_turn_news(policy, market, items, label) for label in arm_labels(arm)}
+            st.save()
+            lc.log(f"snapshot probe {arm} @ {updates}: " + ", ".join(
+                f"{label} {lc.mean(list(ps.values())):.3f}" for label, ps in done[updates].items()))
+    finally:
+        policy.close()
+
+
+def snapshot_lines(args, st: lc.State) -> list[str]:
+    """The onset table: per adapter along the round, mean P(search_news first) at each label and the paired
+    top - bottom label effect (95% interval resampling dates)."""
+    lines = []
+    for arm, reads in st.data.get("snapshot_probe", {}).items():
+        labels = arm_labels(arm)
+        n = len(next(iter(reads.values()))[labels[0]]) if reads else 0
+        lines += ["", (f"Research onset along `{arm}`'s round: mean P(search_news first) on the first turn of {n} "
+                       "held-out items at each label, for the untrained model (0), each adapter snapshot and the "
+                       "round's final adapter; effect = top - bottom label, paired by item:"), "",
+                  "| updates | " + " | ".join(f"`{label}`" for label in labels) + " | effect top - bottom |",
+                  "|---|" + "---|" * len(labels) + "---|"]
+        for updates, by_label in reads.items():
+            means = [lc.fmt(lc.mean(list(by_label[label].values()))) for label in labels]
+            eff = "-"
+            if len(labels) > 1:
+                top, bottom = by_label[labels[-1]], by_label[labels[0]]
+                d = paired_difference(top, bottom, lambda k: k.split("|")[1], n_boot=args.boot)
+                eff = "-" if d is None or d.low is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+            lines.append(f"| {updates} | " + " | ".join(means) + f" | {eff} |")
+    return lines
 
 
 def import_arms(st: lc.State, source: Path, skip: set[str], args: argparse.Namespace | None = None) -> None:
@@ -666,8 +738,8 @@ def report(args, st: lc.State, market) -> str:
     lines = ["# Every research choice on the same item: does reward teach the research, does the label steer it?", "",
              f"Command: `.venv/bin/python bench/research_sets.py {st.data.get('command', '')}`", "",
              (f"Synthetic market, seed {MarketConfig().synthetic.seed} (unchanged). Held-out items: free tool choice "
-              f"(`agent.research_plan = []`, 1 to {args.max_steps} calls), greedy, no exploration; the base rows are "
-              f"run K's (`{args.base_from}`) when given."), ""]
+              f"(`agent.research_plan = []`, 1 to {args.max_steps} calls), greedy, no exploration"
+              + (f"; the base rows are run K's (`{args.base_from}`)." if args.base_from else ".")), ""]
     gen = st.data.get("generate")
     if gen:
         lines += block_section(args, market, gen["rows"])
@@ -679,7 +751,7 @@ def report(args, st: lc.State, market) -> str:
             lines.append(f"- train `{arm}` ({spec}): {tr['n_examples']} {unit}, {tr['steps']} logged "
                          f"steps, loss {lc.fmt(tr['loss_first'])} -> {lc.fmt(tr['loss_last'])}, "
                          f"{tr['seconds'] / 60:.0f} min" + (f" (from `{tr['from']}`)" if tr.get("from") else ""))
-        lines.append("")
+        lines += [*snapshot_lines(args, st), ""]
     lines += heldout_section(args, st, market)
     return "\n".join(lines) + "\n"
 
@@ -728,6 +800,9 @@ def main(argv: list[str] | None = None) -> None:
         if arm not in st.data.get("train", {}):
             spec = {**RECIPES[arm], **({"epochs": args.epochs} if args.epochs else {})}
             lc.train(args, st, arm, model_dir, work, spec=spec)
+        if args.snapshot_every > 0:
+            snapshot_probe(args, st, market, split, model_dir, arm)
+            Path(args.out).write_text(report(args, st, market))
         answer_arm(args, st, market, split, model_dir, work, arm)
     if "base" not in st.data.get("probe", {}):
         probe(args, st, market, split, model_dir, "base")
