@@ -30,6 +30,9 @@ Alembic loads the migration files from disk, so an edit mid-run can break a run 
 
     .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms score --temperature 0 --explore 0.3 \
         --loss-on weighted --balance   # the reported run (~1 h 50 min, 2 cores)
+    .venv/bin/python bench/learning_curve.py --workdir /tmp/learnS --arms score --train-seed learn-train-2 \
+        --temperature 0 --explore 0.3 --loss-on weighted --balance --out bench/results/learning_curve_score_s.md
+        # run S: the reported run again on run I's independent train draw (learning_curve_seed2.md, filtered)
     .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms filtered,filtered_r2,filtered_r3 \
         --temperature 0 --explore 0.3 --loss-on weighted --balance --out bench/results/learning_rounds.md
     .venv/bin/python bench/learning_curve.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt

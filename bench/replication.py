@@ -1,0 +1,153 @@
+"""Does a learning result survive a new train draw? One arm across independent train draws, on the same held-out items.
+
+Each bench/learning_curve.py run trains its arms on one draw of train-region items (`--train-seed`) and answers
+the same 300 held-out items (the eval region's seeded draw does not depend on the train draw). A gain measured
+on one draw mixes what the recipe does with the luck of that draw's data and of its training, and the interval
+printed for it resamples only the held-out dates. This bench reads several runs' saved states and puts, per arm:
+
+  per draw   accuracy, the paired difference against the untrained agent of that run (95% interval resampling
+             dates), the published mean reward (the arm's confidence map fitted on its gate answers, as the
+             product's gate does) minus the untrained agent's, and how often the arm's direction on items whose
+             signal headline is visible is the Bayes rule's (the headline -> direction mapping a round can teach);
+  pooled     per item, the arm's mean over draws minus the untrained agent's answer, with the same interval.
+             It estimates the gain one expects from a fresh draw, but its interval still resamples only dates:
+             with two or three draws the spread between draws (shown per draw) is the honest caution.
+
+Nothing is rerun: the figures come from the states' rows. The untrained agent's rows should be the same answers in
+every state (greedy, same items); the report counts the items where they differ.
+
+    .venv/bin/python bench/replication.py \\
+        --arm score=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json \\
+        --arm filtered=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json \\
+        --arm boosted=bench/results/learning_curve_state.json   # stop 32: runs H/F and S (I's filtered rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import learning_curve as lc
+
+from market.config import MarketConfig
+from market.sources import build_market
+from rewards.intervals import paired_difference
+
+FIGURES = (("correct", "accuracy"), ("composite", "mean reward (published)"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arm", action="append", required=True, metavar="ARM=STATE[,STATE...]",
+                   help="an arm and the learning_curve states (one per train draw) that trained it; repeatable")
+    p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "replication.md"))
+    return p.parse_args(argv)
+
+
+def parse_arm(spec: str) -> tuple[str, list[Path]]:
+    """`score=a.json,b.json` -> ("score", [a.json, b.json]); a clear error for a malformed spec or a missing file."""
+    arm, sep, paths = spec.partition("=")
+    if not sep or not arm or not paths:
+        raise SystemExit(f"--arm {spec!r}: expected ARM=STATE[,STATE...]")
+    files = [Path(p) for p in paths.split(",") if p]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise SystemExit(f"--arm {arm}: no such state file: {', '.join(missing)}")
+    return arm, files
+
+
+def published(st: lc.State, arm: str) -> dict[tuple, dict]:
+    """The arm's held-out rows at target 1 as the product publishes them (its gate-fitted map; as stated when the
+    run has no gate answers, and always for the untrained agent, which the product publishes as stated)."""
+    rows = st.data["eval"][lc.run_key(arm, 1.0)]["rows"]
+    cmap = None if arm == "base" else lc.arm_confidence_map(st, arm)
+    return {lc.item_key(r): r for r in lc.as_published(rows, cmap)}
+
+
+def bayes_agreement(market, rows: dict[tuple, dict], bayes: dict[tuple, dict]) -> tuple[int, int]:
+    """On the items whose signal headline is visible: how many of the arm's directions are the Bayes rule's."""
+    vis = [r for r in rows.values() if r["direction"] and lc.visible_signal(market, r)]
+    return sum(r["direction"] == bayes[lc.item_key(r)]["direction"] for r in vis), len(vis)
+
+
+def interval(a: dict, b: dict, boot: int) -> str:
+    d = paired_difference(a, b, lc.on_date, n_boot=boot)
+    if d is None or d.low is None:
+        return "-"
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+
+
+def column(rows: dict[tuple, dict], field: str) -> dict[tuple, float]:
+    """One figure per item, in sorted item order (the order learning_curve's report resamples in, so the same
+    comparison gets the same interval in both reports)."""
+    return {k: float(rows[k][field]) for k in sorted(rows) if rows[k][field] is not None}
+
+
+def arm_lines(market, arm: str, files: list[Path], boot: int) -> list[str]:
+    states = [lc.State(f) for f in files]
+    for f, st in zip(files, states, strict=True):
+        if lc.run_key(arm, 1.0) not in st.data.get("eval", {}):
+            raise SystemExit(f"{f}: no held-out answers of `{arm}` at target 1 (key {lc.run_key(arm, 1.0)})")
+    base = published(states[0], "base")
+    bayes = {lc.item_key(r): r for r in lc.bayes_rows(market, list(base.values()))}
+    lines = [f"## `{arm}` over {len(files)} train draw{'s' * (len(files) > 1)}", "",
+             ("| draw (state) | train seed | accuracy | accuracy - untrained | published mean reward - untrained | "
+              "Bayes direction, signal visible | untrained answers that differ from the first state's |"),
+             "|---|---|---|---|---|---|---|"]
+    arms = []
+    for f, st in zip(files, states, strict=True):
+        mine, own_base = published(st, arm), published(st, "base")
+        arms.append(mine)
+        seed = next((w.split("=")[-1] for w in _seed_words(st.data.get("command", ""))), "learn-train")
+        agree, n = bayes_agreement(market, mine, bayes)
+        drift = sum(own_base[k]["direction"] != base[k]["direction"] or own_base[k]["confidence"] != base[k]["confidence"]
+                    for k in base if k in own_base)
+        lines.append(f"| `{f.name}` | `{seed}` | {lc.fmt(lc.mean(list(column(mine, 'correct').values())))} | "
+                     f"{interval(column(mine, 'correct'), column(own_base, 'correct'), boot)} | "
+                     f"{interval(column(mine, 'composite'), column(own_base, 'composite'), boot)} | "
+                     f"{agree}/{n} = {lc.fmt(agree / n if n else None)} | {drift} |")
+    agree, n = bayes_agreement(market, base, bayes)
+    lines.append(f"| untrained (first state) | - | {lc.fmt(lc.mean(list(column(base, 'correct').values())))} | - | - | "
+                 f"{agree}/{n} = {lc.fmt(agree / n if n else None)} | - |")
+    lines += ["", (f"Pooled over the {len(files)} draws (per item, the arm's mean over draws minus the first state's "
+                   "untrained answer; the interval resamples dates only, so it leaves out the spread between draws "
+                   "seen above):"), "", "| figure | difference | 95% interval |", "|---|---|---|"]
+    for field, name in FIGURES:
+        cols = [column(rows, field) for rows in arms]
+        common = set.intersection(*(set(c) for c in cols))
+        pooled = {k: sum(c[k] for c in cols) / len(cols) for k in sorted(common)}
+        d = paired_difference(pooled, column(base, field), lc.on_date, n_boot=boot)
+        if d is not None and d.low is not None:
+            lines.append(f"| {name} | {d.mean:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] |")
+    return [*lines, ""]
+
+
+def _seed_words(command: str) -> list[str]:
+    words = command.split()
+    return [f"--train-seed={words[i + 1]}" for i, w in enumerate(words[:-1]) if w == "--train-seed"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    arms = [parse_arm(spec) for spec in args.arm]
+    market = build_market(MarketConfig())
+    lines = ["# One arm across independent train draws (the same 300 held-out items)", "",
+             "Command: `.venv/bin/python bench/replication.py " + " ".join(f"--arm {s}" for s in args.arm) + "`", "",
+             ("Each state is one bench/learning_curve.py run: one train draw, one round, greedy answers at target 1 "
+              "on the same held-out items; differences are item by item against the untrained agent, 95% intervals "
+              "resampling dates (items on a date share the market factor). Published = the arm's confidence map, "
+              "fitted on its gate answers, applied as the product's gate does."), ""]
+    for arm, files in arms:
+        lines += arm_lines(market, arm, files, args.boot)
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
