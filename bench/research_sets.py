@@ -70,6 +70,12 @@ running them again.
         --compare bench/results/research_sets_rank_bal_state.json --out bench/results/research_sets_rank_bal_r.md
         # run R: run Q's recipe on an independent train draw, on 300 held-out items (run Q's 150 and 150 more; the
         # untrained rows of the first 150 come from run Q's state), with the gate's confidence map (about 2 h here)
+    .venv/bin/python bench/research_sets.py --workdir /tmp/setsR5 --max-steps 1 --explore 0.5 --train-items 128 \
+        --tool-rate 1 --train-seed research-sets-r --eval-items 300 --arms rank_bal --epochs 5 --snapshot-every 30 \
+        --arms-from bench/results/research_sets_rank_bal_r_state.json --accuracy-first \
+        --compare bench/results/research_sets_rank_bal_r_state.json --out /tmp/setsR5/report.md
+        # next (not yet run): run R's block trained ~260 updates, the first-turn probe at every label every 30
+        # updates (where does the onset lie on R's draw?), then the 300 items (~2 h 45 min here)
     # the score arm (the default --arms) adds ~112 updates of ~60 s on these two-call episodes here, about 2 h,
     # plus 5 x 15 min of held-out episodes: a lent GPU's job, or a session of its own
     .venv/bin/python bench/research_sets.py --tiny --train-items 6 --eval-items 6 --workdir /tmp/st   # smoke run
