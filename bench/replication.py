@@ -18,8 +18,9 @@ every state (greedy, same items); the report counts the items where they differ.
 
     .venv/bin/python bench/replication.py \\
         --arm score=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json \\
-        --arm filtered=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json \\
-        --arm boosted=bench/results/learning_curve_state.json   # stop 32: runs H/F and S (I's filtered rows)
+        --arm filtered=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json,\
+bench/results/learning_curve_filtered_t_state.json \\
+        --arm boosted=bench/results/learning_curve_state.json   # stop 32: runs H/F, S (I's filtered rows) and T
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def arm_lines(market, arm: str, files: list[Path], boot: int) -> list[str]:
     for f, st in zip(files, states, strict=True):
         mine, own_base = published(st, arm), published(st, "base")
         arms.append(mine)
-        seed = next((w.split("=")[-1] for w in _seed_words(st.data.get("command", ""))), "learn-train")
+        seed = train_seed(st.data.get("command", ""))
         agree, n = bayes_agreement(market, mine, bayes)
         drift = sum(own_base[k]["direction"] != base[k]["direction"] or own_base[k]["confidence"] != base[k]["confidence"]
                     for k in base if k in own_base)
@@ -128,9 +129,10 @@ def arm_lines(market, arm: str, files: list[Path], boot: int) -> list[str]:
     return [*lines, ""]
 
 
-def _seed_words(command: str) -> list[str]:
+def train_seed(command: str) -> str:
+    """The run's --train-seed as its saved command gives it (learning_curve's default when it names none)."""
     words = command.split()
-    return [f"--train-seed={words[i + 1]}" for i, w in enumerate(words[:-1]) if w == "--train-seed"]
+    return next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--train-seed"), "learn-train")
 
 
 def main(argv: list[str] | None = None) -> None:
