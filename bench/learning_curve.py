@@ -10,6 +10,8 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
                  uncond    every episode, no label (the same fixed line for all), 1 epoch
                  boosted   uncond plus the score arm's boost (top quartile repeated twice): the score arm
                            without its label, so score - boosted is what the label itself adds
+                 score_boost4  the score arm with its top quartile repeated 4 more times (not 2): the labelled
+                           mix moved toward the filtered arm's data
                  filtered_r2, filtered_r3  later rounds of the loop: the parent arm's adapter writes a fresh
                            train block (items no earlier round had), and the round resumes its LoRA on that
                            block's top quartile; round minus parent is what one more turn of the loop adds
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -73,6 +76,9 @@ ARMS: dict[str, dict] = {
     "filtered": {"label_format": "none", "top": 0.25, "epochs": 2.0},
     "uncond": {"label_format": "none", "top": 1.0, "epochs": 1.0},
     "boosted": {"label_format": "none", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 2},
+    # The score arm with its top quartile repeated 4 more times instead of 2: a mix closer to the filtered
+    # arm's data (which replicates) that still keeps every episode and its label.
+    "score_boost4": {"label_format": "score", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 4},
     # Later rounds of the loop: the parent's adapter serves a fresh train block (its own answers, explored as
     # the first round's), and the round resumes the parent's LoRA on that block alone, as the product does.
     "filtered_r2": {"label_format": "none", "top": 0.25, "epochs": 2.0, "parent": "filtered"},
@@ -617,7 +623,7 @@ def report(args, st: State, market) -> str:
         # score vs each unlabelled arm; boosted vs uncond is what the boost alone adds
         rounds = [(a, ARMS[a]["parent"]) for a in ARMS if "parent" in ARMS[a]]  # what each later round adds
         for one, other in [("score", "filtered"), ("score", "uncond"), ("score", "boosted"), ("boosted", "uncond"),
-                           *rounds]:
+                           ("score_boost4", "score"), ("score_boost4", "filtered"), *rounds]:
             for suffix in ("", " (mapped)"):
                 if one + suffix in views and other + suffix in views:
                     pairs.append((one + suffix, other + suffix))
@@ -690,11 +696,24 @@ def bench_setup(args: argparse.Namespace) -> tuple[Path, object, object, str]:
     return work, market, split, model_dir
 
 
+def run_settings(args: argparse.Namespace, st: State) -> argparse.Namespace:
+    """The settings a --report-only call reports: the run's own, parsed from the command its state stored, with
+    this call's --out, --workdir and --boot. The header names the run's temperature, exploration and train draw,
+    and a report-only call that left those flags out once wrote the defaults (0.7, 1.0) into run S's header."""
+    command = st.data.get("command")
+    if not command:
+        return args
+    run = parse_args(shlex.split(command))
+    run.out, run.workdir, run.boot, run.report_only = args.out, args.workdir, args.boot, True
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     work, market, split, model_dir = bench_setup(args)
     st = State(work / "state.json")
     if args.report_only:
+        args = run_settings(args, st)
         g = st.data.get("generate")
         if g and "headline_link" not in g and (work / "gen.db").exists():  # runs from before it was recorded
             from store.db import open_store
