@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import learning_curve as lc
+import numpy as np
 
 from market.config import MarketConfig
 from market.sources import build_market
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arm", action="append", required=True, metavar="ARM=STATE[,STATE...]",
                    help="an arm and the learning_curve states (one per train draw) that trained it; repeatable")
+    p.add_argument("--versus", action="append", default=[], metavar="ARM,OTHER",
+                   help="head to head: ARM minus OTHER on every train draw (train seed) both were given for; repeatable")
     p.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "replication.md"))
     return p.parse_args(argv)
@@ -118,14 +121,75 @@ def arm_lines(market, arm: str, files: list[Path], boot: int) -> list[str]:
                  f"{agree}/{n} = {lc.fmt(agree / n if n else None)} | - |")
     lines += ["", (f"Pooled over the {len(files)} draws (per item, the arm's mean over draws minus the first state's "
                    "untrained answer; the interval resamples dates only, so it leaves out the spread between draws "
-                   "seen above):"), "", "| figure | difference | 95% interval |", "|---|---|---|"]
+                   "seen above; the last column resamples draws too):"), "",
+              "| figure | difference | 95% interval, dates | 95% interval, draws and dates |", "|---|---|---|---|"]
     for field, name in FIGURES:
-        cols = [column(rows, field) for rows in arms]
-        common = set.intersection(*(set(c) for c in cols))
-        pooled = {k: sum(c[k] for c in cols) / len(cols) for k in sorted(common)}
-        d = paired_difference(pooled, column(base, field), lc.on_date, n_boot=boot)
-        if d is not None and d.low is not None:
-            lines.append(f"| {name} | {d.mean:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] |")
+        base_col = column(base, field)
+        lines.append(pooled_line(name, [column(rows, field) for rows in arms], [base_col] * len(arms), boot))
+    return [*lines, ""]
+
+
+def pooled_line(name: str, arm_cols: list[dict], other_cols: list[dict], boot: int) -> str:
+    """One pooled row: per item, the mean over draws of arm - other, with its date-resampled interval and the
+    two-level one (draws, then dates, resampled)."""
+    diffs = [{k: a[k] - o[k] for k in a if k in o} for a, o in zip(arm_cols, other_cols, strict=True)]
+    common = sorted(set.intersection(*(set(d) for d in diffs)))
+    pooled = {k: sum(d[k] for d in diffs) / len(diffs) for k in common}
+    d = paired_difference(pooled, dict.fromkeys(common, 0.0), lc.on_date, n_boot=boot)
+    if d is None or d.low is None:
+        return f"| {name} | - | - | - |"
+    lo, hi = two_level_interval([[dd[k] for k in common] for dd in diffs], [lc.on_date(k) for k in common], boot)
+    two = "-" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
+    return f"| {name} | {d.mean:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {two} |"
+
+
+def two_level_interval(per_draw: list[list[float]], dates: list, boot: int, *, level: float = 0.95,
+                       seed: int = 0) -> tuple[float | None, float | None]:
+    """A 95% interval for the mean item difference that resamples train draws (with replacement), then held-out
+    dates: the spread between draws, which the date-only interval leaves out, enters it. With 2-3 draws the draw
+    level has few distinct resamples, so this is a coarse but honest widening, not an exact interval."""
+    groups = sorted(set(dates), key=str)
+    if len(per_draw) < 2 or len(groups) < 2:
+        return None, None
+    g_index = {g: i for i, g in enumerate(groups)}
+    sums = np.zeros((len(per_draw), len(groups)))
+    counts = np.zeros(len(groups))
+    for j, day in enumerate(dates):
+        counts[g_index[day]] += 1
+        for i, draw in enumerate(per_draw):
+            sums[i, g_index[day]] += draw[j]
+    rng = np.random.default_rng(seed)
+    di = rng.integers(0, len(per_draw), size=(boot, len(per_draw)))
+    gi = rng.integers(0, len(groups), size=(boot, len(groups)))
+    per_date = sums[di].sum(axis=1) / len(per_draw)  # (boot, dates): the resampled draws' mean per date
+    means = np.take_along_axis(per_date, gi, axis=1).sum(axis=1) / counts[gi].sum(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def versus_lines(market, one: str, other: str, arms: dict[str, list[Path]], boot: int) -> list[str]:
+    """`one` minus `other` on each train draw both were trained on (matched by train seed), and pooled: which
+    recipe to make the default, compared on the same train data and the same held-out items."""
+    def by_seed(arm: str) -> dict[str, lc.State]:
+        if arm not in arms:
+            raise SystemExit(f"--versus {one},{other}: `{arm}` is not one of the --arm names ({', '.join(arms)})")
+        return {train_seed(st.data.get("command", "")): st for st in map(lc.State, arms[arm])}
+
+    a, b = by_seed(one), by_seed(other)
+    seeds = [s for s in a if s in b]
+    if not seeds:
+        raise SystemExit(f"--versus {one},{other}: no train draw (train seed) holds both arms")
+    lines = [f"## `{one}` minus `{other}`, on the {len(seeds)} train draw{'s' * (len(seeds) > 1)} both were trained on",
+             "", "| train seed | accuracy | published mean reward |", "|---|---|---|"]
+    cols = {s: (published(a[s], one), published(b[s], other)) for s in seeds}
+    for s, (ra, rb) in cols.items():
+        lines.append(f"| `{s}` | {interval(column(ra, 'correct'), column(rb, 'correct'), boot)} | "
+                     f"{interval(column(ra, 'composite'), column(rb, 'composite'), boot)} |")
+    lines += ["", "Pooled over those draws:", "",
+              "| figure | difference | 95% interval, dates | 95% interval, draws and dates |", "|---|---|---|---|"]
+    for field, name in FIGURES:
+        lines.append(pooled_line(name, [column(ra, field) for ra, _ in cols.values()],
+                                 [column(rb, field) for _, rb in cols.values()], boot))
     return [*lines, ""]
 
 
@@ -140,13 +204,19 @@ def main(argv: list[str] | None = None) -> None:
     arms = [parse_arm(spec) for spec in args.arm]
     market = build_market(MarketConfig())
     lines = ["# One arm across independent train draws (the same 300 held-out items)", "",
-             "Command: `.venv/bin/python bench/replication.py " + " ".join(f"--arm {s}" for s in args.arm) + "`", "",
+             "Command: `.venv/bin/python bench/replication.py " + " ".join(f"--arm {s}" for s in args.arm)
+             + "".join(f" --versus {v}" for v in args.versus) + "`", "",
              ("Each state is one bench/learning_curve.py run: one train draw, one round, greedy answers at target 1 "
               "on the same held-out items; differences are item by item against the untrained agent, 95% intervals "
               "resampling dates (items on a date share the market factor). Published = the arm's confidence map, "
               "fitted on its gate answers, applied as the product's gate does."), ""]
     for arm, files in arms:
         lines += arm_lines(market, arm, files, args.boot)
+    for spec in args.versus:
+        one, sep, other = spec.partition(",")
+        if not sep or not one or not other:
+            raise SystemExit(f"--versus {spec!r}: expected ARM,OTHER")
+        lines += versus_lines(market, one, other, dict(arms), args.boot)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 
