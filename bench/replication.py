@@ -17,10 +17,12 @@ Nothing is rerun: the figures come from the states' rows. The untrained agent's 
 every state (greedy, same items); the report counts the items where they differ.
 
     .venv/bin/python bench/replication.py \\
-        --arm score=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json \\
+        --arm score=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json,\
+bench/results/learning_curve_score_u_state.json \\
         --arm filtered=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json,\
 bench/results/learning_curve_filtered_t_state.json \\
-        --arm boosted=bench/results/learning_curve_state.json   # stop 32: runs H/F, S (I's filtered rows) and T
+        --arm boosted=bench/results/learning_curve_state.json --versus score,filtered
+        # stop 33: runs H/F, S (I's filtered rows), T and U
 """
 
 from __future__ import annotations
