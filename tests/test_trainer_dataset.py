@@ -328,3 +328,21 @@ def test_a_single_label_carries_no_information_about_the_research(sqlite_db):
         data = plan(s, cfg, RewardsConfig(), run=None, need=1)
     assert data.hyperparams["label_research"] == {
         "nats": 0.0, "first_tool": {"Score: 0.50": {"get_prices": 2, "search_news": 2}}}
+
+
+def test_a_filtered_round_counts_its_blocks_scored_episodes_before_filtering(sqlite_db):
+    """min_new_episodes counts the new blocks' scored episodes, not the top quartile kept of them: with
+    filter_top_fraction = 0.25 one block of 8 starts a round that needs 8 (it trains the top 2), where counting
+    after the filter would wait for four blocks. One fewer than needed still says how many wait."""
+    from trainer.round import NothingToTrain
+    from trainer.sft import plan
+
+    add_block(sqlite_db, [0.1, 0.9, 0.2, 0.8, 0.3, 0.4, 0.5, 0.6])
+    cfg = TrainerConfig(replay_size=0, filter_top_fraction=0.25, boost_top_fraction=0.0, balance_directions=False)
+    with session_scope(sqlite_db) as s:
+        data = plan(s, cfg, RewardsConfig(), run=None, need=8)
+        short = plan(s, cfg, RewardsConfig(), run=None, need=9)
+    assert not isinstance(data, NothingToTrain)
+    assert data.n_new == 8 and len(data.rows) == 2
+    assert isinstance(short, NothingToTrain)
+    assert short.reason == "8 new scored episodes, 9 needed (trainer.min_new_episodes)"

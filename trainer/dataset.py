@@ -59,6 +59,9 @@ class RoundPlan:
     offline_size: int = 0
     # label_format "rank": episode id -> (how many of its item's episodes earned less, the item's episodes)
     ranks: dict[int, tuple[int, int]] | None = None
+    # the new blocks' scored episodes before filter_top_fraction: what min_new_episodes counts, so a filtered
+    # round starts after one block as an unfiltered one does (not after 1 / fraction blocks)
+    scored_new: int = 0
 
     @property
     def episodes(self) -> list[ScoredEpisode]:
@@ -286,7 +289,8 @@ def plan_round(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig,
         wanted = set(replay_episode_ids)
         replay = [e for e in older if e.episode_id in wanted]
     ranks = item_ranks(everything) if rewards_cfg.label_format == "rank" else None
-    return RoundPlan(new_blocks, new, replay, label_edges(pool, rewards_cfg), len(pool), ranks)
+    scored_new = sum(e.block_id in new_set for e in everything)
+    return RoundPlan(new_blocks, new, replay, label_edges(pool, rewards_cfg), len(pool), ranks, scored_new)
 
 
 def export_jsonl(engine: Engine, trainer_cfg: TrainerConfig, rewards_cfg: RewardsConfig, out: str | Path) -> int:

@@ -352,9 +352,9 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
         p = plan_round(session, cfg, rewards_cfg, block_ids=run.block_ids, replay_episode_ids=run.replay_episode_ids)
     else:
         p = plan_round(session, cfg, rewards_cfg)
-        if len(p.new) < need:
-            return NothingToTrain(f"{len(p.new)} new scored episodes, {need} needed (trainer.min_new_episodes)",
-                                  new_episodes=len(p.new), needed=need)
+        if p.scored_new < need:  # counted before filter_top_fraction: a block's worth starts a filtered round too
+            return NothingToTrain(f"{p.scored_new} new scored episodes, {need} needed (trainer.min_new_episodes)",
+                                  new_episodes=p.scored_new, needed=need)
     chosen = boosted(p.episodes, cfg.boost_top_fraction, cfg.boost_passes)
     if cfg.balance_directions:
         chosen = balanced(chosen, counted=lambda e: trains_decision(e, cfg.decision_from))
@@ -365,7 +365,7 @@ def plan(session: Session, cfg: TrainerConfig, rewards_cfg: RewardsConfig, *, ru
     log.info("round labels carry %.3f nats about the first tool call (%s)", research.nats, research.first_tool)
     return RoundData(block_ids=p.new_block_ids, replay_episode_ids=[e.episode_id for e in p.replay],
                      episode_ids=[e.episode_id for e in examples], rows=[e.messages for e in examples],
-                     n_new=len(p.new),
+                     n_new=p.scored_new,
                      hyperparams={"label_format": rewards_cfg.label_format, "label_edges": p.edges,
                                   "n_new": len(p.new), "n_replay": len(p.replay),
                                   "n_copies": len(examples) - len({e.episode_id for e in examples}),
