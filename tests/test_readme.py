@@ -20,14 +20,14 @@ def test_readme_toml_example_loads(tmp_path):
     assert s.market.source == "synthetic"
     assert s.rewards.label_format == "score"
     assert s.agent.target_score == 0.95
-    # The recipe lines of the example are the defaults the README describes (learning_history.md, run F).
+    # The recipe lines of the example are the defaults the README describes (learning_history.md, runs F and S-W).
     from agent.config import AgentConfig
     from trainer.config import TrainerConfig
 
     agent, trainer = AgentConfig(), TrainerConfig()
     for key in ("temperature", "explore_rate"):
         assert getattr(s.agent, key) == getattr(agent, key), key
-    for key in ("learning_rate", "boost_top_fraction", "loss_on", "balance_directions", "decision_weight",
+    for key in ("learning_rate", "filter_top_fraction", "epochs", "boost_top_fraction", "loss_on", "balance_directions", "decision_weight",
                 "tool_choice_weight"):
         assert getattr(s.trainer, key) == getattr(trainer, key), key
 

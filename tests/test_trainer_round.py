@@ -223,7 +223,8 @@ def test_cli_train_runs_a_round_and_publishes(sqlite_url, sqlite_db, tiny_model_
     add_block(sqlite_db, [0.3, 0.6, 0.9, 0.2])
     res = CliRunner().invoke(app, ["--db", sqlite_url, "train", "--publish"])
     assert res.exit_code == 0, res.output
-    # the default recipe: 4 episodes + the top one boosted twice (trainer.boost_top_fraction = 0.25)
-    assert "adapter v1 (parent None): 6 examples" in res.output and "v1 is serving" in res.output
+    # the default recipe: the block's top quartile (1 of 4 episodes, under its score label), 2 epochs of 1 example
+    assert "adapter v1 (parent None): 1 examples" in res.output and "2 steps" in res.output
+    assert "v1 is serving" in res.output
     with session_scope(sqlite_db) as s:
         assert serving_adapter(s) == (str(Path("adapters") / "v1"), 1)
