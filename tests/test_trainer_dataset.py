@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from trainer_fixtures import add_block
+from trainer_fixtures import add_block, every_episode
 from typer.testing import CliRunner
 
 from rewards.config import RewardsConfig
@@ -21,7 +21,7 @@ from trainer.dataset import (
 )
 from trainer.errors import TrainerError
 
-CFG = TrainerConfig(replay_size=3, min_new_episodes=1)
+CFG = every_episode(replay_size=3, min_new_episodes=1)
 
 
 def examples(engine, rewards_cfg: RewardsConfig | None = None, cfg=CFG):
@@ -189,7 +189,7 @@ def test_loss_mask_is_exactly_the_assistant_tokens(sqlite_db, tiny_model_dir, tm
     _, ids = add_block(sqlite_db, [0.3, 0.8])
     ex = examples(sqlite_db)[ids[1]]
     tok = load_tokenizer(tiny_model_dir)
-    cfg = TrainerConfig(max_length=4096, lora_r=2, lora_alpha=4)
+    cfg = every_episode(max_length=4096, lora_r=2, lora_alpha=4)
     model = load_trainable_model(tiny_model_dir, None, cfg, "cpu")
     trainer = build_trainer(model, tok, [ex.messages], sft_config(cfg, tmp_path / "run", "cpu"))
     row = trainer.train_dataset[0]
@@ -279,7 +279,7 @@ def test_balance_under_decision_from_correct_evens_out_the_directions_that_train
     dirs = ["down", "down", "down", "up", "up", "up"]
     _, ids = add_block(sqlite_db, [0.5] * 6, directions=dirs, wrong=[3, 4])
     direction = dict(zip(ids, dirs, strict=True))
-    cfg = TrainerConfig(replay_size=3, min_new_episodes=1, balance_directions=True, loss_on="weighted",
+    cfg = every_episode(replay_size=3, min_new_episodes=1, balance_directions=True, loss_on="weighted",
                         decision_from="correct", boost_top_fraction=0.0)  # no boost copies: balance's only
     with session_scope(sqlite_db) as s:
         data = plan(s, cfg, RewardsConfig(), run=None, need=1)
@@ -309,7 +309,7 @@ def test_a_rank_round_records_what_its_labels_say_about_the_research(sqlite_db):
 
     tools = ["get_prices", "search_news", "get_prices", "search_news"]
     add_block(sqlite_db, [0.4, 0.7, 0.3, 0.6], items=[0, 0, 1, 1], tools=tools)
-    cfg = TrainerConfig(replay_size=0, min_new_episodes=1, balance_directions=False, boost_top_fraction=0.0)
+    cfg = every_episode(replay_size=0, min_new_episodes=1, balance_directions=False, boost_top_fraction=0.0)
     with session_scope(sqlite_db) as s:
         data = plan(s, cfg, RewardsConfig(label_format="rank", quantile_bins=3), run=None, need=1)
     research = data.hyperparams["label_research"]
@@ -323,7 +323,7 @@ def test_a_single_label_carries_no_information_about_the_research(sqlite_db):
     from trainer.sft import plan
 
     add_block(sqlite_db, [0.5] * 4, tools=["get_prices", "search_news", "get_prices", "search_news"])
-    cfg = TrainerConfig(replay_size=0, min_new_episodes=1, balance_directions=False, boost_top_fraction=0.0)
+    cfg = every_episode(replay_size=0, min_new_episodes=1, balance_directions=False, boost_top_fraction=0.0)
     with session_scope(sqlite_db) as s:
         data = plan(s, cfg, RewardsConfig(), run=None, need=1)
     assert data.hyperparams["label_research"] == {

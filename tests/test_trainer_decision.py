@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from trainer_fixtures import add_block
+from trainer_fixtures import add_block, every_episode
 
 from policy.model_files import load_tokenizer
 from rewards.config import RewardsConfig
@@ -17,7 +17,7 @@ from trainer.dataset import build_examples, plan_round
 from trainer.decision import decision_row, decision_rows
 from trainer.errors import TrainerError
 
-CFG = TrainerConfig(replay_size=0, min_new_episodes=1, max_length=4096, lora_r=2, lora_alpha=4, loss_on="decision",
+CFG = every_episode(replay_size=0, min_new_episodes=1, max_length=4096, lora_r=2, lora_alpha=4, loss_on="decision",
                     boost_top_fraction=0.0, balance_directions=False)  # one example per episode
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from trainer_fixtures import add_block
+from trainer_fixtures import add_block, every_episode
 from transformers import TrainerCallback
 
 from rewards.config import RewardsConfig
@@ -23,7 +23,7 @@ REWARDS = RewardsConfig()
 
 
 def tcfg(tmp_path: Path) -> TrainerConfig:
-    return TrainerConfig(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=4,
+    return every_episode(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=4,
                          lora_alpha=8, batch_size=2, max_length=384, save_steps=2, min_new_episodes=1, replay_size=0,
                          grad_accum=1, boost_top_fraction=0.0, balance_directions=False)  # steps = examples / 2
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from trainer_fixtures import add_block
+from trainer_fixtures import add_block, every_episode
 
 from policy.model_files import load_tokenizer
 from rewards.config import RewardsConfig
 from store.db import session_scope
-from trainer.config import TrainerConfig
 from trainer.dataset import build_examples, plan_round
 from trainer.round import train_round
 from trainer.sft import assistant_loss
@@ -20,7 +19,7 @@ def test_one_round_lowers_training_loss_on_smollm2(sqlite_db, smollm2_dir, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = TrainerConfig(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=8,
+    cfg = every_episode(adapters_dir=str(tmp_path / "adapters"), runs_dir=str(tmp_path / "runs"), lora_r=8,
                         lora_alpha=16, batch_size=4, max_length=192, epochs=3, learning_rate=2e-3,
                         min_new_episodes=1, save_steps=100, grad_accum=1, boost_top_fraction=0.0,
                         balance_directions=False, loss_on="assistant")  # one example per episode, the loss measured

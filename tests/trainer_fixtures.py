@@ -11,6 +11,18 @@ from sqlalchemy import Engine
 
 from store.db import session_scope
 from store.models import Block, Episode, Prediction, Reward, Step
+from trainer.config import TrainerConfig
+
+# The all-episode round (every episode once, each block's top quartile boosted twice) that the mechanics tests were
+# written for. Labels, balance, loss masks, replay and resume work the same under the default's top-quartile filter,
+# but with every episode kept each test's cases stay in the data (a filter of 0.25 keeps 1 of a 4-episode block).
+EVERY_EPISODE = {"filter_top_fraction": 1.0, "epochs": 1.0, "boost_top_fraction": 0.25}
+
+
+def every_episode(**kw) -> TrainerConfig:
+    """TrainerConfig for the all-episode round, with `kw` on top."""
+    return TrainerConfig(**{**EVERY_EPISODE, **kw})
+
 
 TICKERS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "JPM"]
 
