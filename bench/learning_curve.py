@@ -10,8 +10,6 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
                  uncond    every episode, no label (the same fixed line for all), 1 epoch
                  boosted   uncond plus the score arm's boost (top quartile repeated twice): the score arm
                            without its label, so score - boosted is what the label itself adds
-                 score_boost4  the score arm with its top quartile repeated 4 more times (not 2): the labelled
-                           mix moved toward the filtered arm's data
                  score_top the filtered arm's data (top quartile, 2 epochs), each example under its score label
                  filtered_r2, filtered_r3  later rounds of the loop: the parent arm's adapter writes a fresh
                            train block (items no earlier round had), and the round resumes its LoRA on that
@@ -77,9 +75,6 @@ ARMS: dict[str, dict] = {
     "filtered": {"label_format": "none", "top": 0.25, "epochs": 2.0},
     "uncond": {"label_format": "none", "top": 1.0, "epochs": 1.0},
     "boosted": {"label_format": "none", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 2},
-    # The score arm with its top quartile repeated 4 more times instead of 2: a mix closer to the filtered
-    # arm's data (which replicates) that still keeps every episode and its label.
-    "score_boost4": {"label_format": "score", "top": 1.0, "epochs": 1.0, "boost": 0.25, "passes": 4},
     # The filtered arm's data (top quartile, 2 epochs) under the score label: what the score arm's contract
     # (every example prefixed by its achieved score, the target at inference) costs on the data that replicates.
     "score_top": {"label_format": "score", "top": 0.25, "epochs": 2.0},
@@ -627,8 +622,7 @@ def report(args, st: State, market) -> str:
         # score vs each unlabelled arm; boosted vs uncond is what the boost alone adds
         rounds = [(a, ARMS[a]["parent"]) for a in ARMS if "parent" in ARMS[a]]  # what each later round adds
         for one, other in [("score", "filtered"), ("score", "uncond"), ("score", "boosted"), ("boosted", "uncond"),
-                           ("score_boost4", "score"), ("score_boost4", "filtered"), ("score_top", "score"),
-                           ("score_top", "filtered"), *rounds]:
+                           ("score_top", "score"), ("score_top", "filtered"), *rounds]:
             for suffix in ("", " (mapped)"):
                 if one + suffix in views and other + suffix in views:
                     pairs.append((one + suffix, other + suffix))
