@@ -14,6 +14,7 @@ The product path end to end, on the synthetic market (seed 7, unchanged):
                  filtered_r2, filtered_r3  later rounds of the loop: the parent arm's adapter writes a fresh
                            train block (items no earlier round had), and the round resumes its LoRA on that
                            block's top quartile; round minus parent is what one more turn of the loop adds
+                 score_top_r2, score_top_r3  the same later rounds for the product's default (score_top)
                An optimizer step of 8 episodes (~500 tokens each) takes ~30 s on 2 cores in fp32, so one
                epoch over 320 episodes is ~20 min; micro-batches of 4 with 2 accumulation steps keep the
                eager-attention activations of a step under ~8 GB (batch 8 in one go was OOM-killed at 17 GB).
@@ -36,6 +37,10 @@ Alembic loads the migration files from disk, so an edit mid-run can break a run 
         # run S: the reported run again on run I's independent train draw (learning_curve_seed2.md, filtered)
     .venv/bin/python bench/learning_curve.py --workdir /tmp/learn --arms filtered,filtered_r2,filtered_r3 \
         --temperature 0 --explore 0.3 --loss-on weighted --balance --out bench/results/learning_rounds.md
+    .venv/bin/python bench/learning_curve.py --workdir /tmp/learnX --arms score_top,score_top_r2,score_top_r3 \
+        --temperature 0 --explore 0.3 --loss-on weighted --balance --out bench/results/learning_rounds_score_top.md
+        # run X: the default round on draw 1 (its base evaluation copied from learning_curve_state.json), then
+        # its second and third rounds (~1 h 25 min)
     .venv/bin/python bench/learning_curve.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt
 """
 
@@ -82,6 +87,10 @@ ARMS: dict[str, dict] = {
     # the first round's), and the round resumes the parent's LoRA on that block alone, as the product does.
     "filtered_r2": {"label_format": "none", "top": 0.25, "epochs": 2.0, "parent": "filtered"},
     "filtered_r3": {"label_format": "none", "top": 0.25, "epochs": 2.0, "parent": "filtered_r2"},
+    # The product's default round (score_top) turned twice more: its adapter serves each fresh block at the top
+    # target, as `scheduler` does between rounds.
+    "score_top_r2": {"label_format": "score", "top": 0.25, "epochs": 2.0, "parent": "score_top"},
+    "score_top_r3": {"label_format": "score", "top": 0.25, "epochs": 2.0, "parent": "score_top_r2"},
 }
 CTRL_TARGETS = (0.0, 0.25, 0.5, 0.75)
 SIGNAL_WORDS = ("estimates", "contract", "record revenue", "key customer", "recall")
