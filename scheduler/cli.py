@@ -271,6 +271,7 @@ def train(
     """Run one score-conditioned LoRA SFT round on the newly scored episodes."""
     from policy.model_files import resolve_model
     from scheduler.daemon import command_lock
+    from scheduler.status import counted
     from scheduler.steps import train_threshold
     from store.db import open_store
     from trainer.registry import publish as publish_adapter
@@ -287,9 +288,10 @@ def train(
             console.print(f"nothing to train: {result.reason}")
             return
         last = result.loss_curve[-1]["loss"] if result.loss_curve else float("nan")
-        console.print(f"adapter v{result.adapter_version} (parent {result.parent_version}): {result.n_examples} "
-                      f"examples from blocks {result.block_ids} + {len(result.replay_episode_ids)} replayed, "
-                      f"{len(result.loss_curve)} steps, final loss {last:.4f}, {result.seconds:.1f}s -> {result.path}")
+        console.print(f"adapter v{result.adapter_version} (parent {result.parent_version}): "
+                      f"{counted(result.n_examples, 'example')} from blocks {result.block_ids} + "
+                      f"{len(result.replay_episode_ids)} replayed, {counted(len(result.loss_curve), 'step')}, "
+                      f"final loss {last:.4f}, {result.seconds:.1f}s -> {result.path}")
         if publish:
             publish_adapter(engine, result.adapter_version)
             console.print(f"adapter v{result.adapter_version} is serving")
@@ -409,13 +411,14 @@ def browse(
 @user_errors
 def export(out: Path = typer.Option(..., "--out", help="JSONL file to write.")) -> None:
     """Write the offline training set as JSONL in chat `messages` format."""
+    from scheduler.status import counted
     from store.db import open_store
     from trainer.dataset import export_jsonl
 
     s = settings()
     engine = open_store(s.database_url, s.store, migrate=False)  # reads only: never creates a database
     n = export_jsonl(engine, s.trainer, s.rewards, out)
-    console.print(f"wrote {n} examples to {out} (load with datasets.load_dataset('json', data_files=...))")
+    console.print(f"wrote {counted(n, 'example')} to {out} (load with datasets.load_dataset('json', data_files=...))")
 
 
 @app.command("eval")

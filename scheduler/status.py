@@ -79,6 +79,12 @@ def collect_status(engine: Engine, ttl_s: float, *, recent_triggers: int = 5) ->
     }
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` and its noun, singular for one: the default round trains a small block's top quartile, so "1 example"
+    is a common line and "1 examples" read as a typo."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _num(v: Any, fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -129,7 +135,7 @@ def render_status(st: dict[str, Any], console: Console) -> None:
         color = {"done": "green", "running": "cyan", "failed": "red"}.get(r["status"], "")
         made = f", adapter v{r['adapter_version']}" if r["adapter_version"] is not None else ""
         t.add_row("last training", f"run {r['id']} {r['objective']} [{color}]{r['status']}[/{color}]{made}: "
-                                   f"{r['n_examples']} examples, {r['steps']} logged steps, final loss "
+                                   f"{counted(r['n_examples'], 'example')}, {r['steps']} logged steps, final loss "
                                    f"{_num(r['final_loss'])}" + (f" ({r['error'][:120]})" if r["error"] else ""))
         info = r["label_research"]
         if info is not None:

@@ -78,3 +78,11 @@ def test_status_shows_a_failed_round_without_a_loss_curve_or_label_figures(sqlit
     assert ("run 1 sft failed: 12 examples, 0 logged steps, final loss - (out of memory while training; lower "
             "trainer.batch_size)") in text
     assert "nats about the first tool call" not in text
+
+
+def test_counts_read_singular_for_one():
+    """The default round trains a small block's top quartile, so one example is a common count: the CLI and the
+    status say "1 example" and "12 examples"."""
+    from scheduler.status import counted
+
+    assert [counted(n, "example") for n in (0, 1, 12)] == ["0 examples", "1 example", "12 examples"]

@@ -225,7 +225,7 @@ def test_cli_train_runs_a_round_and_publishes(sqlite_url, sqlite_db, tiny_model_
     res = CliRunner().invoke(app, ["--db", sqlite_url, "train", "--publish"])
     assert res.exit_code == 0, res.output
     # the default recipe: the block's top quartile (1 of 4 episodes, under its score label), 2 epochs of 1 example
-    assert "adapter v1 (parent None): 1 examples" in res.output and "2 steps" in res.output
+    assert "adapter v1 (parent None): 1 example from" in res.output and "2 steps" in res.output
     assert "v1 is serving" in res.output
     with session_scope(sqlite_db) as s:
         assert serving_adapter(s) == (str(Path("adapters") / "v1"), 1)
