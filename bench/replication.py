@@ -21,11 +21,11 @@ every state (greedy, same items); the report counts the items where they differ.
 bench/results/learning_curve_score_u_state.json \\
         --arm filtered=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json,\
 bench/results/learning_curve_filtered_t_state.json \\
-        --arm score_top=bench/results/learning_curve_score_top_w_state.json,\
-bench/results/learning_curve_score_top_v_state.json \\
+        --arm score_top=bench/results/learning_rounds_score_top_state.json,\
+bench/results/learning_curve_score_top_w_state.json,bench/results/learning_curve_score_top_v_state.json \\
         --arm boosted=bench/results/learning_curve_state.json \\
         --versus score,filtered --versus score_top,score --versus score_top,filtered
-        # stop 33: runs H/F, S (I's filtered rows), T, U, V and W
+        # stop 34: runs H/F, S (I's filtered rows), T, U, V, W and X (score_top's first round on draw 1)
 """
 
 from __future__ import annotations
