@@ -85,6 +85,16 @@ def bayes_agreement(market, rows: dict[tuple, dict], bayes: dict[tuple, dict]) -
     return sum(r["direction"] == bayes[lc.item_key(r)]["direction"] for r in vis), len(vis)
 
 
+def where_they_differ(market, ra: dict[tuple, dict], rb: dict[tuple, dict]) -> str:
+    """On the visible-signal items both answered: how many directions differ, and how many of those each arm got
+    right. A gap between two recipes can come from reading the headline or from a shifted up/down prior on items
+    with nothing to read; this column says which."""
+    keys = [k for k in sorted(set(ra) & set(rb)) if lc.visible_signal(market, ra[k])]
+    differ = [k for k in keys if ra[k]["direction"] != rb[k]["direction"]]
+    right = [sum(bool(rows[k]["correct"]) for k in differ) for rows in (ra, rb)]
+    return f"{len(differ)} of {len(keys)}: {right[0]} / {right[1]}"
+
+
 def interval(a: dict, b: dict, boot: int) -> str:
     d = paired_difference(a, b, lc.on_date, n_boot=boot)
     if d is None or d.low is None:
@@ -185,11 +195,15 @@ def versus_lines(market, one: str, other: str, arms: dict[str, list[Path]], boot
     if not seeds:
         raise SystemExit(f"--versus {one},{other}: no train draw (train seed) holds both arms")
     lines = [f"## `{one}` minus `{other}`, on the {len(seeds)} train draw{'s' * (len(seeds) > 1)} both were trained on",
-             "", "| train seed | accuracy | published mean reward |", "|---|---|---|"]
+             "", (f"| train seed | accuracy | published mean reward | signal visible: directions that differ, right "
+             f"({one} / {other}) | signal visible: Bayes direction ({one} / {other}) |"), "|---|---|---|---|---|"]
     cols = {s: (published(a[s], one), published(b[s], other)) for s in seeds}
     for s, (ra, rb) in cols.items():
+        bayes = {lc.item_key(r): r for r in lc.bayes_rows(market, list(ra.values()))}
+        (na, n), (nb, _) = bayes_agreement(market, ra, bayes), bayes_agreement(market, rb, bayes)
         lines.append(f"| `{s}` | {interval(column(ra, 'correct'), column(rb, 'correct'), boot)} | "
-                     f"{interval(column(ra, 'composite'), column(rb, 'composite'), boot)} |")
+                     f"{interval(column(ra, 'composite'), column(rb, 'composite'), boot)} | "
+                     f"{where_they_differ(market, ra, rb)} | {na} / {nb} of {n} |")
     lines += ["", "Pooled over those draws:", "",
               "| figure | difference | 95% interval, dates | 95% interval, draws and dates |", "|---|---|---|---|"]
     for field, name in FIGURES:
