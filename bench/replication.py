@@ -22,10 +22,12 @@ bench/results/learning_curve_score_u_state.json \\
         --arm filtered=bench/results/learning_curve_state.json,bench/results/learning_curve_score_s_state.json,\
 bench/results/learning_curve_filtered_t_state.json \\
         --arm score_top=bench/results/learning_rounds_score_top_state.json,\
-bench/results/learning_curve_score_top_w_state.json,bench/results/learning_curve_score_top_v_state.json \\
+bench/results/learning_curve_score_top_w_state.json,bench/results/learning_curve_score_top_v_state.json,\
+bench/results/learning_curve_score_top_y_state.json \\
         --arm boosted=bench/results/learning_curve_state.json \\
         --versus score,filtered --versus score_top,score --versus score_top,filtered
-        # stop 34: runs H/F, S (I's filtered rows), T, U, V, W and X (score_top's first round on draw 1)
+        # stop 34: runs H/F, S (I's filtered rows), T, U, V, W, X (score_top's first round on draw 1)
+        # and Y (score_top on a fourth draw, learn-train-4)
 """
 
 from __future__ import annotations
