@@ -161,10 +161,11 @@ def round_bench(model_dir: str, rounds: int, block_size: int, replay: int) -> No
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-rounds-"))
     engine = open_store(f"sqlite:///{tmp / 'bench.db'}")
+    # Every episode once: how a round's time grows with the store, not with the recipe (the default trains a
+    # block's top quartile twice).
     cfg = TrainerConfig(adapters_dir=str(tmp / "adapters"), runs_dir=str(tmp / "runs"), lora_r=8, lora_alpha=16,
                         batch_size=4, max_length=256, min_new_episodes=1, replay_size=replay, save_steps=1000,
-                        filter_top_fraction=1.0, epochs=1.0, boost_top_fraction=0.0)  # every episode once: how a
-    # round's time grows with the store, not the recipe (the default trains a block's top quartile twice)
+                        filter_top_fraction=1.0, epochs=1.0, boost_top_fraction=0.0)
     print(f"\n== round time: {Path(model_dir).name}, +{block_size} scored episodes per round, replay {replay}")
     times = []
     for k in range(1, rounds + 1):

@@ -27,8 +27,8 @@ def test_readme_toml_example_loads(tmp_path):
     agent, trainer = AgentConfig(), TrainerConfig()
     for key in ("temperature", "explore_rate"):
         assert getattr(s.agent, key) == getattr(agent, key), key
-    for key in ("learning_rate", "filter_top_fraction", "epochs", "boost_top_fraction", "loss_on", "balance_directions", "decision_weight",
-                "tool_choice_weight"):
+    for key in ("learning_rate", "filter_top_fraction", "epochs", "boost_top_fraction", "loss_on",
+                "balance_directions", "decision_weight", "tool_choice_weight"):
         assert getattr(s.trainer, key) == getattr(trainer, key), key
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from sqlalchemy import select
-from trainer_fixtures import add_block
+from trainer_fixtures import add_block, every_episode
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
@@ -28,9 +28,8 @@ def tcfg(tmp_path: Path, **kw) -> TrainerConfig:
     base = {"adapters_dir": str(tmp_path / "adapters"), "runs_dir": str(tmp_path / "runs"), "lora_r": 4, "lora_alpha": 8,
                 "batch_size": 2, "max_length": 384, "save_steps": 2, "min_new_episodes": 1, "replay_size": 3,
             # the mechanics below count examples and steps: one example per episode, one micro-batch per step
-            "grad_accum": 1, "boost_top_fraction": 0.0, "balance_directions": False, "filter_top_fraction": 1.0,
-            "epochs": 1.0}
-    return TrainerConfig(**{**base, **kw})
+            "grad_accum": 1, "boost_top_fraction": 0.0, "balance_directions": False}
+    return every_episode(**{**base, **kw})
 
 
 def runs(engine) -> list[TrainingRun]:
