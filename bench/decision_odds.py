@@ -36,6 +36,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -73,6 +75,38 @@ def auc(pos: list[float], neg: list[float]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def auc_difference(a: dict, b: dict, up: dict, *, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """AUC(a) - AUC(b) on the items both scored ({item: s}, `up`: {item: realized up?}, up/down items only),
+    with a 95% interval that resamples dates (items on one date share the market factor)."""
+    from scipy.stats import rankdata  # scikit-learn's dependency
+
+    items = [k for k in a if k in b and k in up]
+    if not items:
+        return None
+    dates = sorted({k[1] for k in items})
+    by_date = {d: [k for k in items if k[1] == d] for d in dates}
+
+    def diff(keys):
+        y = np.array([up[k] for k in keys])
+        n1, n0 = y.sum(), len(y) - y.sum()
+        if n1 == 0 or n0 == 0:
+            return None
+        out = []
+        for arm in (a, b):
+            r = rankdata([arm[k] for k in keys])
+            out.append((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+        return out[0] - out[1]
+
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        keys = [k for d in rng.choice(dates, size=len(dates)) for k in by_date[d]]
+        if (x := diff(keys)) is not None:
+            boots.append(x)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return [diff(items), float(lo), float(hi)]
+
+
 def matched_offset(scores: list[float], up_share: float) -> float:
     """The offset d for which a share `up_share` of `scores` has s + d > 0 (the cut at that quantile)."""
     ranked = sorted(scores, reverse=True)
@@ -84,20 +118,32 @@ def matched_offset(scores: list[float], up_share: float) -> float:
     return -(ranked[k - 1] + ranked[k]) / 2
 
 
+def read_only(db: Path):
+    """A read-only engine on a bench database. Not `store.db.open_store`: the store begins every transaction
+    with BEGIN IMMEDIATE (the write lock), and a scorer holding it while the model runs locked out a
+    learning_curve run writing the same eval.db."""
+    from sqlalchemy import create_engine
+
+    if not db.exists():
+        raise SystemExit(f"{db} does not exist: point --workdir at a finished bench/learning_curve.py workdir")
+    return create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
+
+
 def score_rows(policy, engine, rows: list[dict]) -> list[dict]:
-    """Each row with its directions' log-probabilities at the decision (rows without a decision left out)."""
+    """Each row with its directions' log-probabilities at the decision (rows without a decision left out).
+    Each trace is read in its own short transaction, so no lock is held while the model runs."""
     out = []
-    with engine.connect() as c:
-        for r in rows:
+    for r in rows:
+        with engine.connect() as c:
             msgs = [dict(m) for m in c.execute(text(STEPS_SQL), {"e": r["episode_id"]}).mappings()]
-            ctx = decision_context(msgs)
-            if ctx is None or r["realized_return_pct"] is None:
-                continue
-            lp = policy.choice_logprobs(ctx[0], ctx[1], DIRECTIONS)
-            out.append({**{k: r[k] for k in ("ticker", "as_of", "direction", "correct", "realized_return_pct")},
-                        "lp": lp})
-            if len(out) % 50 == 0:
-                print(f"  scored {len(out)} of {len(rows)}", flush=True)
+        ctx = decision_context(msgs)
+        if ctx is None or r["realized_return_pct"] is None:
+            continue
+        lp = policy.choice_logprobs(ctx[0], ctx[1], DIRECTIONS)
+        out.append({**{k: r[k] for k in ("ticker", "as_of", "direction", "correct", "realized_return_pct")},
+                    "lp": lp})
+        if len(out) % 50 == 0:
+            print(f"  scored {len(out)} of {len(rows)}", flush=True)
     return out
 
 
@@ -192,6 +238,16 @@ def report(st: dict, command: str) -> str:
     bayes = next((m.get("auc_realized_bayes") for m in st["arms"].values()), None)
     lines.append(f"| (Bayes rule: log-odds of up against down given the visible headlines) | {fmt(bayes)} | 1.000 | "
                  "- | - | - | - | - | - | - | - |")
+    base = st["arms"].get("base")
+    if base is not None:
+        band = RewardsConfig().flat_band_pct
+        ref = {key(r): r["lp"]["up"] - r["lp"]["down"] for r in base["items"]["eval"]}
+        up = {key(r): realized_direction(r["realized_return_pct"], band) == "up" for r in base["items"]["eval"]
+              if realized_direction(r["realized_return_pct"], band) in ("up", "down")}
+        for arm, m in st["arms"].items():
+            if arm != "base":
+                m["auc_minus_base"] = auc_difference(
+                    {key(r): r["lp"]["up"] - r["lp"]["down"] for r in m["items"]["eval"]}, ref, up)
     for arm, m in st["arms"].items():
         lines.append(
             f"| {arm} | {fmt(m['auc_realized'])} | {fmt(m['auc_bayes_visible'])} | {fmt(m['up_share_greedy'], 2)} / "
@@ -199,15 +255,17 @@ def report(st: dict, command: str) -> str:
             f"{fmt(m['acc_matched'])} ({fmt(m['acc_matched_visible'])}) | {interval(m['matched_minus_greedy'])} | "
             f"{interval(m['matched_minus_untrained'])} | {interval(m['greedy_minus_untrained'])} | "
             f"{fmt(m['acc_matched_gate_share'])} ({fmt(m['gate_up_share'], 2)}) | {fmt(m['argmax_agrees'], 2)} |")
+    if base is not None:
+        lines += ["", ("The ranking against the untrained model's on the same items (AUC vs realized, 95% interval "
+                  "resampling dates):"), "", "| arm | AUC − untrained AUC |", "|---|---|"]
+        lines += [f"| {arm} | {interval(m.get('auc_minus_base'))} |" for arm, m in st["arms"].items() if arm != "base"]
     return "\n".join(lines) + "\n"
 
 
 def train_up_share(work: Path) -> float:
     """The realized share of `up` among the up/down outcomes of the workdir's first train block (gen.db):
     what the product knows of the base rate from its scored history when the round is gated."""
-    from sqlalchemy import create_engine
-
-    engine = create_engine(f"sqlite:///{work / 'gen.db'}")
+    engine = read_only(work / "gen.db")
     band = RewardsConfig().flat_band_pct
     with engine.connect() as c:
         moves = [x for (x,) in c.execute(text("SELECT o.realized_return_pct FROM outcomes o JOIN predictions p "
@@ -223,7 +281,6 @@ def train_up_share(work: Path) -> float:
 def main(argv: list[str] | None = None) -> None:
     from policy.local import LocalPolicy
     from policy.model_files import resolve_model
-    from store.db import open_store
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a finished bench/learning_curve.py workdir (state.json, eval.db)")
@@ -252,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         out_state.write_text(json.dumps(res))
         Path(args.out).write_text(report(res, command.replace(" --report-only", "")))
         return
-    engine = open_store(f"sqlite:///{work / 'eval.db'}")
+    engine = read_only(work / "eval.db")
     policy = LocalPolicy(resolve_model(args.model), device="cpu", max_batch_size=1)
     try:
         for arm in arms:
