@@ -41,6 +41,11 @@ Alembic loads the migration files from disk, so an edit mid-run can break a run 
         --temperature 0 --explore 0.3 --loss-on weighted --balance --out bench/results/learning_rounds_score_top.md
         # run X: the default round on draw 1 (its base evaluation copied from learning_curve_state.json), then
         # its second and third rounds (~1 h 25 min)
+    .venv/bin/python bench/learning_curve.py --workdir /tmp/learnZ --arms score_top,score_top_r2,score_top_r3 \
+        --train-seed learn-train-3 --temperature 0 --explore 0.3 --loss-on weighted --balance \
+        --out bench/results/learning_rounds_score_top_z.md
+        # run Z: the same three turns on draw 3 (run V's state copied in without its score_top rows and training,
+        # so round 1 regenerates V's block and adapter: the same answers on all 300 items)
     .venv/bin/python bench/learning_curve.py --tiny --train-items 16 --eval-items 12 --ctrl-items 4 --workdir /tmp/lt
 """
 
