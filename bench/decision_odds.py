@@ -40,7 +40,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import learning_curve as lc
+from learning_curve import fmt
 from sqlalchemy import text
 
 from market.config import MarketConfig
@@ -68,18 +71,18 @@ def decision_context(messages: list[dict[str, str]]) -> tuple[list[dict[str, str
 
 
 def auc(pos: list[float], neg: list[float]) -> float | None:
-    """P(a positive scores above a negative), ties half (the Mann-Whitney statistic)."""
+    """P(a positive scores above a negative), ties half (the Mann-Whitney statistic, from ranks)."""
+    from scipy.stats import rankdata  # scikit-learn's dependency
+
     if not pos or not neg:
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    r = rankdata([*pos, *neg])
+    return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def auc_difference(a: dict, b: dict, up: dict, *, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
     """AUC(a) - AUC(b) on the items both scored ({item: s}, `up`: {item: realized up?}, up/down items only),
     with a 95% interval that resamples dates (items on one date share the market factor)."""
-    from scipy.stats import rankdata  # scikit-learn's dependency
-
     items = [k for k in a if k in b and k in up]
     if not items:
         return None
@@ -87,22 +90,12 @@ def auc_difference(a: dict, b: dict, up: dict, *, n_boot: int = 2000, seed: int 
     by_date = {d: [k for k in items if k[1] == d] for d in dates}
 
     def diff(keys):
-        y = np.array([up[k] for k in keys])
-        n1, n0 = y.sum(), len(y) - y.sum()
-        if n1 == 0 or n0 == 0:
-            return None
-        out = []
-        for arm in (a, b):
-            r = rankdata([arm[k] for k in keys])
-            out.append((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-        return out[0] - out[1]
+        aucs = [auc([arm[k] for k in keys if up[k]], [arm[k] for k in keys if not up[k]]) for arm in (a, b)]
+        return None if None in aucs else aucs[0] - aucs[1]
 
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        keys = [k for d in rng.choice(dates, size=len(dates)) for k in by_date[d]]
-        if (x := diff(keys)) is not None:
-            boots.append(x)
+    boots = [x for _ in range(n_boot)
+             if (x := diff([k for d in rng.choice(dates, size=len(dates)) for k in by_date[d]])) is not None]
     lo, hi = np.quantile(boots, [0.025, 0.975])
     return [diff(items), float(lo), float(hi)]
 
@@ -164,18 +157,26 @@ def summarise(market, scored: dict[str, list[dict]], base_rows: list[dict], trai
     def real(r):
         return realized_direction(r["realized_return_pct"], band)
 
-    def bayes(r):
+    def bayes_probs(r) -> dict[str, float]:
+        """The generating process's class probabilities given the headlines visible at as_of."""
         day = syn.day_index(date.fromisoformat(key(r)[1]))
         mu = syn.visible_drift(syn.tickers.index(r["ticker"]), day, h)
-        probs = dict(zip(("up", "flat", "down"), syn.item_class_probs(mu, h, band), strict=True))
+        return dict(zip(("up", "flat", "down"), syn.item_class_probs(mu, h, band), strict=True))
+
+    def bayes(r):
+        probs = bayes_probs(r)
         return max(probs, key=probs.get)
+
+    def bayes_s(r):
+        probs = bayes_probs(r)
+        return math.log(probs["up"]) - math.log(probs["down"])
 
     ev, gate = scored["eval"], scored["gate"]
     gate_ud = [real(r) for r in gate if real(r) in ("up", "down")]
     gate_up = sum(d == "up" for d in gate_ud) / len(gate_ud)
     offset = matched_offset([s(r) for r in gate], train_up)
     offset_gate = matched_offset([s(r) for r in gate], gate_up)
-    visible = [r for r in ev if syn.signal_visible(r["ticker"], date.fromisoformat(key(r)[1]), h)]
+    visible = [r for r in ev if lc.visible_signal(market, r)]
     untrained = {key(r): float(r["correct"] or 0) for r in base_rows if r["correct"] is not None}
     answers = {key(r): r["direction"] for r in (base_rows if is_base else ev)}
     greedy = untrained if is_base else {key(r): float(r["correct"] or 0) for r in ev}
@@ -186,17 +187,12 @@ def summarise(market, scored: dict[str, list[dict]], base_rows: list[dict], trai
         d = paired_difference(a, b, cluster=lambda k: k[1])
         return None if d is None else [d.mean, d.low, d.high]
 
-    def bayes_s(r):
-        day = syn.day_index(date.fromisoformat(key(r)[1]))
-        probs = syn.item_class_probs(syn.visible_drift(syn.tickers.index(r["ticker"]), day, h), h, band)
-        return math.log(probs[0]) - math.log(probs[2])  # (up, flat, down)
-
     ups, downs = [r for r in ev if real(r) == "up"], [r for r in ev if real(r) == "down"]
     return {
         "n": len(ev), "n_gate": len(gate),
         "auc_realized_bayes": auc([bayes_s(r) for r in ups], [bayes_s(r) for r in downs]),
         "argmax_agrees": sum(max(r["lp"], key=r["lp"].get) == answers.get(key(r)) for r in ev) / len(ev),
-        "auc_realized": auc([s(r) for r in ev if real(r) == "up"], [s(r) for r in ev if real(r) == "down"]),
+        "auc_realized": auc([s(r) for r in ups], [s(r) for r in downs]),
         "auc_bayes_visible": auc([s(r) for r in visible if bayes(r) == "up"],
                                  [s(r) for r in visible if bayes(r) == "down"]),
         "mean_s": sum(s(r) for r in ev) / len(ev),
@@ -211,10 +207,6 @@ def summarise(market, scored: dict[str, list[dict]], base_rows: list[dict], trai
         "matched_minus_untrained": diff(matched, untrained),
         "greedy_minus_untrained": diff(greedy, untrained),
     }
-
-
-def fmt(x, nd=3) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
 
 
 def interval(d) -> str:
@@ -239,15 +231,6 @@ def report(st: dict, command: str) -> str:
     lines.append(f"| (Bayes rule: log-odds of up against down given the visible headlines) | {fmt(bayes)} | 1.000 | "
                  "- | - | - | - | - | - | - | - |")
     base = st["arms"].get("base")
-    if base is not None:
-        band = RewardsConfig().flat_band_pct
-        ref = {key(r): r["lp"]["up"] - r["lp"]["down"] for r in base["items"]["eval"]}
-        up = {key(r): realized_direction(r["realized_return_pct"], band) == "up" for r in base["items"]["eval"]
-              if realized_direction(r["realized_return_pct"], band) in ("up", "down")}
-        for arm, m in st["arms"].items():
-            if arm != "base":
-                m["auc_minus_base"] = auc_difference(
-                    {key(r): r["lp"]["up"] - r["lp"]["down"] for r in m["items"]["eval"]}, ref, up)
     for arm, m in st["arms"].items():
         lines.append(
             f"| {arm} | {fmt(m['auc_realized'])} | {fmt(m['auc_bayes_visible'])} | {fmt(m['up_share_greedy'], 2)} / "
@@ -260,6 +243,23 @@ def report(st: dict, command: str) -> str:
                   "resampling dates):"), "", "| arm | AUC − untrained AUC |", "|---|---|"]
         lines += [f"| {arm} | {interval(m.get('auc_minus_base'))} |" for arm, m in st["arms"].items() if arm != "base"]
     return "\n".join(lines) + "\n"
+
+
+def rank_against_base(res: dict) -> None:
+    """Each trained arm's AUC minus the untrained model's on the same items (when `base` was scored)."""
+    base = res["arms"].get("base")
+    if base is None:
+        return
+    band = RewardsConfig().flat_band_pct
+
+    def odds(m):
+        return {key(r): r["lp"]["up"] - r["lp"]["down"] for r in m["items"]["eval"]}
+
+    moves = {key(r): realized_direction(r["realized_return_pct"], band) for r in base["items"]["eval"]}
+    up = {k: d == "up" for k, d in moves.items() if d in ("up", "down")}
+    for arm, m in res["arms"].items():
+        if arm != "base":
+            m["auc_minus_base"] = auc_difference(odds(m), odds(base), up)
 
 
 def train_up_share(work: Path) -> float:
@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         for arm, m in res["arms"].items():
             m.update(summarise(market, m["items"], st["eval"]["base@1.00"]["rows"], train_up, is_base=arm == "base"))
+        rank_against_base(res)
         out_state.write_text(json.dumps(res))
         Path(args.out).write_text(report(res, command.replace(" --report-only", "")))
         return
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                       for region, suffix in (("eval", ""), ("gate", "|gate"))}
             res["arms"][arm] = {**summarise(market, scored, st["eval"]["base@1.00"]["rows"], train_up, is_base=arm == "base"),
                                 "seconds": time.perf_counter() - t0, "items": scored}
+            rank_against_base(res)
             out_state.write_text(json.dumps(res))
             Path(args.out).write_text(report(res, command))
             m = res["arms"][arm]
